@@ -1,0 +1,66 @@
+import os
+import socket
+
+import pytest
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        import torch
+
+        has_gpu = torch.cuda.is_available()
+    except ImportError:  # pragma: no cover
+        has_gpu = False
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords and not has_gpu:
+            item.add_marker(skip_gpu)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole test session (starting Ray costs seconds)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, object_store_memory=256 * 1024**2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on 127.0.0.1, stopped at the end. Yields a URI factory for a bucket."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"127.0.0.1:{port}"
+    client = boto3.client(
+        "s3", endpoint_url=f"http://{endpoint}", aws_access_key_id="test", aws_secret_access_key="test", region_name="us-east-1"
+    )
+    made = set()
+
+    def uri(bucket: str, prefix: str = "trees") -> str:
+        if bucket not in made:
+            client.create_bucket(Bucket=bucket)
+            made.add(bucket)
+        # credentials and endpoint in the URI, so Ray actors in other processes need no env
+        return f"s3://test:test@{bucket}/{prefix}?endpoint_override={endpoint}&scheme=http&region=us-east-1"
+
+    uri.client = client
+    yield uri
+    server.stop()

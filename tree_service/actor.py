@@ -1,0 +1,34 @@
+"""The tree service as a Ray actor shared by every job: ``TreeRegistry`` behind ray.remote.
+
+Created by name in a namespace with get_if_exists, so every driver and worker that asks for it
+gets the same actor. ``max_restarts=-1`` brings it back after a crash, restoring all streams
+from storage in __init__, and ``max_task_retries=-1`` re-sends calls that were in flight; the
+registry's idempotent writes make those retries safe.
+"""
+
+from __future__ import annotations
+
+import ray
+
+from .registry import TreeRegistry
+
+DEFAULT_NAME = "treelora-tree"
+DEFAULT_NAMESPACE = "treelora"
+
+TreeService = ray.remote(max_restarts=-1, max_task_retries=-1)(TreeRegistry)
+
+
+def get_tree_service(
+    storage_uri: str,
+    *,
+    name: str = DEFAULT_NAME,
+    namespace: str = DEFAULT_NAMESPACE,
+    detached: bool = False,
+    num_cpus: float = 0,
+):
+    """The named tree service actor, created on first use. Needs ray.init() before."""
+    options = dict(name=name, namespace=namespace, get_if_exists=True, num_cpus=num_cpus)
+    if detached:
+        options["lifetime"] = "detached"
+    handle = TreeService.options(**options).remote(storage_uri)
+    return handle

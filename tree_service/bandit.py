@@ -1,0 +1,201 @@
+"""Selectors: for every module d, which previous task to regularise toward at this step.
+
+* ``TreeLCBBandit`` - the paper's Alg. 1: per module, a lower-confidence-bound descent of the
+  K-D tree from the root to a task; O(L log N) per step.
+* ``ReferenceSampler`` - what the authors' public code does instead (softmax sampling over all
+  tasks, favouring *larger* gaps, with the root-children rescale); O(L N) per step.
+* ``ExhaustiveSelector`` - the gap to every previous task at every module, then the minimum;
+  O(N L D) per step: the baseline the tree is measured against.
+
+All three share one interface: ``select() -> tasks [L]`` then ``observe(gaps [L])``, or
+``step(running, signatures)`` which does both and returns (tasks, gaps). State is plain numpy
+arrays (``state_dict``) so checkpoints never pickle objects.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from .signatures import SignatureSpace
+from .tree import CompiledTree
+
+
+def observed_gaps(space: SignatureSpace, running: torch.Tensor, signatures: torch.Tensor, tasks: np.ndarray) -> torch.Tensor:
+    """Gap at each module d between the running signature [L, D] and signatures[tasks[d], d]."""
+    modules = torch.arange(running.shape[0], device=signatures.device)
+    chosen = signatures[torch.as_tensor(tasks, device=signatures.device), modules]  # [L, D]
+    return space.distance(running, chosen)
+
+
+class _Selector:
+    space: SignatureSpace
+
+    def step(self, running: torch.Tensor, signatures: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        tasks = self.select()
+        gaps = observed_gaps(self.space, running, signatures, tasks).double().cpu().numpy()
+        self.observe(gaps)
+        return tasks, gaps
+
+
+class TreeLCBBandit(_Selector):
+    """Per-module LCB descent of a tree (the paper's Alg. 1).
+
+    At a node, each child's statistics aggregate every pull of a task in its subtree; the child
+    with the smaller ``mean gap - c * scale * sqrt(log t / n)`` is taken, an unpulled child
+    first. ``t`` is the module's pull count (this round included). ``scale`` is the module's mean
+    observed gap so far: gradients differ in magnitude by orders between layers and models, and
+    measuring the exploration bonus in the module's own gap units lets one ``c`` serve them all
+    (with scale 1 this is exactly the formula of the paper).
+    """
+
+    def __init__(self, space: SignatureSpace, tree: CompiledTree, c: float = 1.0, scale_by_mean_gap: bool = True):
+        if tree.num_nodes == 0:
+            raise ValueError("the tree is empty: there is no previous task to select")
+        self.space, self.tree, self.c, self.scale_by_mean_gap = space, tree, c, scale_by_mean_gap
+        L = space.num_modules
+        self.counts = np.zeros((L, tree.num_nodes), dtype=np.float64)
+        self.sums = np.zeros((L, tree.num_nodes), dtype=np.float64)
+        self._rows = np.arange(L)
+        self._path: np.ndarray | None = None  # [L, depth+1] node ids of the last descent, -1 padded
+
+    def select(self) -> np.ndarray:
+        L, tree = self.space.num_modules, self.tree
+        t = self.counts[:, 0] + 1.0  # [L] this round's number per module
+        if self.scale_by_mean_gap:
+            scale = np.where(self.counts[:, 0] > 0, np.abs(self.sums[:, 0]) / np.maximum(self.counts[:, 0], 1), 1.0)
+        else:
+            scale = np.ones(L)
+        bonus_num = (self.c * scale * np.sqrt(np.log(t)))[:, None]  # [L, 1]
+        cur = np.zeros(L, dtype=np.int64)
+        path = np.full((L, tree.max_depth + 1), -1, dtype=np.int64)
+        path[:, 0] = 0
+        for level in range(1, tree.max_depth + 1):
+            kids = tree.children[cur]  # [L, K]
+            active = kids[:, 0] >= 0
+            if not active.any():
+                break
+            valid = kids >= 0
+            safe = np.where(valid, kids, 0)
+            n = self.counts[self._rows[:, None], safe]
+            s = self.sums[self._rows[:, None], safe]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                lcb = s / n - bonus_num / np.sqrt(n)
+            lcb = np.where(n > 0, lcb, -np.inf)  # unpulled children first
+            lcb = np.where(valid, lcb, np.inf)
+            pick = kids[self._rows, np.argmin(lcb, axis=1)]
+            cur = np.where(active, pick, cur)
+            path[:, level] = np.where(active, cur, -1)
+        self._path = path
+        return tree.task[cur]
+
+    def observe(self, gaps: np.ndarray) -> None:
+        if self._path is None:
+            raise RuntimeError("observe() without a select() before it")
+        rows, cols = np.nonzero(self._path >= 0)
+        nodes = self._path[rows, cols]
+        # each node occurs at most once on a module's path, so plain fancy-index adds are safe
+        self.counts[rows, nodes] += 1
+        self.sums[rows, nodes] += np.asarray(gaps, dtype=np.float64)[rows]
+        self._path = None
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return {"counts": self.counts.copy(), "sums": self.sums.copy()}
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        for key in ("counts", "sums"):
+            if state[key].shape != self.counts.shape:
+                raise ValueError(f"bandit state {key!r} has shape {state[key].shape}, expected {self.counts.shape}")
+        self.counts, self.sums = state["counts"].astype(np.float64), state["sums"].astype(np.float64)
+
+
+class ReferenceSampler(_Selector):
+    """The selector of the authors' code (TreeLoRA repository, ``utils/kd_lora_tree.py``).
+
+    Behaviour pinned here, quirks included, for parity runs:
+    1. score[i, d] = mean observed gap of task i at module d (0 if never pulled)
+       + 1/sqrt(2 n + 1e-5) * sqrt(log(2 T (t+1) (t+2))), with T the steps per epoch, t the
+       round (from 0): an *upper* bound, so larger gaps are favoured;
+    2. score += min(score) (the code's "shift", which does not make scores positive);
+    3. one task is sampled from softmax(sum_d score[:, d]); the tasks of the root child that holds
+       it get their scores multiplied by min(that child's split threshold, 1.5) (1 for a leaf);
+    4. scores are divided by (max - min + 1e-5) and, per module, a task is sampled from the
+       softmax over tasks;
+    5. the chosen (task, module) counts increase and their gaps are accumulated.
+    """
+
+    def __init__(self, space: SignatureSpace, tree: CompiledTree, num_tasks: int, steps_per_epoch: int, seed: int = 0):
+        self.space, self.tree = space, tree
+        self.total_rounds = max(int(steps_per_epoch), 1)
+        self.round = 0
+        self.gap_sums = np.zeros((num_tasks, space.num_modules))
+        self.counts = np.zeros((num_tasks, space.num_modules))
+        self.seed = seed
+        self._chosen: np.ndarray | None = None
+        self.root_children = [tree.subtree_tasks(int(c)) for c in tree.children[0] if c >= 0] if tree.num_nodes and tree.task[0] < 0 else []
+        self.root_factors = [
+            min(float(tree.threshold[c]) if not np.isnan(tree.threshold[c]) else 1.0, 1.5)
+            for c in tree.children[0] if c >= 0
+        ] if self.root_children else []
+
+    def scores(self) -> np.ndarray:
+        mean = np.where(self.counts > 0, self.gap_sums / np.maximum(self.counts, 1), 0.0)
+        bonus = 1.0 / np.sqrt(2 * self.counts + 1e-5) * math.sqrt(math.log(2 * self.total_rounds * (self.round + 1) * (self.round + 2)))
+        score = mean + bonus
+        return score + score.min()
+
+    def probabilities(self, first_pick: int) -> np.ndarray:
+        """Per-module sampling probabilities [N, L] given the first (root-level) pick."""
+        score = self.scores()
+        for members, factor in zip(self.root_children, self.root_factors):
+            if first_pick in members:
+                score[members] *= factor
+        score = score / (score.max() - score.min() + 1e-5)
+        return _softmax(score, axis=0)
+
+    def select(self) -> np.ndarray:
+        # randomness is a function of (seed, round): every rank draws the same, and a resumed
+        # sampler continues exactly where it stopped without storing generator state
+        rng = np.random.default_rng([self.seed, self.round])
+        first_probs = _softmax(self.scores().sum(1), axis=0)
+        first = int(rng.choice(len(first_probs), p=first_probs))
+        probs = self.probabilities(first)
+        cum = np.cumsum(probs, axis=0)
+        u = rng.random(probs.shape[1])
+        chosen = np.minimum((cum < u[None, :]).sum(0), probs.shape[0] - 1)
+        self.counts[chosen, np.arange(probs.shape[1])] += 1
+        self._chosen = chosen
+        return chosen
+
+    def observe(self, gaps: np.ndarray) -> None:
+        if self._chosen is None:
+            raise RuntimeError("observe() without a select() before it")
+        self.gap_sums[self._chosen, np.arange(len(gaps))] += np.asarray(gaps, dtype=np.float64)
+        self.round += 1
+        self._chosen = None
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return {"gap_sums": self.gap_sums.copy(), "counts": self.counts.copy(), "round": np.array(self.round)}
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        self.gap_sums, self.counts = state["gap_sums"].astype(np.float64), state["counts"].astype(np.float64)
+        self.round = int(state["round"])
+
+
+class ExhaustiveSelector:
+    """The gap to every previous task at every module, then the minimum (no exploration)."""
+
+    def __init__(self, space: SignatureSpace):
+        self.space = space
+
+    def step(self, running: torch.Tensor, signatures: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        all_gaps = self.space.distance(running.unsqueeze(0), signatures)  # [N, L]
+        best = all_gaps.min(0)
+        return best.indices.cpu().numpy(), best.values.double().cpu().numpy()
+
+
+def _softmax(x: np.ndarray, axis: int) -> np.ndarray:
+    z = np.exp(x - x.max(axis=axis, keepdims=True))
+    return z / z.sum(axis=axis, keepdims=True)

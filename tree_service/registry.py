@@ -1,0 +1,170 @@
+"""The tree service's logic, without Ray: many streams, versioned writes, persistence.
+
+``TreeService`` (actor.py) is this class behind a Ray actor. Every write is persisted before the
+in-memory state moves, so a refused or failed write changes nothing, and an actor restarted
+from storage is exactly where it was. Writes are idempotent: re-sending a task that is already
+stored with the same content answers the version it was stored in (a retried call after a lost
+reply or an actor restart does not insert twice).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import torch
+
+from .errors import InvalidSignature, SnapshotFormatError, TaskConflict, TreeServiceError, UnknownStream, VersionConflict
+from .signatures import SignatureSpace
+from .snapshot import StreamSnapshot, TaskRecord, check_stream_name, content_hash
+from .store import SnapshotStore
+
+log = logging.getLogger(__name__)
+
+
+class TreeRegistry:
+    def __init__(self, storage_uri: str, filesystem=None):
+        self.store = SnapshotStore(storage_uri, filesystem)
+        self.streams: dict[str, StreamSnapshot] = {}
+        self.broken: dict[str, str] = {}  # stream -> why its latest snapshot could not be loaded
+        for stream in self.store.streams():
+            try:
+                self.streams[stream] = self.store.read(stream)
+            except SnapshotFormatError as exc:
+                # one damaged stream must not take the service (and every other stream) down
+                log.error("stream %s not restored: %s", stream, exc)
+                self.broken[stream] = str(exc)
+
+    def _get(self, stream: str) -> StreamSnapshot | None:
+        check_stream_name(stream)
+        if stream in self.broken:
+            raise SnapshotFormatError(f"stream {stream!r} could not be restored: {self.broken[stream]}")
+        return self.streams.get(stream)
+
+    # -- reads ----------------------------------------------------------------------------
+    def list_streams(self) -> list[str]:
+        return sorted(set(self.streams) | set(self.broken))
+
+    def snapshot(self, stream: str) -> dict:
+        """Version, task ids, signatures [N, L, D] (one numpy array) and the tree structure.
+
+        An unknown stream answers version 0 with no tasks, so a first job needs no special case.
+        """
+        snap = self._get(stream)
+        if snap is None:
+            return {"stream": stream, "version": 0, "task_ids": [], "signatures": None, "space": None,
+                    "leaf_size": 1, "built_from": 0, "tree": {"nodes": []}}
+        return {
+            "stream": stream,
+            "version": snap.version,
+            "task_ids": snap.task_ids,
+            "signatures": snap.signatures.numpy(),
+            "space": snap.space.to_dict(),
+            "leaf_size": snap.leaf_size,
+            "built_from": snap.built_from,
+            "tree": snap.tree().structure(),
+        }
+
+    def describe(self, stream: str) -> dict:
+        snap = self._get(stream)
+        if snap is None:
+            raise UnknownStream(f"no stream {stream!r}; known: {self.list_streams()}")
+        tree = snap.tree()
+        return {
+            "stream": stream,
+            "version": snap.version,
+            "num_tasks": len(snap.tasks),
+            "space": snap.space.to_dict(),
+            "leaf_size": snap.leaf_size,
+            "built_from": snap.built_from,
+            "depth": tree.depth(),
+            "tasks": [
+                {"task_id": t.task_id, "created_at_us": t.created_at_us, "run_id": t.run_id, "added_in_version": t.added_in_version}
+                for t in snap.tasks
+            ],
+            "tree_text": tree.to_text(),
+            "storage": self.store.path(stream, snap.version),
+        }
+
+    # -- writes ---------------------------------------------------------------------------
+    def add_task(
+        self,
+        stream: str,
+        task_id: str,
+        signature,
+        expected_version: int,
+        *,
+        run_id: str = "",
+        space: dict | None = None,
+        leaf_size: int = 1,
+    ) -> int:
+        """Insert a task's signature [L, D]; returns the new version (or the existing one on a retry).
+
+        ``space`` and ``leaf_size`` only matter when the call creates the stream; by default the
+        stream takes exact L1 signatures of the given shape.
+        """
+        snap = self._get(stream)
+        if not isinstance(task_id, str) or not task_id:
+            raise TreeServiceError(f"task_id must be a non-empty string, got {task_id!r}")
+        if snap is None:
+            shape = tuple(getattr(signature, "shape", ()))
+            if space is None:
+                if len(shape) != 2:
+                    raise InvalidSignature(f"signature must be a 2-D float32 array [L, D], got shape {list(shape)}")
+                space_obj = SignatureSpace(num_modules=shape[0], width=shape[1])
+            else:
+                space_obj = SignatureSpace(**space)
+            snap = StreamSnapshot.empty(stream, space_obj, leaf_size)
+        sig = snap.space.check(signature, where=f"stream {stream!r}, task {task_id!r}: signature")
+        digest = content_hash(task_id, sig)
+        existing = snap.index_of(task_id)
+        if existing is not None:
+            record = snap.tasks[existing]
+            if record.content_hash == digest:
+                return record.added_in_version
+            raise TaskConflict(
+                f"stream {stream!r}: task {task_id!r} is already stored (version {record.added_in_version}) "
+                "with a different signature; use a new task id"
+            )
+        if expected_version != snap.version:
+            raise VersionConflict(stream, expected_version, snap.version)
+        record = TaskRecord(task_id, time.time_ns() // 1000, run_id, snap.version + 1, digest)
+        new = snap.with_task(record, sig)
+        self.store.write(new)  # persist first: on failure nothing in memory changed
+        self.streams[stream] = new
+        return new.version
+
+    def rebuild(self, stream: str, expected_version: int) -> int:
+        """Rebuild the tree from all signatures (balanced median splits) as a new version."""
+        snap = self._get(stream)
+        if snap is None:
+            raise UnknownStream(f"no stream {stream!r}")
+        if expected_version != snap.version:
+            raise VersionConflict(stream, expected_version, snap.version)
+        new = snap.rebuilt()
+        self.store.write(new)
+        self.streams[stream] = new
+        return new.version
+
+    def delete(self, stream: str, confirm: str | None = None) -> None:
+        """Delete a stream and every stored version. ``confirm`` must repeat the stream id."""
+        check_stream_name(stream)
+        if confirm != stream:
+            raise TreeServiceError(f"refusing to delete stream {stream!r}: pass confirm={stream!r} to delete it and all its versions")
+        if stream not in self.streams and stream not in self.broken:
+            raise UnknownStream(f"no stream {stream!r}")
+        self.store.delete_stream(stream)
+        self.streams.pop(stream, None)
+        self.broken.pop(stream, None)
+
+    def ping(self) -> bool:
+        return True
+
+
+def snapshot_arrays(snapshot: dict) -> tuple[SignatureSpace | None, list[str], torch.Tensor | None]:
+    """Client side: the space, task ids and a torch view of the signatures of a snapshot() answer."""
+    if not snapshot["task_ids"]:
+        return (SignatureSpace(**snapshot["space"]) if snapshot["space"] else None), [], None
+    sig = snapshot["signatures"]
+    return SignatureSpace(**snapshot["space"]), list(snapshot["task_ids"]), torch.from_numpy(np.array(sig, copy=True))
