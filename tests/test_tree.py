@@ -78,7 +78,7 @@ def test_balanced_build_has_logarithmic_depth():
     sig = torch.randn(1024, 32, 8, generator=torch.Generator().manual_seed(2))
     tree = TaskTree.build(SignatureSpace(32, 8), [f"t{i}" for i in range(1024)], sig)
     assert tree.depth() == 10
-    assert CompiledTree.from_nodes(tree.nodes).max_depth == 10
+    assert CompiledTree.from_nodes(tree.nodes).height == 10
 
 
 def test_dot_metric_split_uses_similarity():

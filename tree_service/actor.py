@@ -26,7 +26,11 @@ def get_tree_service(
     detached: bool = False,
     num_cpus: float = 0,
 ):
-    """The named tree service actor, created on first use. Needs ray.init() before."""
+    """The named tree service actor, created on first use. Needs ray.init() before.
+
+    A non-detached actor lives as long as a handle to it does (Ray garbage-collects it with the
+    last one); pass ``detached=True`` for a service that outlives the job that created it.
+    """
     options = dict(name=name, namespace=namespace, get_if_exists=True, num_cpus=num_cpus)
     if detached:
         options["lifetime"] = "detached"

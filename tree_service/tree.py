@@ -233,8 +233,15 @@ class CompiledTree:
         return len(self.task)
 
     @property
-    def max_depth(self) -> int:
-        return int(self.depth.max()) if len(self.depth) else 0
+    def height(self) -> int:
+        """Edges on the longest root-to-task path (a bucket's tasks add one edge, not a level)."""
+        if not hasattr(self, "_height"):
+            h, frontier = 0, [0] if self.num_nodes else []
+            while frontier:
+                frontier = [int(c) for n in frontier for c in self.children[n] if c >= 0]
+                h += bool(frontier)
+            self._height = h
+        return self._height
 
     def subtree_tasks(self, node_id: int) -> list[int]:
         out, stack = [], [node_id]

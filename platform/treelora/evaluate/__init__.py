@@ -1,0 +1,5 @@
+"""Evaluation: continual-learning metrics over the accuracy matrix (fractions in [0, 1])."""
+
+from .metrics import average_performance, backward_transfer, forward_transfer, per_task_final, summary
+
+__all__ = ["average_performance", "backward_transfer", "forward_transfer", "per_task_final", "summary"]

@@ -1,0 +1,113 @@
+"""The tree service as a Ray actor on a local cluster: sharing, conflicts, restarts, S3."""
+
+import time
+import uuid
+
+import numpy as np
+import pytest
+
+from tree_service import VersionConflict
+from tree_service.actor import get_tree_service
+
+pytestmark = pytest.mark.ray
+
+
+def _name() -> str:
+    return f"tree-{uuid.uuid4().hex[:8]}"
+
+
+def test_same_name_gives_the_same_actor(ray_session, tmp_path):
+    ray = ray_session
+    name = _name()
+    a = get_tree_service(str(tmp_path), name=name)
+    b = get_tree_service(str(tmp_path), name=name)
+    ray.get(a.add_task.remote("s", "x", np.ones((2, 3), np.float32), 0))
+    assert ray.get(b.snapshot.remote("s"))["task_ids"] == ["x"]
+
+
+def test_two_clients_add_tasks_concurrently_without_losing_any(ray_session, tmp_path):
+    ray = ray_session
+    name = _name()
+    owner = get_tree_service(str(tmp_path), name=name)  # a non-detached actor lives while a handle does
+
+    @ray.remote(num_cpus=0.5)
+    def client(prefix: str, count: int) -> list[int]:
+        from tree_service import VersionConflict as Conflict
+        from tree_service.actor import get_tree_service as get
+
+        service = get(str(tmp_path), name=name)
+        versions = []
+        for i in range(count):
+            sig = np.full((2, 3), float(i), np.float32)
+            while True:  # optimistic concurrency: re-read the version and retry on conflict
+                current = ray.get(service.snapshot.remote("shared"))["version"]
+                try:
+                    versions.append(ray.get(service.add_task.remote("shared", f"{prefix}-{i}", sig, current)))
+                    break
+                except Conflict:
+                    continue
+        return versions
+
+    va, vb = ray.get([client.remote("a", 6), client.remote("b", 6)])
+    snap = ray.get(owner.snapshot.remote("shared"))
+    assert snap["version"] == 12 and sorted(snap["task_ids"]) == sorted([f"a-{i}" for i in range(6)] + [f"b-{i}" for i in range(6)])
+    assert sorted(va + vb) == list(range(1, 13))  # every write got its own version
+    assert snap["signatures"].shape == (12, 2, 3)
+
+
+def test_conflicting_write_is_refused_naming_both_versions(ray_session, tmp_path):
+    ray = ray_session
+    service = get_tree_service(str(tmp_path), name=_name())
+    ray.get(service.add_task.remote("s", "a", np.zeros((2, 2), np.float32), 0))
+    ray.get(service.add_task.remote("s", "b", np.ones((2, 2), np.float32), 1))
+    with pytest.raises(VersionConflict, match="expected version 1.*current version is 2"):
+        ray.get(service.add_task.remote("s", "c", np.ones((2, 2), np.float32), 1))
+    assert ray.get(service.snapshot.remote("s"))["task_ids"] == ["a", "b"]
+
+
+def test_killed_actor_comes_back_with_every_task(ray_session, tmp_path):
+    ray = ray_session
+    name = _name()
+    service = get_tree_service(str(tmp_path), name=name)
+    rng = np.random.default_rng(0)
+    sigs = [rng.standard_normal((3, 4)).astype(np.float32) for _ in range(4)]
+    ray.get(service.add_task.remote("s", "t0", sigs[0], 0))
+    ray.get(service.add_task.remote("s", "t1", sigs[1], 1))
+    ray.kill(service, no_restart=False)
+    # calls after the kill wait for the restart (max_restarts=-1) and see the restored state
+    assert ray.get(service.add_task.remote("s", "t2", sigs[2], 2), timeout=60) == 3
+    ray.kill(service, no_restart=False)
+    time.sleep(0.5)
+    snap = ray.get(get_tree_service(str(tmp_path), name=name).snapshot.remote("s"), timeout=60)
+    assert snap["task_ids"] == ["t0", "t1", "t2"] and snap["version"] == 3
+    assert all(np.array_equal(snap["signatures"][i], sigs[i]) for i in range(3))
+    # a retried write of a task that was stored before the crash answers its version, no insert
+    assert ray.get(service.add_task.remote("s", "t1", sigs[1], 1)) == 2
+
+
+def test_snapshot_carries_the_tree_and_delete_needs_confirmation(ray_session, tmp_path):
+    ray = ray_session
+    service = get_tree_service(str(tmp_path), name=_name())
+    for i in range(5):
+        ray.get(service.add_task.remote("s", f"t{i}", np.full((2, 2), float(i * i), np.float32), i))
+    snap = ray.get(service.snapshot.remote("s"))
+    kinds = [n["kind"] for n in snap["tree"]["nodes"]]
+    assert kinds.count("task") == 5 and snap["tree"]["nodes"][0]["kind"] == "split"
+    assert ray.get(service.list_streams.remote()) == ["s"]
+    assert "t4" in ray.get(service.describe.remote("s"))["tree_text"]
+    with pytest.raises(Exception, match="confirm"):
+        ray.get(service.delete.remote("s"))
+    ray.get(service.delete.remote("s", confirm="s"))
+    assert ray.get(service.list_streams.remote()) == []
+
+
+def test_service_on_s3_survives_a_restart(ray_session, s3_server):
+    ray = ray_session
+    uri = s3_server("treelora-ray")
+    name = _name()
+    service = get_tree_service(uri, name=name)
+    sig = np.arange(6, dtype=np.float32).reshape(2, 3)
+    ray.get(service.add_task.remote("s", "a", sig, 0))
+    ray.kill(service, no_restart=False)
+    snap = ray.get(service.snapshot.remote("s"), timeout=60)
+    assert snap["task_ids"] == ["a"] and np.array_equal(snap["signatures"][0], sig)
