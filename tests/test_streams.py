@@ -89,7 +89,9 @@ def no_shared_data(monkeypatch, tmp_path):
     monkeypatch.setattr(builtin, "REPO_SHARED_ROOT", tmp_path / "hidden")
 
 
-@pytest.mark.parametrize("name, sizes", [("olora-cls", {"train": 160, "eval": 40, "test": 100}), ("trace-gen", {"train": 64, "eval": 16, "test": 32})])
+@pytest.mark.parametrize(
+    "name, sizes", [("olora-cls", {"train": 160, "eval": 40, "test": 100}), ("trace-gen", {"train": 64, "eval": 16, "test": 32})]
+)
 def test_builtin_streams_load_from_the_packaged_sample(no_shared_data, name, sizes):
     assert resolve_data_root() == builtin.SAMPLE_ROOT
     stream = load_stream(name, data_root=builtin.SAMPLE_ROOT)
@@ -109,10 +111,20 @@ def test_packaged_sample_is_small_and_carries_its_licences():
     assert sum(record["label"] == "-" for record in mnli) == 3  # the sample exercises the skip too
 
 
+@needs_shared
+def test_make_sample_regenerates_the_packaged_sample_exactly(tmp_path):
+    from treelora.data.make_sample import make_sample
+
+    make_sample(SHARED, tmp_path)
+    made = {str(p.relative_to(tmp_path)): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    packaged = {str(p.relative_to(builtin.SAMPLE_ROOT)): p.read_bytes() for p in builtin.SAMPLE_ROOT.rglob("*") if p.is_file()}
+    assert made == packaged
+
+
 def test_env_var_is_used_and_a_missing_root_names_path_and_env_var(monkeypatch, tmp_path):
     monkeypatch.setenv(builtin.ENV_VAR, str(builtin.SAMPLE_ROOT))
     assert resolve_data_root() == builtin.SAMPLE_ROOT
-    assert resolve_data_root(SHARED if SHARED.is_dir() else builtin.SAMPLE_ROOT) != tmp_path  # argument wins
+    assert resolve_data_root(tmp_path) == tmp_path  # the argument (the config) wins over the env var
     absent = tmp_path / "no-such-data"
     with pytest.raises(DataRootError) as info:
         load_stream("olora-cls", data_root=absent)
@@ -151,7 +163,9 @@ def test_yaml_manifest_stream(tmp_path):
     assert set(numbers_task.test) == {Example("2+2?", "4"), Example("3+3?", "6")}
     assert reviews_task.sizes() == {"train": 8, "eval": 4, "test": 10} and reviews_task.labels == ("neg", "pos")
     assert labels_of(reviews_task.eval) == {"neg": 1, "pos": 3}  # train is 1/4 neg: stratified carve
-    assert load_stream(manifest, sizes={"train": 3})["reviews"].sizes()["train"] == 3 if hasattr(stream, "__getitem__") else True
+    # the sizes argument overrides the manifest's sizes, an entry's own sizes override both
+    resized = load_stream(manifest, sizes={"train": 3})
+    assert [task.sizes()["train"] for task in resized.tasks] == [6, 3]
     manifest.write_text("tasks:\n  - path: tasks/reviews\n    metrc: accuracy\n")
     with pytest.raises(ValueError, match="tasks\\[0\\]"):
         load_stream(manifest)
@@ -159,7 +173,8 @@ def test_yaml_manifest_stream(tmp_path):
 
 def test_folder_stream_sorted_by_name_or_by_order_txt(tmp_path):
     for name in ("b-task", "a-task", "c-task"):
-        write_jsonl(tmp_path / "stream" / name / "train.jsonl", [{"prompt": f"{name} {i}", "answer": str(i)} for i in range(10)])
+        train = [{"prompt": f"{name} {i}", "answer": str(i)} for i in range(10)]
+        write_jsonl(tmp_path / "stream" / name / "train.jsonl", train)
         write_jsonl(tmp_path / "stream" / name / "test.jsonl", [{"prompt": f"{name} q", "answer": "7"}])
     folder = tmp_path / "stream"
     stream = load_stream(folder, sizes={"train": 5})
@@ -187,6 +202,7 @@ def test_stratified_sampling_by_hand():
     for n, expected in ((8, {"a": 6, "b": 2}), (7, {"a": 5, "b": 2})):
         chosen = stratified_indices(keys, n, rng_for(0, "t"))
         assert len(set(chosen)) == n and dict(collections.Counter(keys[i] for i in chosen)) == expected
-    task = Task("t", "classification", ("a", "b"), "accuracy", tuple(Example(str(i), k) for i, k in enumerate(keys)), (), (Example("x", "a"),), "code")
+    train = tuple(Example(str(i), key) for i, key in enumerate(keys))
+    task = Task("t", "classification", ("a", "b"), "accuracy", train, (), (Example("x", "a"),), "code")
     assert subsample(task, {"train": 8}, seed=1) == subsample(task, {"train": 8}, seed=1)
     assert subsample(task, {"train": 8}, seed=1).train != subsample(task, {"train": 8}, seed=2).train

@@ -59,49 +59,63 @@ class TreeLCBBandit(_Selector):
         if tree.num_nodes == 0:
             raise ValueError("the tree is empty: there is no previous task to select")
         self.space, self.tree, self.c, self.scale_by_mean_gap = space, tree, c, scale_by_mean_gap
-        L = space.num_modules
-        self.counts = np.zeros((L, tree.num_nodes), dtype=np.float64)
-        self.sums = np.zeros((L, tree.num_nodes), dtype=np.float64)
+        L, M = space.num_modules, tree.num_nodes
+        # Statistics live in flat arrays with one extra "sentinel" column per module: missing
+        # children point at it, and its infinite sum makes its LCB +inf, so the per-level loop
+        # needs no masks for ragged child lists (this loop is the per-step hot path).
+        self._width = M + 1
+        self._flat_counts = np.zeros(L * self._width)
+        self._flat_sums = np.zeros(L * self._width)
+        self._flat_sums[M :: self._width] = np.inf
+        self._flat_counts[M :: self._width] = 1.0
+        kids = np.where(tree.children >= 0, tree.children, M)  # [M, K]
+        # a task node's only "child" is itself: a module that reached its leaf stays there for
+        # the remaining levels without a mask (observe() counts each node of a path once)
+        leaves = tree.children[:, 0] < 0
+        kids[leaves, 0] = np.nonzero(leaves)[0]
+        self._kids = kids
+        self._offset = (np.arange(L) * self._width)[:, None]
         self._rows = np.arange(L)
-        self._path: np.ndarray | None = None  # [L, depth+1] node ids of the last descent, -1 padded
+        self._path: np.ndarray | None = None  # [L, height+1] node ids of the last descent
+
+    @property
+    def counts(self) -> np.ndarray:  # [L, M] views without the sentinel column
+        return self._flat_counts.reshape(self.space.num_modules, self._width)[:, :-1]
+
+    @property
+    def sums(self) -> np.ndarray:
+        return self._flat_sums.reshape(self.space.num_modules, self._width)[:, :-1]
 
     def select(self) -> np.ndarray:
         L, tree = self.space.num_modules, self.tree
-        if self.scale_by_mean_gap:
-            scale = np.where(self.counts[:, 0] > 0, np.abs(self.sums[:, 0]) / np.maximum(self.counts[:, 0], 1), 1.0)
-        else:
-            scale = np.ones(L)
+        counts, sums, offset = self._flat_counts, self._flat_sums, self._offset[:, 0]
+        root_n = counts[offset]
+        scale = np.abs(sums[offset]) / np.maximum(root_n, 1) if self.scale_by_mean_gap else np.ones(L)
+        scale = np.where(root_n > 0, scale, 1.0)
+        c_scale = (self.c * scale)[:, None]
         cur = np.zeros(L, dtype=np.int64)
-        path = np.full((L, tree.height + 1), -1, dtype=np.int64)
-        path[:, 0] = 0
+        path = np.zeros((L, tree.height + 1), dtype=np.int64)
         for level in range(1, tree.height + 1):
-            kids = tree.children[cur]  # [L, K]
-            active = kids[:, 0] >= 0
-            if not active.any():
-                break
-            valid = kids >= 0
-            safe = np.where(valid, kids, 0)
-            n = self.counts[self._rows[:, None], safe]
-            s = self.sums[self._rows[:, None], safe]
-            bonus = (self.c * scale * np.sqrt(np.log(self.counts[self._rows, cur] + 1.0)))[:, None]
+            kids = self._kids[cur]  # [L, K]
+            flat = self._offset + kids
+            n, s = counts[flat], sums[flat]
+            bonus = c_scale * np.sqrt(np.log(counts[offset + cur] + 1.0))[:, None]
             with np.errstate(divide="ignore", invalid="ignore"):
-                lcb = s / n - bonus / np.sqrt(n)
-            lcb = np.where(n > 0, lcb, -np.inf)  # unpulled children first
-            lcb = np.where(valid, lcb, np.inf)
-            pick = kids[self._rows, np.argmin(lcb, axis=1)]
-            cur = np.where(active, pick, cur)
-            path[:, level] = np.where(active, cur, -1)
+                lcb = np.where(n > 0, (s - bonus * np.sqrt(n)) / n, -np.inf)  # unpulled children first
+            cur = kids[self._rows, np.argmin(lcb, axis=1)]
+            path[:, level] = cur
         self._path = path
         return tree.task[cur]
 
     def observe(self, gaps: np.ndarray) -> None:
         if self._path is None:
             raise RuntimeError("observe() without a select() before it")
-        rows, cols = np.nonzero(self._path >= 0)
-        nodes = self._path[rows, cols]
+        valid = np.ones(self._path.shape, dtype=bool)
+        valid[:, 1:] = self._path[:, 1:] != self._path[:, :-1]  # a leaf repeated after arrival
+        flat = (self._offset + self._path)[valid]
         # each node occurs at most once on a module's path, so plain fancy-index adds are safe
-        self.counts[rows, nodes] += 1
-        self.sums[rows, nodes] += np.asarray(gaps, dtype=np.float64)[rows]
+        self._flat_counts[flat] += 1
+        self._flat_sums[flat] += np.broadcast_to(np.asarray(gaps, dtype=np.float64)[:, None], self._path.shape)[valid]
         self._path = None
 
     def state_dict(self) -> dict[str, np.ndarray]:
@@ -111,7 +125,8 @@ class TreeLCBBandit(_Selector):
         for key in ("counts", "sums"):
             if state[key].shape != self.counts.shape:
                 raise ValueError(f"bandit state {key!r} has shape {state[key].shape}, expected {self.counts.shape}")
-        self.counts, self.sums = state["counts"].astype(np.float64), state["sums"].astype(np.float64)
+        self.counts[:] = state["counts"]
+        self.sums[:] = state["sums"]
 
 
 class ReferenceSampler(_Selector):

@@ -19,6 +19,7 @@ from .errors import InvalidSignature, SnapshotFormatError, TaskConflict, TreeSer
 from .signatures import SignatureSpace
 from .snapshot import StreamSnapshot, TaskRecord, check_stream_name, content_hash
 from .store import SnapshotStore
+from .tree import TaskTree
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,7 @@ class TreeRegistry:
         self.store = SnapshotStore(storage_uri, filesystem)
         self.streams: dict[str, StreamSnapshot] = {}
         self.broken: dict[str, str] = {}  # stream -> why its latest snapshot could not be loaded
+        self._trees: dict[str, tuple[int, TaskTree]] = {}  # derived state, cached per version
         for stream in self.store.streams():
             try:
                 self.streams[stream] = self.store.read(stream)
@@ -41,6 +43,13 @@ class TreeRegistry:
         if stream in self.broken:
             raise SnapshotFormatError(f"stream {stream!r} could not be restored: {self.broken[stream]}")
         return self.streams.get(stream)
+
+    def _tree(self, snap: StreamSnapshot) -> TaskTree:
+        cached = self._trees.get(snap.stream)
+        if cached is None or cached[0] != snap.version:
+            cached = (snap.version, snap.tree())
+            self._trees[snap.stream] = cached
+        return cached[1]
 
     # -- reads ----------------------------------------------------------------------------
     def list_streams(self) -> list[str]:
@@ -63,14 +72,14 @@ class TreeRegistry:
             "space": snap.space.to_dict(),
             "leaf_size": snap.leaf_size,
             "built_from": snap.built_from,
-            "tree": snap.tree().structure(),
+            "tree": self._tree(snap).structure(),
         }
 
     def describe(self, stream: str) -> dict:
         snap = self._get(stream)
         if snap is None:
             raise UnknownStream(f"no stream {stream!r}; known: {self.list_streams()}")
-        tree = snap.tree()
+        tree = self._tree(snap)
         return {
             "stream": stream,
             "version": snap.version,
@@ -157,6 +166,7 @@ class TreeRegistry:
         self.store.delete_stream(stream)
         self.streams.pop(stream, None)
         self.broken.pop(stream, None)
+        self._trees.pop(stream, None)
 
     def ping(self) -> bool:
         return True

@@ -24,14 +24,14 @@ class RawRow:
     record: Any  # whatever the file held there; the validator checks it is an object
 
 
-def _decode(path: Path, data: bytes) -> str:
+def _decode(data: bytes) -> str:
     if data.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark is legal, not part of the text
         data = data[3:]
     return data.decode("utf-8", errors="surrogateescape")
 
 
 def _json_list(path: Path) -> list[RawRow]:
-    text = _decode(path, path.read_bytes())
+    text = _decode(path.read_bytes())
     try:
         records = json.loads(text)
     except json.JSONDecodeError as err:
@@ -46,7 +46,7 @@ def _json_list(path: Path) -> list[RawRow]:
 def _json_lines(path: Path) -> list[RawRow]:
     rows: list[RawRow] = []
     for number, raw in enumerate(path.read_bytes().split(b"\n"), start=1):
-        line = _decode(path, raw).strip()
+        line = _decode(raw).strip()
         if not line:  # blank lines (a trailing newline above all) hold no record
             continue
         try:

@@ -48,7 +48,8 @@ def _sample_file(source: Path, out: Path, folder: str, split: str, rows: int, sk
 
 
 def _readme(counts: dict[str, dict[str, int]]) -> str:
-    table = "\n".join(f"| {folder} | " + " | ".join(str(n.get(s, "-")) for s in ("train", "eval", "test")) + " |" for folder, n in counts.items())
+    rows = [[folder, *(str(n.get(split, "-")) for split in ("train", "eval", "test"))] for folder, n in counts.items()]
+    table = "\n".join("| " + " | ".join(row) + " |" for row in rows)
     return f"""# Sample of the continual-learning benchmark data
 
 A seeded subsample (seed {SEED}) of `../shared/data/cl-benchmarks`, packaged so that the built-in
@@ -76,7 +77,9 @@ def make_sample(source: Path, out: Path) -> dict[str, dict[str, int]]:
     for stream in BUILTIN_STREAMS.values():
         for task in stream.tasks:
             plan = OLORA_ROWS if task.folder.startswith("olora/") else TRACE_ROWS
-            counts[task.folder] = {split: _sample_file(source, out, task.folder, split, rows, task.skip_labels) for split, rows in plan.items()}
+            counts[task.folder] = {
+                split: _sample_file(source, out, task.folder, split, rows, task.skip_labels) for split, rows in plan.items()
+            }
             if task.folder.startswith("olora/"):
                 shutil.copyfile(source / task.folder / "labels.json", out / task.folder / "labels.json")
     for family in ("olora", "trace"):

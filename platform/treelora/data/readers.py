@@ -55,7 +55,9 @@ TRACE_METRICS: dict[str, Metric] = {
     "NumGLUE-ds": "exact_match",
 }
 _FIELDS = {"classification": ("sentence", "label"), "generation": ("prompt", "answer")}
-_TASK_YAML_KEYS = {"name", "kind", "metric", "labels", "labels_file", "text_field", "target_field", "splits", "skip_labels", "eval_size"}
+_TASK_YAML_KEYS = {
+    "name", "kind", "metric", "labels", "labels_file", "text_field", "target_field", "splits", "skip_labels", "eval_size",
+}
 
 
 def _field(record: dict, field: str) -> tuple[str | None, str | None]:
@@ -142,9 +144,11 @@ def read_records(
     return records
 
 
-def _read_examples(path: Path, text_field: str, target_field: str, labels: Sequence[str] | None, skip: Sequence[str]) -> tuple[Example, ...]:
-    records = read_records(path, text_field, target_field, labels=labels, skip_labels=skip)
-    return tuple(Example(record[text_field], record[target_field]) for record in records)
+def _read_examples(
+    path: Path, fields: tuple[str, str], labels: Sequence[str] | None, skip: Sequence[str]
+) -> tuple[Example, ...]:
+    records = read_records(path, *fields, labels=labels, skip_labels=skip)
+    return tuple(Example(record[fields[0]], record[fields[1]]) for record in records)
 
 
 def _split_file(folder: Path, split: str) -> Path | None:
@@ -182,8 +186,9 @@ def _folder_layout(folder: Path) -> dict[str, Any]:
         return spec
     splits = {split: file for split in SPLITS if (file := _split_file(folder, split))}
     if (folder / "labels.json").is_file():
-        return {"kind": "classification", "metric": "accuracy", "labels": read_label_set(folder / "labels.json"), "splits": splits}
-    return {"kind": "generation", "metric": TRACE_METRICS.get(folder.name, "exact_match"), "labels": [], "splits": splits}
+        labels = read_label_set(folder / "labels.json")
+        return {"kind": "classification", "metric": "accuracy", "labels": labels, "splits": splits}
+    return {"kind": "generation", "metric": TRACE_METRICS.get(folder.name, "exact_match"), "splits": splits}
 
 
 def load_task(
@@ -205,16 +210,36 @@ def load_task(
     Keyword arguments override what the folder implies. ``eval_size`` (default 0.1) is used
     only when there is no eval file; 0 leaves eval empty.
     """
+    if folder is not None and not Path(folder).is_dir():
+        raise DataValidationError(folder, "task folder not found")
     settings: dict[str, Any] = _folder_layout(Path(folder)) if folder is not None else {"splits": {}}
     given = {"name": name, "kind": kind, "metric": metric, "labels": labels, "text_field": text_field,
              "target_field": target_field, "skip_labels": skip_labels, "eval_size": eval_size}
     settings.update({key: value for key, value in given.items() if value is not None})
-    if split_files:
-        settings["splits"] = {**settings["splits"], **{split: Path(file) for split, file in split_files.items()}}
+    settings["splits"] = {**settings["splits"], **{split: Path(file) for split, file in (split_files or {}).items()}}
     name = settings.get("name") or (Path(folder).name if folder is not None else None)
     if not name:
         raise ValueError("a task given only by split files needs a name")
-    kind = settings.get("kind")
+    kind, eval_size = settings.get("kind"), settings.get("eval_size", 0.1)
+    _check_settings(name, kind, settings, folder)
+    text_field, target_field = _FIELDS[kind]
+    fields = (settings.get("text_field", text_field), settings.get("target_field", target_field))
+    task_labels = tuple(settings["labels"]) if kind == "classification" else ()
+    skip = tuple(settings.get("skip_labels") or ())
+    # Read (and so validate) every split before building anything.
+    splits = {split: _read_examples(path, fields, task_labels or None, skip) for split, path in settings["splits"].items()}
+    metric = settings.get("metric") or ("accuracy" if kind == "classification" else TRACE_METRICS.get(name, "exact_match"))
+    source = str(folder) if folder is not None else ", ".join(f"{s}={p}" for s, p in settings["splits"].items())
+    task = Task(name=name, kind=kind, labels=task_labels, metric=metric, train=splits["train"],
+                eval=splits.get("eval", ()), test=splits["test"], source=source)
+    if "eval" in splits:
+        return task
+    count = eval_size if isinstance(eval_size, int) else round(eval_size * len(task.train))
+    return carve_eval(task, count, seed) if count else task
+
+
+def _check_settings(name: str, kind: Any, settings: dict[str, Any], folder: str | Path | None) -> None:
+    """Refuse a task description that cannot work, before any file is read."""
     if kind not in _FIELDS:
         raise ValueError(f"task {name!r}: kind must be one of {sorted(_FIELDS)}, got {kind!r}")
     unknown = set(settings["splits"]) - set(SPLITS)
@@ -222,25 +247,10 @@ def load_task(
         raise ValueError(f"task {name!r}: unknown split(s) {sorted(unknown)}; splits are {SPLITS}")
     for split in ("train", "test"):
         if split not in settings["splits"]:
-            where = folder if folder is not None else "the split files"
-            raise DataValidationError(Path(where) / f"{split}.*", f"task {name!r}: no {split} split file")
+            where = Path(folder) if folder is not None else Path(f"<split files of {name}>")
+            raise DataValidationError(where / f"{split}.*", f"task {name!r}: no {split} split file")
     if kind == "classification" and not settings.get("labels"):
         raise ValueError(f"task {name!r}: a classification task needs its label set (labels or labels_file)")
-    default_text, default_target = _FIELDS[kind]
-    fields = (settings.get("text_field", default_text), settings.get("target_field", default_target))
-    task_labels = tuple(settings.get("labels") or ()) if kind == "classification" else ()
-    check = task_labels if kind == "classification" else None
-    skip = tuple(settings.get("skip_labels") or ())
-    # Read (and so validate) every split before building anything.
-    splits = {split: _read_examples(Path(path), *fields, check, skip) for split, path in settings["splits"].items()}
-    metric = settings.get("metric") or ("accuracy" if kind == "classification" else TRACE_METRICS.get(name, "exact_match"))
-    source = str(folder) if folder is not None else ", ".join(f"{s}={p}" for s, p in settings["splits"].items())
-    task = Task(name=name, kind=kind, labels=task_labels, metric=metric, train=splits["train"],
-                eval=splits.get("eval", ()), test=splits["test"], source=source)
-    if "eval" in splits:
-        return task
     size = settings.get("eval_size", 0.1)
-    if isinstance(size, float) and not 0 <= size < 1:
-        raise ValueError(f"task {name!r}: eval_size {size} must be a row count or a fraction in [0, 1)")
-    count = size if isinstance(size, int) else round(size * len(task.train))
-    return carve_eval(task, count, seed) if count else task
+    if isinstance(size, bool) or not (isinstance(size, int) and size >= 0 or isinstance(size, float) and 0 <= size < 1):
+        raise ValueError(f"task {name!r}: eval_size must be a row count >= 0 or a fraction in [0, 1), got {size!r}")

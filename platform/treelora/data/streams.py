@@ -40,8 +40,8 @@ from .sampling import SplitSizes, subsample
 from .tasks import SPLITS, Task
 
 _MANIFEST_KEYS = {"name", "description", "seed", "sizes", "tasks"}
-_ENTRY_KEYS = {"name", "path", "splits", "kind", "metric", "labels", "labels_file", "text_field",
-               "target_field", "skip_labels", "eval_size", "sizes"}
+_PASSED_ON = ("name", "kind", "metric", "labels", "text_field", "target_field", "skip_labels", "eval_size")
+_ENTRY_KEYS = {*_PASSED_ON, "path", "splits", "labels_file", "sizes"}  # keys a manifest's task entry may have
 
 
 @dataclass(frozen=True)
@@ -62,11 +62,14 @@ class Stream:
         return tuple(task.name for task in self.tasks)
 
     def describe(self) -> str:
-        lines = [f"stream {self.name!r}: {len(self.tasks)} tasks in this order" + (f" ({self.description})" if self.description else "")]
+        about = f" ({self.description})" if self.description else ""
+        lines = [f"stream {self.name!r}: {len(self.tasks)} tasks in this order{about}"]
         for number, task in enumerate(self.tasks, start=1):
             sizes = "  ".join(f"{split} {count}" for split, count in task.sizes().items())
             labels = f"{len(task.labels)} labels" if task.labels else "free text"
-            lines.append(f"  {number}. {task.name:<12} {task.kind:<14} {task.metric:<15} {labels:<10} {sizes}  <- {task.source}")
+            lines.append(
+                f"  {number}. {task.name:<12} {task.kind:<14} {task.metric:<15} {labels:<10} {sizes}  <- {task.source}"
+            )
         return "\n".join(lines)
 
     __str__ = describe
@@ -99,7 +102,9 @@ def _builtin(name: str, data_root: str | Path | None, sizes: SplitSizes, seed: i
 def _manifest(path: Path, sizes: SplitSizes, seed: int | None) -> Stream:
     manifest = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     if not isinstance(manifest, dict) or set(manifest) - _MANIFEST_KEYS or not isinstance(manifest.get("tasks"), list):
-        raise ValueError(f"{path}: a stream manifest is a mapping with a 'tasks' list and only the keys {sorted(_MANIFEST_KEYS)}")
+        raise ValueError(
+            f"{path}: a stream manifest is a mapping with a 'tasks' list and only the keys {sorted(_MANIFEST_KEYS)}"
+        )
     seed = manifest.get("seed", 0) if seed is None else seed
     stream_sizes = {**_sizes(manifest.get("sizes"), str(path)), **sizes}
     tasks = []
@@ -109,7 +114,7 @@ def _manifest(path: Path, sizes: SplitSizes, seed: int | None) -> Stream:
             raise ValueError(f"{where}: an entry is a mapping with only the keys {sorted(_ENTRY_KEYS)}, got {entry!r}")
         if ("path" in entry) == ("splits" in entry):
             raise ValueError(f"{where}: give either 'path' (a task folder) or 'splits' (split files)")
-        options = {key: entry[key] for key in ("name", "kind", "metric", "labels", "text_field", "target_field", "skip_labels", "eval_size") if key in entry}
+        options = {key: entry[key] for key in _PASSED_ON if key in entry}
         if "labels_file" in entry:
             options["labels"] = read_label_set(path.parent / entry["labels_file"])
         task_sizes = {**stream_sizes, **_sizes(entry.get("sizes"), where)}
@@ -132,7 +137,9 @@ def _folder(folder: Path, sizes: SplitSizes, seed: int | None) -> Stream:
         lines = order_file.read_text(encoding="utf-8").splitlines()
         order = [name for line in lines if (name := line.split("#", 1)[0].strip())]
         if sorted(order) != found:
-            raise ValueError(f"{order_file} must list each task folder of {folder} exactly once: lists {order}, folders are {found}")
+            raise ValueError(
+                f"{order_file} must list each task folder of {folder} exactly once: lists {order}, folders are {found}"
+            )
         found = order
     if not found:
         raise ValueError(f"{folder} holds no task folders")
@@ -162,4 +169,5 @@ def load_stream(
         return _manifest(path, extra, seed)
     if path.is_dir():
         return _folder(path, extra, seed)
-    raise ValueError(f"unknown stream {str(spec)!r}: not a built-in ({', '.join(BUILTIN_STREAMS)}), a YAML manifest or a folder")
+    builtins = ", ".join(BUILTIN_STREAMS)
+    raise ValueError(f"unknown stream {str(spec)!r}: not a built-in ({builtins}), a YAML manifest or a folder")
