@@ -1,0 +1,64 @@
+"""Adapter snapshots as standard PEFT folders (adapter_config.json + adapter_model.safetensors).
+
+Stock ``PeftModel.from_pretrained(base, folder)`` loads them; nothing of treelora is needed.
+Several adapters active together (O-LoRA's frozen old ones plus the new one) are written as
+ONE adapter whose rank is the sum: LoRA outputs add, so stacking the A rows and B columns, with
+``lora_alpha`` scaled so alpha/r is unchanged, is the same function. Classification heads,
+which peft does not know, go beside it in ``task_heads.safetensors`` with their label sets in
+``task_heads.json``; peft ignores both files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .model import ContinualModel
+
+HEADS_FILE, HEADS_META = "task_heads.safetensors", "task_heads.json"
+
+
+def save_adapter_folder(model: ContinualModel, folder: str | Path, adapters: list[str] | None = None,
+                        label_sets: dict[str, list[str]] | None = None) -> Path:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    adapters = adapters or ["default"]
+    cfg = model.lora_config
+    k = len(adapters)
+    config = dataclasses.replace(cfg, r=cfg.r * k, lora_alpha=cfg.lora_alpha * k, base_model_name_or_path=model.source,
+                                 inference_mode=True)
+    state = {}
+    for m in model.modules_in_order:
+        prefix = f"base_model.model.{m.name}"
+        state[f"{prefix}.lora_A.weight"] = torch.cat([m.A(a).detach() for a in adapters], 0).float().cpu().contiguous()
+        state[f"{prefix}.lora_B.weight"] = torch.cat([m.B(a).detach() for a in adapters], 1).float().cpu().contiguous()
+    config.save_pretrained(str(folder))
+    save_file(state, str(folder / "adapter_model.safetensors"))
+    if len(model.heads):
+        heads = {f"{t}.{n}": p.detach().float().cpu().contiguous() for t, h in model.heads.items() for n, p in h.named_parameters()}
+        save_file(heads, str(folder / HEADS_FILE))
+        (folder / HEADS_META).write_text(json.dumps(label_sets or {}, indent=1))
+    return folder
+
+
+def load_adapter_folder(base_model: torch.nn.Module, folder: str | Path):
+    """(stock PeftModel, {task: Linear head}) from a folder written by save_adapter_folder."""
+    from peft import PeftModel
+
+    folder = Path(folder)
+    peft_model = PeftModel.from_pretrained(base_model, str(folder))
+    heads: dict[str, torch.nn.Linear] = {}
+    if (folder / HEADS_FILE).exists():
+        tensors = load_file(str(folder / HEADS_FILE))
+        for task in sorted({k.rsplit(".", 1)[0] for k in tensors}):
+            w, b = tensors[f"{task}.weight"], tensors[f"{task}.bias"]
+            head = torch.nn.Linear(w.shape[1], w.shape[0])
+            with torch.no_grad():
+                head.weight.copy_(w)
+                head.bias.copy_(b)
+            heads[task] = head
+    return peft_model, heads

@@ -1,0 +1,158 @@
+"""Layer-wise LoRA on a pretrained backbone through peft, plus per-task heads.
+
+One adapter ("default") continues across the tasks of a stream, as in the paper; methods that
+need more (O-LoRA) add adapters beside it. The LoRA modules in model order (layer by layer,
+targets in their order inside a layer) define level d of the tree. Classification tasks get a
+head each (mean-pooled encoder output -> labels), trained with their task and frozen after:
+the task id is known at test time (task-incremental), so forgetting is measured in the shared
+adapter, where the methods differ.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import torch
+from peft import LoraConfig, get_peft_model
+from peft.tuners.lora import LoraLayer
+
+from ..data.tasks import Example, Task
+from .backbone import Backbone, target_module_names
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraModule:
+    name: str  # the module path inside the base model, e.g. encoder.layer.0.attention.self.query
+    layer: LoraLayer
+
+    def A(self, adapter: str = "default") -> torch.nn.Parameter:
+        return self.layer.lora_A[adapter].weight
+
+    def B(self, adapter: str = "default") -> torch.nn.Parameter:
+        return self.layer.lora_B[adapter].weight
+
+
+class ContinualModel(torch.nn.Module):
+    def __init__(self, backbone: Backbone, r: int = 8, alpha: int = 16, dropout: float = 0.0,
+                 targets: Sequence[str] = ("q", "v"), max_length: int = 128, max_new_tokens: int = 8):
+        super().__init__()
+        self.family, self.tokenizer, self.source = backbone.family, backbone.tokenizer, backbone.source
+        self.max_length, self.max_new_tokens = max_length, max_new_tokens
+        self.lora_config = LoraConfig(
+            r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none",
+            target_modules=target_module_names(backbone.family, tuple(targets)),
+        )
+        self.peft = get_peft_model(backbone.model, self.lora_config)
+        self.heads = torch.nn.ModuleDict()
+        self.modules_in_order = [
+            LoraModule(name.removeprefix("base_model.model."), m) for name, m in self.peft.named_modules() if isinstance(m, LoraLayer)
+        ]
+        if not self.modules_in_order:
+            raise ValueError(f"adapter.targets {tuple(targets)} matched no module of {backbone.source}")
+
+    # -- structure ------------------------------------------------------------------------
+    @property
+    def is_causal(self) -> bool:
+        return self.family == "llama"
+
+    @property
+    def hidden_size(self) -> int:
+        return self.peft.base_model.model.config.hidden_size
+
+    def lora_parameters(self, adapter: str = "default") -> list[torch.nn.Parameter]:
+        return [p for m in self.modules_in_order for p in (m.A(adapter), m.B(adapter))]
+
+    def add_head(self, task: Task, seed: int = 0) -> None:
+        """A fresh head for a classification task (seeded, so every worker starts the same)."""
+        if self.is_causal or task.name in self.heads:
+            return
+        gen = torch.Generator().manual_seed(seed)
+        head = torch.nn.Linear(self.hidden_size, len(task.labels))
+        with torch.no_grad():
+            head.weight.copy_(torch.randn(head.weight.shape, generator=gen) * 0.02)
+            head.bias.zero_()
+        self.heads[task.name] = head.to(next(self.peft.parameters()).device)
+
+    def trainable_for(self, task: Task, adapter: str = "default") -> list[torch.nn.Parameter]:
+        """What one task trains: its adapter's LoRA weights and its own head; nothing else."""
+        for p in self.parameters():
+            p.requires_grad_(False)
+        params = self.lora_parameters(adapter)
+        if task.name in self.heads:
+            params += list(self.heads[task.name].parameters())
+        for p in params:
+            p.requires_grad_(True)
+        return params
+
+    # -- batches --------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.peft.parameters()).device
+
+    def batch(self, task: Task, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
+        if self.is_causal:
+            return self._causal_batch(examples)
+        enc = self.tokenizer([e.text for e in examples], truncation=True, max_length=self.max_length, padding=True, return_tensors="pt")
+        enc["labels"] = torch.tensor([task.labels.index(e.target) for e in examples])
+        return {k: v.to(self.device) for k, v in enc.items()}
+
+    def _causal_batch(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
+        tok = self.tokenizer
+        rows, labels = [], []
+        for e in examples:
+            answer = tok(e.target, add_special_tokens=False).input_ids + [tok.eos_token_id]
+            prompt = tok(e.text, add_special_tokens=False).input_ids
+            prompt = prompt[-max(self.max_length - len(answer), 1):]  # keep the end of a long prompt
+            ids = (prompt + answer)[-self.max_length:]
+            rows.append(ids)
+            labels.append(([-100] * len(prompt) + answer)[-self.max_length:])  # loss on answer tokens only
+        width = max(len(r) for r in rows)
+        pad = tok.pad_token_id
+        input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])  # right-padded for training
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+        label_t = torch.tensor([lab + [-100] * (width - len(lab)) for lab in labels])
+        return {"input_ids": input_ids.to(self.device), "attention_mask": mask.to(self.device), "labels": label_t.to(self.device)}
+
+    # -- forward --------------------------------------------------------------------------
+    def loss(self, task: Task, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.is_causal:
+            return self.peft(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+        logits = self.logits(task, batch)
+        return torch.nn.functional.cross_entropy(logits.float(), batch["labels"])
+
+    def logits(self, task: Task, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        out = self.peft(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                        **({"token_type_ids": batch["token_type_ids"]} if "token_type_ids" in batch else {}))
+        mask = batch["attention_mask"].unsqueeze(-1).to(out.last_hidden_state.dtype)
+        pooled = (out.last_hidden_state * mask).sum(1) / mask.sum(1).clamp(min=1)
+        return self.heads[task.name](pooled.to(self.heads[task.name].weight.dtype))
+
+    @torch.no_grad()
+    def predict(self, task: Task, examples: Sequence[Example], batch_size: int = 64) -> list[str]:
+        """Predicted label strings (classification) or greedy-decoded answers (generation)."""
+        was_training = self.training
+        self.eval()
+        out: list[str] = []
+        try:
+            for i in range(0, len(examples), batch_size):
+                chunk = examples[i : i + batch_size]
+                if self.is_causal:
+                    out += self._generate([e.text for e in chunk])
+                else:
+                    logits = self.logits(task, self.batch(task, chunk))
+                    out += [task.labels[j] for j in logits.argmax(-1).tolist()]
+        finally:
+            self.train(was_training)
+        return out
+
+    def _generate(self, prompts: list[str]) -> list[str]:
+        tok = self.tokenizer
+        keep = self.max_length - self.max_new_tokens
+        rows = [tok(p, add_special_tokens=False).input_ids[-keep:] for p in prompts]
+        width = max(len(r) for r in rows)
+        input_ids = torch.tensor([[tok.pad_token_id] * (width - len(r)) + r for r in rows], device=self.device)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.device)
+        gen = self.peft.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=self.max_new_tokens,
+                                 do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        return [tok.decode(g[width:], skip_special_tokens=True).strip() for g in gen]

@@ -1,0 +1,231 @@
+"""One typed run config, from YAML plus ``section.field=value`` overrides, to every worker.
+
+Every field has a default that works on one laptop-class CPU machine; a GPU cluster changes the
+``scaling`` section only. The config is a tree of frozen dataclasses: it is logged whole to
+MLflow, hashed into every adapter version, and travels to Ray workers as a plain dict
+(``to_dict``/``from_dict``), never pickled into storage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config that cannot work; the message names the field (e.g. ``method.name``)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamConfig:
+    spec: str = "olora-cls"  # a built-in stream, a YAML stream manifest, or a folder of task folders
+    data_root: str | None = None  # where the built-in streams' data lies (else $TREELORA_DATA, ../shared, the sample)
+    train_size: int | None = None  # per-task subsample sizes; None keeps the stream's defaults
+    eval_size: int | None = None
+    test_size: int | None = None
+    seed: int = 0
+    tasks: tuple[str, ...] = ()  # a subset of the stream's tasks, in stream order; empty = all
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    # "auto" = all-MiniLM-L6-v2 for classification streams, SmolLM2-135M-Instruct for generation;
+    # "minilm", "smollm2", a local Hugging Face folder, or "tiny-bert"/"tiny-llama" (random
+    # weights: fast unit tests only, never a user default)
+    name: str = "auto"
+    max_length: int = 128
+    max_new_tokens: int = 8  # greedy decoding budget for generation tasks
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterConfig:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ("q", "v")  # short names mapped per model family (BERT query/value, Llama q_proj/v_proj)
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodConfig:
+    name: str = "treelora"  # treelora | treelora-reference | seq-lora | l2-anchor | o-lora | joint
+    strength: float = 0.1  # treelora: regulariser step as a fraction of the module's mean |gradient|
+    bandit_c: float = 3.0  # treelora: LCB exploration constant (in units of the module's mean gap)
+    reference_reg: float = 0.5  # treelora-reference: the authors' `reg` (loss-relative, ramped over the epoch)
+    l2_strength: float = 1.0  # l2-anchor: weight of the squared L2 pull toward the previous task's adapter
+    olora_lambda: float = 0.5  # o-lora: weight of the orthogonality loss
+    olora_l2: float = 0.0  # o-lora: weight of an L2 penalty on the new adapter (O-LoRA's lamda_2)
+    signature_max_width: int = 16384  # above this a module's signature is sketched (Cauchy) ...
+    signature_sketch_width: int = 1024  # ... to this width
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 1
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    seed: int = 0
+    max_steps_per_task: int | None = None  # cap, for smoke runs
+    log_every: int = 10
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    batch_size: int = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class ScalingConfig:
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    zero_stage: int = 2  # DeepSpeed ZeRO stage: 0, 1 or 2 (3 is refused up front: see train/)
+    precision: str = "auto"  # auto = bf16 on GPU, fp32 on CPU; or "bf16" / "fp32"
+    checkpoint_every: int = 50  # steps between checkpoints (and at every epoch end)
+    max_failures: int = 2  # Ray Train FailureConfig retries per task
+
+
+@dataclasses.dataclass(frozen=True)
+class TreeConfig:
+    storage_uri: str | None = None  # local folder or s3://...; default <workdir>/trees
+    service_name: str = "treelora-tree"
+    namespace: str = "treelora"
+    detached: bool = False
+    leaf_size: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class TrackingConfig:
+    tracking_uri: str | None = None  # default sqlite:///<workdir>/mlflow.db; an http:// server works the same
+    experiment: str = "treelora"
+    registered_model: str | None = None  # default treelora-<stream>-<method>
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    name: str = "treelora"
+    workdir: str = "treelora_runs"  # run storage (checkpoints, adapters, default MLflow store): a folder or s3://
+    stream: StreamConfig = StreamConfig()
+    model: ModelConfig = ModelConfig()
+    adapter: AdapterConfig = AdapterConfig()
+    method: MethodConfig = MethodConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    scaling: ScalingConfig = ScalingConfig()
+    tree: TreeConfig = TreeConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "config") -> "RunConfig":
+        return _build(cls, data or {}, where, prefix="")
+
+    def with_overrides(self, overrides: list[str] | tuple[str, ...]) -> "RunConfig":
+        data = self.to_dict()
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r}: expected section.field=value")
+            key, raw = item.split("=", 1)
+            node = data
+            parts = key.split(".")
+            for p in parts[:-1]:
+                if not isinstance(node.get(p), dict):
+                    raise ConfigError(f"override {item!r}: unknown section {p!r}")
+                node = node[p]
+            if parts[-1] not in node:
+                raise ConfigError(f"override {item!r}: unknown field {key!r}")
+            node[parts[-1]] = yaml.safe_load(raw)
+        return RunConfig.from_dict(data, where="overrides")
+
+    def digest(self) -> str:
+        """A short hash of everything that defines the run (logged on every adapter version)."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+
+    def flat(self) -> dict[str, str]:
+        out = {}
+
+        def walk(prefix: str, node: Any) -> None:
+            if isinstance(node, dict):
+                for k, v in node.items():
+                    walk(f"{prefix}.{k}" if prefix else k, v)
+            else:
+                out[prefix] = json.dumps(node) if isinstance(node, (list, tuple)) else str(node)
+
+        walk("", self.to_dict())
+        return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """The run config from a YAML file (or the defaults) with overrides applied, validated."""
+    if path is None:
+        cfg = RunConfig()
+    else:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p}: not valid YAML ({exc})") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections")
+        cfg = RunConfig.from_dict(data, where=str(p))
+    return cfg.with_overrides(overrides) if overrides else cfg
+
+
+def _build(cls, data: dict[str, Any], where: str, prefix: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: {prefix.rstrip('.') or 'top level'} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where}: unknown field {prefix}{unknown[0]!r}; known: {sorted(fields)}")
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, where, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, hint, f"{where}: field {prefix}{name}")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        return tuple(_coerce(v, args[0], where) for v in value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string, got {value!r}")
+        return value
+    return value

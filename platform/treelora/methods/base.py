@@ -1,0 +1,80 @@
+"""The small interface every continual-learning method implements (plugins, not a hierarchy).
+
+Per task: ``begin_task`` (returns the parameters this task trains), then per step
+``penalty`` (a term added to the task loss before backward, or None) and ``after_backward``
+(read gradients before the optimizer step), then ``end_task`` (what the task leaves behind:
+a tree signature, the bandit's choices). ``state_dict``/``load_state_dict`` hold plain tensors
+and arrays for checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Protocol
+
+import numpy as np
+import torch
+
+from ..adapters.model import ContinualModel
+from ..data.tasks import Task
+
+
+@dataclasses.dataclass
+class TaskContext:
+    model: ContinualModel
+    task: Task
+    task_index: int  # position of the task in the stream
+    steps_per_epoch: int
+    epochs: int
+    seed: int
+    tree_snapshot: dict | None = None  # the tree service's snapshot() answer for methods that use it
+    grad_of: Callable[[torch.nn.Parameter], torch.Tensor | None] = lambda p: p.grad  # DeepSpeed passes its own
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.epochs
+
+
+@dataclasses.dataclass
+class TaskOutcome:
+    signature: torch.Tensor | None = None  # [L, D] float32 for the tree service, or None
+    signature_space: dict | None = None  # the tree stream's SignatureSpace (created with the first task)
+    choices: np.ndarray | None = None  # [N_prev, L] how often each previous task was chosen per module
+    info: dict = dataclasses.field(default_factory=dict)
+
+
+class Method(Protocol):
+    name: str
+    uses_tree: bool
+
+    def begin_task(self, ctx: TaskContext) -> list[torch.nn.Parameter]: ...
+
+    def penalty(self, ctx: TaskContext, step: int, task_loss: torch.Tensor) -> torch.Tensor | None: ...
+
+    def after_backward(self, ctx: TaskContext, step: int) -> None: ...
+
+    def end_task(self, ctx: TaskContext) -> TaskOutcome: ...
+
+    def export_adapters(self) -> list[str]: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class NoExtraState:
+    """Mixin for methods whose only per-task state is rebuilt by begin_task."""
+
+    uses_tree = False
+
+    def after_backward(self, ctx: TaskContext, step: int) -> None:
+        return None
+
+    def export_adapters(self) -> list[str]:
+        return ["default"]
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        return None

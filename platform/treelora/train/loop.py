@@ -1,0 +1,112 @@
+"""The loop body that trains one task: what Ray Train workers call, and what runs in one process.
+
+Reads top to bottom: batch -> task loss -> method penalty -> backward -> method reads
+gradients -> optimizer step. A ``Stepper`` hides the only thing that differs between a plain
+torch process and a DeepSpeed engine (backward, step, and how to read a full gradient).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from typing import Callable, Protocol, Sequence
+
+import torch
+
+from ..adapters.model import ContinualModel
+from ..data.tasks import Example, Task
+from ..methods.base import Method, TaskContext
+
+Batch = tuple[Task, Sequence[Example]]
+
+
+class Stepper(Protocol):
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    def step(self) -> None: ...
+
+    def grad_of(self, p: torch.nn.Parameter) -> torch.Tensor | None: ...
+
+
+@dataclasses.dataclass
+class TorchStepper:
+    optimizer: torch.optim.Optimizer
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> None:
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    @staticmethod
+    def grad_of(p: torch.nn.Parameter) -> torch.Tensor | None:
+        return p.grad
+
+
+def epoch_batches(tasks: Sequence[Task], batch_size: int, seed: int, phase: int, epoch: int) -> list[Batch]:
+    """The global batches of one epoch, shuffled by (seed, phase, epoch) alone.
+
+    Every batch holds examples of one task (each task has its own head); with several tasks
+    (the joint method) the batches of all of them are interleaved. Every rank computes the same
+    list and takes its own slice of each batch, so all ranks run the same number of steps.
+    """
+    rng = random.Random(f"{seed}/{phase}/{epoch}")
+    batches: list[Batch] = []
+    for task in tasks:
+        order = list(range(len(task.train)))
+        rng.shuffle(order)
+        batches += [(task, [task.train[j] for j in order[i : i + batch_size]]) for i in range(0, len(order), batch_size)]
+    if len(tasks) > 1:
+        rng.shuffle(batches)
+    return batches
+
+
+@dataclasses.dataclass
+class StepRecord:
+    epoch: int
+    index: int  # batch index inside the epoch
+    step: int  # global step inside the task
+    loss: float
+    penalty: float
+
+
+def train_task(
+    model: ContinualModel,
+    method: Method,
+    ctx: TaskContext,
+    stepper: Stepper,
+    batches_for_epoch: Callable[[int], list[Batch]],
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    start: tuple[int, int] = (0, 0),
+    max_steps: int | None = None,
+    on_step: Callable[[StepRecord], None] | None = None,
+) -> list[StepRecord]:
+    """Train one task (or one joint phase) from ``start`` = (epoch, batch index) on."""
+    model.train()
+    records: list[StepRecord] = []
+    for epoch in range(start[0], ctx.epochs):
+        for index, (task, examples) in enumerate(batches_for_epoch(epoch)):
+            if (epoch, index) < start:
+                continue
+            step = epoch * ctx.steps_per_epoch + index
+            if max_steps is not None and step >= max_steps:
+                return records
+            batch = model.batch(task, list(examples)[rank::world_size])
+            loss = model.loss(task, batch)
+            extra = method.penalty(ctx, step, loss)
+            stepper.backward(loss if extra is None else loss + extra)
+            method.after_backward(ctx, step)
+            stepper.step()
+            record = StepRecord(epoch, index, step, float(loss.detach()), float(extra.detach()) if extra is not None else 0.0)
+            records.append(record)
+            if on_step is not None:
+                on_step(record)
+    return records
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)

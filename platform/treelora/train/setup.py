@@ -1,0 +1,52 @@
+"""What every runner (one process, or Ray Train workers) builds from the run config."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from ..adapters import ContinualModel, load_backbone
+from ..config import RunConfig
+from ..data import Stream, load_stream
+
+
+def build_stream(cfg: RunConfig) -> Stream:
+    sizes = {k: v for k, v in (("train", cfg.stream.train_size), ("eval", cfg.stream.eval_size), ("test", cfg.stream.test_size)) if v is not None}
+    stream = load_stream(cfg.stream.spec, data_root=cfg.stream.data_root, sizes=sizes or None, seed=cfg.stream.seed)
+    if cfg.stream.tasks:
+        names = list(stream.task_names)
+        missing = [t for t in cfg.stream.tasks if t not in names]
+        if missing:
+            raise ValueError(f"stream.tasks names {missing} that stream {stream.name!r} does not have; it has {names}")
+        from ..data.streams import Stream as StreamCls
+
+        stream = StreamCls(stream.name, tuple(t for t in stream.tasks if t.name in cfg.stream.tasks), stream.description)
+    return stream
+
+
+def stream_kind(stream: Stream) -> str:
+    kinds = {t.kind for t in stream.tasks}
+    if len(kinds) != 1:
+        raise ValueError(f"stream {stream.name!r} mixes task kinds {sorted(kinds)}; one model family serves one kind")
+    return kinds.pop()
+
+
+def build_model(cfg: RunConfig, kind: str, dtype: torch.dtype = torch.float32) -> ContinualModel:
+    torch.manual_seed(cfg.train.seed)  # LoRA A init: the same on every worker
+    backbone = load_backbone(cfg.model.name, kind, dtype=dtype)
+    want = "llama" if kind == "generation" else "bert"
+    if backbone.family != want:
+        raise ValueError(f"model.name {cfg.model.name!r} is a {backbone.family} model but the stream's tasks are {kind}")
+    return ContinualModel(backbone, r=cfg.adapter.r, alpha=cfg.adapter.alpha, dropout=cfg.adapter.dropout,
+                          targets=cfg.adapter.targets, max_length=cfg.model.max_length, max_new_tokens=cfg.model.max_new_tokens)
+
+
+def tree_stream_id(cfg: RunConfig, stream: Stream) -> str:
+    """The tree service stream of a run: tasks share a tree only with the same stream, method and model."""
+    raw = f"{stream.name}.{cfg.method.name}.{cfg.model.name}"
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", raw).strip("-.")[:128]
+
+
+def steps_per_epoch(tasks, batch_size: int) -> int:
+    return sum(-(-len(t.train) // batch_size) for t in tasks)
