@@ -39,7 +39,7 @@ class ModelConfig:
     # "minilm", "smollm2", a local Hugging Face folder, or "tiny-bert"/"tiny-llama" (random
     # weights: fast unit tests only, never a user default)
     name: str = "auto"
-    max_length: int = 128
+    max_length: int | None = None  # tokens per example; None = 64 for classification, 256 for generation
     max_new_tokens: int = 8  # greedy decoding budget for generation tasks
 
 
@@ -66,9 +66,9 @@ class MethodConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 1
+    epochs: int = 2
     batch_size: int = 16
-    lr: float = 1e-3
+    lr: float = 5e-3
     weight_decay: float = 0.0
     seed: int = 0
     max_steps_per_task: int | None = None  # cap, for smoke runs
@@ -188,7 +188,7 @@ def _build(cls, data: dict[str, Any], where: str, prefix: str):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ConfigError(f"{where}: unknown field {prefix}{unknown[0]!r}; known: {sorted(fields)}")
+        raise ConfigError(f"{where}: unknown field '{prefix}{unknown[0]}'; known: {sorted(fields)}")
     kwargs = {}
     for name, value in data.items():
         hint = hints[name]

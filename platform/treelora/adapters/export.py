@@ -62,3 +62,37 @@ def load_adapter_folder(base_model: torch.nn.Module, folder: str | Path):
                 head.bias.copy_(b)
             heads[task] = head
     return peft_model, heads
+
+
+def restore_adapter_folder(model: ContinualModel, folder: str | Path, adapters: list[str]) -> None:
+    """Put a folder written by save_adapter_folder back into a live model (the next task's start).
+
+    ``adapters`` names the adapters the folder was written from, in order: a concatenated
+    export of k adapters is split back into k adapters of the configured rank.
+    """
+    folder = Path(folder)
+    state = load_file(str(folder / "adapter_model.safetensors"))
+    r = model.lora_config.r
+    for name in adapters:
+        if name not in model.peft.peft_config:
+            model.peft.add_adapter(name, model.lora_config)
+    with torch.no_grad():
+        for m in model.modules_in_order:
+            prefix = f"base_model.model.{m.name}"
+            A, B = state[f"{prefix}.lora_A.weight"], state[f"{prefix}.lora_B.weight"]
+            if A.shape[0] != r * len(adapters):
+                raise ValueError(f"{folder}: module {m.name} has rank {A.shape[0]}, expected {r} x {len(adapters)} adapters")
+            for i, name in enumerate(adapters):
+                m.A(name).copy_(A[i * r : (i + 1) * r])
+                m.B(name).copy_(B[:, i * r : (i + 1) * r])
+    if len(adapters) > 1:
+        model.peft.base_model.set_adapter(adapters)
+    if (folder / HEADS_FILE).exists():
+        tensors = load_file(str(folder / HEADS_FILE))
+        for task in sorted({k.rsplit(".", 1)[0] for k in tensors}):
+            w, b = tensors[f"{task}.weight"], tensors[f"{task}.bias"]
+            head = torch.nn.Linear(w.shape[1], w.shape[0]).to(model.device)
+            with torch.no_grad():
+                head.weight.copy_(w)
+                head.bias.copy_(b)
+            model.heads[task] = head

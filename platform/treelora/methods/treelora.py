@@ -44,7 +44,7 @@ def signature_space_for(model, cfg) -> SignatureSpace:
 def _snapshot_tensors(snapshot: dict | None, device) -> tuple[SignatureSpace | None, torch.Tensor | None, CompiledTree | None]:
     if not snapshot or not snapshot["task_ids"]:
         return None, None, None
-    sig = torch.as_tensor(np.asarray(snapshot["signatures"]), device=device)
+    sig = torch.tensor(np.asarray(snapshot["signatures"]), device=device)  # a copy: object-store arrays are read-only
     return SignatureSpace(**snapshot["space"]), sig, CompiledTree.from_structure(snapshot["tree"])
 
 

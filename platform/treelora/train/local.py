@@ -44,6 +44,10 @@ class StreamResult:
     metrics: dict
     wall_seconds: float
     tasks: list[TaskReport]
+    registered_model: str | None = None  # the platform runner fills these four
+    versions: list | None = None
+    tracking_uri: str | None = None
+    tree_stream: str | None = None
 
 
 def run_stream_local(cfg: RunConfig, workdir: str | Path | None = None, log=print) -> StreamResult:
@@ -54,6 +58,8 @@ def run_stream_local(cfg: RunConfig, workdir: str | Path | None = None, log=prin
     seed_everything(cfg.train.seed)
     model = build_model(cfg, kind)
     method = make_method(cfg.method)
+    for i, t in enumerate(stream.tasks):  # every head exists from the start, so every cell of R is measured
+        model.add_head(t, seed=cfg.train.seed + i)
     registry = TreeRegistry(cfg.tree.storage_uri or str(workdir / "trees")) if method.uses_tree else None
     tree_stream = tree_stream_id(cfg, stream)
     tasks = list(stream.tasks)
@@ -63,8 +69,6 @@ def run_stream_local(cfg: RunConfig, workdir: str | Path | None = None, log=prin
     reports: list[TaskReport] = []
     for j, phase_tasks in enumerate(phases):
         ts = time.perf_counter()
-        for t in phase_tasks:
-            model.add_head(t, seed=cfg.train.seed + j)
         snapshot = registry.snapshot(tree_stream) if registry else None
         ctx = TaskContext(model=model, task=phase_tasks[-1], task_index=j, steps_per_epoch=steps_per_epoch(phase_tasks, cfg.train.batch_size),
                           epochs=cfg.train.epochs, seed=cfg.train.seed, tree_snapshot=snapshot)
@@ -86,12 +90,11 @@ def run_stream_local(cfg: RunConfig, workdir: str | Path | None = None, log=prin
         name = "joint" if joint else ctx.task.name
         adapter_dir = save_adapter_folder(model, workdir / "adapters" / f"{j:02d}-{name}", method.export_adapters(),
                                           {t.name: list(t.labels) for t in tasks if t.name in model.heads})
-        seen = tasks if joint else tasks[: j + 1]
-        R[: len(seen), j] = evaluate_tasks(model, seen, "test", cfg.eval.batch_size)
+        R[:, j] = evaluate_tasks(model, tasks, "test", cfg.eval.batch_size)  # all tasks: R is full (FWT needs R[i][i-1])
         reports.append(TaskReport(name, str(adapter_dir), version,
                                   outcome.choices.tolist() if outcome.choices is not None else None,
                                   len(records), records[-1].loss if records else float("nan"), time.perf_counter() - ts))
         log(f"[{cfg.method.name}] {name}: {len(records)} steps, loss {reports[-1].final_loss:.3f}, "
-            f"test {', '.join(f'{t.name}={R[i, j]:.3f}' for i, t in enumerate(seen))}")
+            f"test {', '.join(f'{t.name}={R[i, j]:.3f}' for i, t in enumerate(tasks))}")
     metrics = {"op": float(np.mean(R[:, -1]))} if joint else summary(R)
     return StreamResult(stream.name, cfg.method.name, [t.name for t in tasks], R, metrics, time.perf_counter() - t0, reports)

@@ -1,0 +1,140 @@
+"""The ``treelora`` command: run a stream, show a tree, submit a job to a Ray cluster."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from .config import ConfigError, load_config
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def format_result(result) -> str:
+    names = result.task_names
+    R = result.accuracy
+    width = max(len(n) for n in names) + 2
+    cols = ["joint"] if R.shape[1] == 1 and len(names) > 1 else names
+    lines = ["", f"Accuracy matrix R[i][j] (%): task i (rows) after training {'phase' if len(cols) == 1 else 'task'} j (columns)",
+             " " * width + "".join(f"{c[:10]:>11}" for c in cols)]
+    for i, n in enumerate(names):
+        lines.append(f"{n:<{width}}" + "".join(f"{'':>11}" if v != v else f"{v * 100:>11.1f}" for v in R[i]))
+    m = result.metrics
+    lines.append("")
+    lines.append(f"OP  {m['op'] * 100:6.2f}   (average final accuracy)")
+    if "bwt" in m:
+        lines.append(f"BWT {m['bwt'] * 100:6.2f}   (backward transfer, unclipped; negative = forgetting)")
+    lines.append(f"wall time {result.wall_seconds / 60:.1f} min")
+    if result.registered_model:
+        lines.append(f"registered model: {result.registered_model} (MLflow {result.tracking_uri})")
+        for v in result.versions or []:
+            lines.append(f"  version {v[0]}: task {v[1]}  aliases {', '.join(v[2])}")
+        lines.append(f"  load the newest: peft.PeftModel.from_pretrained(base, mlflow.artifacts.download_artifacts('models:/{result.registered_model}@latest'))")
+    return "\n".join(lines)
+
+
+def _quiet() -> None:
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for name in ("transformers", "deepspeed", "DeepSpeed", "ray", "mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def cmd_run(args) -> int:
+    cfg = load_config(args.config, args.set)
+    if args.local:
+        from .train.local import run_stream_local
+
+        result = run_stream_local(cfg)
+    else:
+        from .train.driver import run_stream
+
+        result = run_stream(cfg, address=args.address)
+    print(format_result(result))
+    if result.tracking_uri:
+        print(f"\nMLflow UI: .venv/bin/mlflow ui --backend-store-uri {result.tracking_uri}  (then open http://127.0.0.1:5000)")
+    return 0
+
+
+def cmd_tree_show(args) -> int:
+    from tree_service import TreeRegistry
+
+    cfg = load_config(args.config, args.set)
+    root = cfg.workdir if "://" in cfg.workdir else str(Path(cfg.workdir).resolve())
+    registry = TreeRegistry(args.storage or cfg.tree.storage_uri or f"{root}/trees")
+    streams = registry.list_streams()
+    if args.stream not in streams:
+        print(f"no tree stream {args.stream!r} in {registry.store.uri}; known: {streams}", file=sys.stderr)
+        return 2
+    info = registry.describe(args.stream)
+    print(f"stream {args.stream}: version {info['version']}, {info['num_tasks']} tasks, depth {info['depth']}, "
+          f"signatures [L={info['space']['num_modules']}, D={info['space']['width']}] ({info['space']['projection']})")
+    print(info["tree_text"])
+    if args.png:
+        from .tracking.plots import tree_png
+
+        path = tree_png(registry.snapshot(args.stream)["tree"], args.png, title=f"{args.stream} v{info['version']}")
+        print(f"wrote {path}")
+    return 0
+
+
+def cmd_submit(args) -> int:
+    from ray.job_submission import JobSubmissionClient
+
+    cfg_path = Path(args.config)
+    load_config(cfg_path, args.set)  # refuse a broken config here, not on the cluster
+    client = JobSubmissionClient(args.address)
+    rel = os.path.relpath(cfg_path.resolve(), REPO_ROOT)
+    entrypoint = " ".join(["python", "jobs/continual_train.py", rel, *[f"--set {s}" for s in args.set]])
+    job_id = client.submit_job(
+        entrypoint=entrypoint,
+        runtime_env={
+            "working_dir": str(REPO_ROOT),
+            "excludes": [".venv", ".git", "treelora_runs", "mlruns", "mlartifacts", ".whl", "*.db"],
+            "env_vars": {"PYTHONPATH": "platform:.", "HF_HUB_OFFLINE": "1"},
+        },
+    )
+    print(f"submitted {job_id}: {entrypoint}\nfollow it with: ray job logs --follow --address {args.address} {job_id}")
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="treelora", description="Continual training of layer-wise LoRA adapters (TreeLoRA) on Ray")
+    sub = ap.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run (or resume) a stream; with no config: olora-cls, local Ray, CPU, 2 workers, ZeRO-2, MLflow on SQLite")
+    run.add_argument("config", nargs="?", help="run config YAML (see jobs/configs/)")
+    run.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override a config field")
+    run.add_argument("--address", help="Ray address of an existing cluster (default: start or join a local one)")
+    run.add_argument("--local", action="store_true", help="one process, no Ray or DeepSpeed (the core's reference runner)")
+    run.set_defaults(fn=cmd_run)
+    tree = sub.add_parser("tree", help="the gradient-similarity tree")
+    tree_sub = tree.add_subparsers(dest="tree_command", required=True)
+    show = tree_sub.add_parser("show", help="print a stream's tree (and draw it as PNG)")
+    show.add_argument("stream", help="tree stream id (printed by `treelora run`; <stream>.<method>.<model>)")
+    show.add_argument("--config", help="run config whose tree.storage_uri / workdir to read")
+    show.add_argument("--storage", help="tree storage URI (overrides the config)")
+    show.add_argument("--png", help="write the tree as a PNG here")
+    show.add_argument("--set", action="append", default=[])
+    show.set_defaults(fn=cmd_tree_show)
+    submit = sub.add_parser("submit", help="submit jobs/continual_train.py with CONFIG as a Ray job")
+    submit.add_argument("config")
+    submit.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://127.0.0.1:8265")
+    submit.add_argument("--set", action="append", default=[])
+    submit.set_defaults(fn=cmd_submit)
+    args = ap.parse_args(argv)
+    _quiet()
+    try:
+        return args.fn(args)
+    except ConfigError as exc:
+        print(f"treelora: config error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

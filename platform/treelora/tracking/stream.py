@@ -1,0 +1,195 @@
+"""One MLflow parent run per stream, one child run and one registered adapter version per task.
+
+Everything goes through an ``MlflowClient`` bound to the tracking URI, never through the
+fluent ``mlflow.start_run`` API: that one keeps a process-global active-run stack, which would
+tie the tracker to one stream per process and to whichever thread started the run.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from mlflow.entities import Metric, Param, RunStatus
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+from ..config import RunConfig
+from . import backend, plots
+from .registry import VersionInfo, list_versions, register_adapter
+
+METRICS_PER_BATCH = 1000  # MLflow's log_batch limit
+PARAMS_PER_BATCH = 100
+
+
+class StreamTracker:
+    def __init__(self, tracking_uri: str, experiment: str, registered_model: str, config: RunConfig,
+                 artifact_location: str | None = None):
+        self.tracking_uri = tracking_uri
+        self.registered_model = backend.safe_model_name(registered_model)
+        self.config = config
+        self.config_hash = config.digest()
+        # the tracking store is also the model registry (SQLite or the same server)
+        self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        location = artifact_location if artifact_location is not None else backend.artifact_location_for(tracking_uri)
+        self.experiment_id = backend.ensure_experiment(self.client, experiment, location)
+        self.parent_run_id: str | None = None
+        self.stream_name: str | None = None
+
+    @classmethod
+    def from_config(cls, config: RunConfig) -> "StreamTracker":
+        return cls(backend.tracking_uri_for(config), config.tracking.experiment, backend.registered_model_for(config), config)
+
+    # -- the stream's parent run ------------------------------------------------------------
+    def start_stream(self, stream_name: str, task_names: Sequence[str], resume_run_id: str | None = None) -> str:
+        """The parent run's id: a new run, or ``resume_run_id`` continued (a restarted stream)."""
+        if resume_run_id is not None:
+            run = self.client.get_run(resume_run_id)
+            found_hash = run.data.tags.get("config_hash")
+            if found_hash != self.config_hash:
+                # params are immutable in MLflow, and a run mixing two configs would mislead
+                raise ValueError(f"run {resume_run_id} was started with config {found_hash}, this stream has "
+                                 f"{self.config_hash}: start a new parent run instead of resuming")
+            if run.info.status != "RUNNING":
+                self.client.update_run(resume_run_id, status="RUNNING")
+            self.parent_run_id, self.stream_name = resume_run_id, run.data.tags.get("stream", stream_name)
+            return resume_run_id
+        tags = {"stream": stream_name, "method": self.config.method.name, "config_hash": self.config_hash,
+                "treelora.kind": "stream", "treelora.tasks": backend.clip(json.dumps(list(task_names)), backend.MAX_TAG_VALUE),
+                "registered_model": self.registered_model}
+        run = self.client.create_run(self.experiment_id, run_name=f"{stream_name}-{self.config.method.name}", tags=tags)
+        self.parent_run_id, self.stream_name = run.info.run_id, stream_name
+        self._log_config(self.parent_run_id)
+        return self.parent_run_id
+
+    def finish_stream(self, metrics: dict[str, float], accuracy_matrix: np.ndarray, task_names: Sequence[str],
+                      wall_seconds: float, tree_text: str | None = None, tree_structure: dict | None = None) -> None:
+        """Final metrics (OP, BWT, ...), wall time, the accuracy matrix and the tree; then end the run."""
+        run_id = self._parent()
+        now = _now_ms()
+        batch = [Metric(backend.safe_key(k), float(v), now, 0) for k, v in metrics.items()]
+        batch.append(Metric("wall_seconds", float(wall_seconds), now, 0))
+        batch += _matrix_metrics(accuracy_matrix, task_names, now)
+        self._log_metrics(run_id, batch)
+        with tempfile.TemporaryDirectory(prefix="treelora-mlflow-") as tmp:
+            _write_matrix(Path(tmp), accuracy_matrix, task_names, "accuracy after the stream")
+            _write_tree(Path(tmp), tree_text, tree_structure)
+            self.client.log_artifacts(run_id, tmp)
+        self.client.set_terminated(run_id, status="FINISHED")
+
+    # -- one task ----------------------------------------------------------------------------
+    def log_task(self, task_index: int, task_name: str, *, step_losses: Sequence[tuple[int, float, float]],
+                 metrics: dict[str, float], accuracy_matrix: np.ndarray, task_names: Sequence[str],
+                 adapter_dir: str | Path, tree_text: str | None, tree_structure: dict | None, tree_version: int | None,
+                 choices: np.ndarray | None, prev_task_names: Sequence[str], method: str) -> tuple[str, str]:
+        """Child run with everything about the task, then the adapter registered: (child run id, version).
+
+        ``choices`` is [N_prev, L]: how often the bandit picked previous task i at LoRA module l.
+        """
+        parent = self._parent()
+        pulls = _pulls_per_task(choices, prev_task_names)
+        tags = {MLFLOW_PARENT_RUN_ID: parent, "stream": self.stream_name or "", "task": task_name,
+                "task_index": str(task_index), "method": method, "config_hash": self.config_hash,
+                "tree_version": "none" if tree_version is None else str(tree_version)}
+        run = self.client.create_run(self.experiment_id, run_name=f"{task_index:02d}-{task_name}", tags=tags)
+        child = run.info.run_id
+        try:
+            self._log_config(child)
+            now = _now_ms()
+            batch = []
+            for step, loss, penalty in step_losses:
+                batch.append(Metric("loss", float(loss), now, int(step)))
+                batch.append(Metric("penalty", float(penalty), now, int(step)))
+            batch += [Metric(backend.safe_key(k), float(v), now, task_index) for k, v in metrics.items()]
+            batch += _matrix_metrics(accuracy_matrix, task_names, now)
+            self._log_metrics(child, batch)
+            with tempfile.TemporaryDirectory(prefix="treelora-mlflow-") as tmp:
+                out = Path(tmp)
+                _write_matrix(out, accuracy_matrix, task_names, f"accuracy after {task_name}")
+                _write_tree(out, tree_text, tree_structure)
+                plots.choices_histogram_png(pulls, out / "bandit_choices.png")
+                per_module = {} if choices is None else {n: np.asarray(choices)[i].tolist() for i, n in enumerate(prev_task_names)}
+                (out / "bandit_choices.json").write_text(json.dumps({"pulls_per_task": pulls, "pulls_per_module": per_module}, indent=1))
+                self.client.log_artifacts(child, tmp)
+            self.client.log_artifacts(child, str(adapter_dir), artifact_path="adapter")
+
+            backend.ensure_registered_model(self.client, self.registered_model,
+                                            description="treelora adapters, one version per task (standard PEFT folders)")
+            choices_json = json.dumps(pulls, separators=(",", ":"))
+            version_tags = {"task": task_name, "task_index": str(task_index), "method": method,
+                            "tree_version": tags["tree_version"], "config_hash": self.config_hash,
+                            "bandit_choices": backend.clip(choices_json, backend.MAX_TAG_VALUE),
+                            "stream": self.stream_name or "", "parent_run_id": parent}
+            top = ", ".join(f"{k}:{v:g}" for k, v in sorted(pulls.items(), key=lambda kv: -kv[1])[:5]) or "none"
+            lineage = (f"task {task_index} '{task_name}' of stream '{self.stream_name}' by {method}; "
+                       f"tree v{tags['tree_version']}; bandit chose {top}; config {self.config_hash}; run {child}")
+            version = register_adapter(self.client, self.registered_model, source=f"{run.info.artifact_uri}/adapter",
+                                       run_id=child, tags=version_tags, description=lineage,
+                                       aliases=[backend.task_alias(task_name)])
+            self.client.set_tag(child, "model_version", version)
+            self.client.set_tag(child, "registered_model", self.registered_model)
+        except BaseException:
+            self.client.set_terminated(child, status=RunStatus.to_string(RunStatus.FAILED))
+            raise
+        self.client.set_terminated(child, status="FINISHED")
+        return child, version
+
+    def versions(self) -> list[VersionInfo]:
+        """(version, task, aliases) of every registered adapter version, oldest first."""
+        return list_versions(self.client, self.registered_model)
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _parent(self) -> str:
+        if self.parent_run_id is None:
+            raise RuntimeError("start_stream() first: there is no parent run for this stream")
+        return self.parent_run_id
+
+    def _log_config(self, run_id: str) -> None:
+        params = [Param(backend.clip(k, backend.MAX_KEY), backend.clip(v, backend.MAX_PARAM_VALUE)) for k, v in self.config.flat().items()]
+        for i in range(0, len(params), PARAMS_PER_BATCH):
+            self.client.log_batch(run_id, params=params[i : i + PARAMS_PER_BATCH])
+
+    def _log_metrics(self, run_id: str, metrics: list[Metric]) -> None:
+        for i in range(0, len(metrics), METRICS_PER_BATCH):
+            self.client.log_batch(run_id, metrics=metrics[i : i + METRICS_PER_BATCH])
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _matrix_metrics(accuracy_matrix: np.ndarray, task_names: Sequence[str], timestamp: int) -> list[Metric]:
+    """acc/<task i>/after_<task j> for every measured cell; NaN cells (not measured yet) are skipped."""
+    matrix = np.asarray(accuracy_matrix, dtype=float)
+    names = [backend.safe_key_part(n) for n in task_names]
+    return [Metric(backend.safe_key(f"acc/{names[i]}/after_{names[j]}"), float(v), timestamp, j)
+            for (i, j), v in np.ndenumerate(matrix) if np.isfinite(v)]
+
+
+def _pulls_per_task(choices: np.ndarray | None, prev_task_names: Sequence[str]) -> dict[str, float]:
+    if choices is None or len(prev_task_names) == 0:
+        return {}
+    counts = np.asarray(choices, dtype=float)
+    if counts.ndim != 2 or counts.shape[0] != len(prev_task_names):
+        raise ValueError(f"choices of shape {counts.shape} do not match {len(prev_task_names)} previous tasks ([N_prev, L] expected)")
+    totals = counts.sum(axis=1)
+    return {name: (int(t) if float(t).is_integer() else float(t)) for name, t in zip(prev_task_names, totals)}
+
+
+def _write_matrix(out: Path, accuracy_matrix: np.ndarray, task_names: Sequence[str], title: str) -> None:
+    matrix = np.asarray(accuracy_matrix, dtype=float)
+    plots.accuracy_heatmap_png(matrix, task_names, out / "accuracy_matrix.png", title=title)
+    rows = [[None if not np.isfinite(v) else float(v) for v in row] for row in matrix]  # JSON has no NaN
+    (out / "accuracy_matrix.json").write_text(json.dumps({"tasks": list(task_names), "matrix": rows}, indent=1))
+
+
+def _write_tree(out: Path, tree_text: str | None, tree_structure: dict | None) -> None:
+    if tree_text is not None:
+        (out / "tree.txt").write_text(tree_text + "\n")
+    if tree_structure is not None:
+        (out / "tree.json").write_text(json.dumps(tree_structure, indent=1))
+        plots.tree_png(tree_structure, out / "tree.png")

@@ -1,0 +1,62 @@
+"""Refuse a config that cannot work before any worker starts, naming the field."""
+
+from __future__ import annotations
+
+from ..config import ConfigError, RunConfig
+from ..methods import METHODS
+
+
+def validate_config(cfg: RunConfig, cluster_gpus: float | None = None) -> None:
+    """Checks that need no Ray (cluster_gpus: GPUs the cluster has, when known)."""
+    if cfg.method.name not in METHODS:
+        raise ConfigError(f"method.name {cfg.method.name!r} is not one of {sorted(METHODS)}")
+    if cfg.scaling.zero_stage == 3:
+        raise ConfigError(
+            "scaling.zero_stage 3 is refused: ZeRO-3 partitions the LoRA weights themselves, so no rank holds a "
+            "module's full gradient for the tree signature without an extra gather per step; use 0, 1 or 2 "
+            "(LoRA optimizer state is small, stage 2 already shards it)"
+        )
+    if cfg.scaling.zero_stage not in (0, 1, 2):
+        raise ConfigError(f"scaling.zero_stage must be 0, 1 or 2, got {cfg.scaling.zero_stage}")
+    if cfg.scaling.num_workers < 1:
+        raise ConfigError(f"scaling.num_workers must be >= 1, got {cfg.scaling.num_workers}")
+    if cfg.scaling.precision not in ("auto", "bf16", "fp32"):
+        raise ConfigError(f"scaling.precision must be auto, bf16 or fp32, got {cfg.scaling.precision!r}")
+    if cfg.scaling.precision == "bf16" and not cfg.scaling.use_gpu:
+        raise ConfigError("scaling.precision bf16 needs scaling.use_gpu: true (CPU workers train in fp32)")
+    if cfg.scaling.use_gpu and cluster_gpus is not None and cluster_gpus < cfg.scaling.num_workers:
+        raise ConfigError(
+            f"scaling.use_gpu asks for {cfg.scaling.num_workers} GPU worker(s) but the Ray cluster has {cluster_gpus:g} GPU(s): "
+            "set scaling.use_gpu: false, lower scaling.num_workers, or add GPU nodes (cluster.yaml)"
+        )
+    if cfg.train.batch_size < cfg.scaling.num_workers:
+        raise ConfigError(f"train.batch_size {cfg.train.batch_size} is smaller than scaling.num_workers {cfg.scaling.num_workers}")
+    for field in ("epochs", "batch_size"):
+        if getattr(cfg.train, field) < 1:
+            raise ConfigError(f"train.{field} must be >= 1")
+    if cfg.train.lr <= 0:
+        raise ConfigError("train.lr must be > 0")
+    if cfg.adapter.r < 1 or not cfg.adapter.targets:
+        raise ConfigError("adapter.r must be >= 1 and adapter.targets non-empty")
+
+
+def validate_stream(cfg: RunConfig):
+    """Load (and so validate every record of) the stream; errors name the file, row and field."""
+    from .setup import build_stream, stream_kind
+
+    try:
+        stream = build_stream(cfg)
+    except (ValueError, FileNotFoundError) as exc:
+        raise ConfigError(f"stream.spec {cfg.stream.spec!r}: {exc}") from exc
+    kind = stream_kind(stream)
+    from ..adapters.backbone import ModelNotAvailable, resolve_name
+
+    name = resolve_name(cfg.model.name, kind)
+    if name in ("minilm", "smollm2"):
+        from ..adapters import backbone
+
+        try:
+            backbone.minilm_dir() if name == "minilm" else backbone.smollm2_dir()
+        except ModelNotAvailable as exc:
+            raise ConfigError(f"model.name {cfg.model.name!r}: {exc}") from exc
+    return stream
