@@ -18,7 +18,7 @@ from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
 
 from ..data.tasks import Example, Task
-from .backbone import Backbone, target_module_names
+from .backbone import FAMILY_TARGETS, Backbone, target_module_names
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +33,15 @@ class LoraModule:
         return self.layer.lora_B[adapter].weight
 
 
+def _check_targets(backbone: Backbone, targets: tuple[str, ...]) -> None:
+    """Refuse adapter.targets that match no module, naming the field (peft's own error would not)."""
+    names = {n.rsplit(".", 1)[-1] for n, _ in backbone.model.named_modules()}
+    for short, full in zip(targets, target_module_names(backbone.family, targets)):
+        if full not in names:
+            known = ", ".join(sorted(FAMILY_TARGETS[backbone.family]))
+            raise ValueError(f"adapter.targets: {short!r} matches no module of {backbone.source} (short names for {backbone.family}: {known})")
+
+
 class ContinualModel(torch.nn.Module):
     def __init__(self, backbone: Backbone, r: int = 8, alpha: int = 16, dropout: float = 0.0,
                  targets: Sequence[str] = ("q", "v"), max_length: int = 128, max_new_tokens: int = 8):
@@ -43,6 +52,7 @@ class ContinualModel(torch.nn.Module):
             r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none",
             target_modules=target_module_names(backbone.family, tuple(targets)),
         )
+        _check_targets(backbone, tuple(targets))
         self.peft = get_peft_model(backbone.model, self.lora_config)
         self.heads = torch.nn.ModuleDict()
         self.modules_in_order = [

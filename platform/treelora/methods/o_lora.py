@@ -58,7 +58,7 @@ class OLoRA(NoExtraState):
 
     def end_task(self, ctx: TaskContext) -> TaskOutcome:
         ortho = self.orthogonality(ctx)
-        return TaskOutcome(info={"orthogonality": float(ortho) if ortho is not None else 0.0})
+        return TaskOutcome(info={"orthogonality": float(ortho.detach()) if ortho is not None else 0.0})
 
     def export_adapters(self) -> list[str]:
         return list(self.adapters)

@@ -14,18 +14,18 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
-import torch
 from mlflow.tracking import MlflowClient
 
-from ..adapters.export import load_adapter_folder
+if TYPE_CHECKING:
+    import torch
 
 LATEST = "latest"
 
 
 class VersionInfo(NamedTuple):
-    version: int
+    version: str  # as MLflow's REST API spells versions (and as log_task returns them)
     task: str
     aliases: tuple[str, ...]
 
@@ -56,7 +56,7 @@ def list_versions(client: MlflowClient, name: str) -> list[VersionInfo]:
         aliases = tuple(sorted(by_version.get(int(mv.version), ())))
         if int(mv.version) == newest:
             aliases = (LATEST,) + aliases  # implicit in MLflow (see module docstring)
-        out.append(VersionInfo(int(mv.version), (mv.tags or {}).get("task", ""), aliases))
+        out.append(VersionInfo(str(mv.version), (mv.tags or {}).get("task", ""), aliases))
     return out
 
 
@@ -98,7 +98,7 @@ def download_registered_adapter(model_uri: str, tracking_uri: str, dst_path: str
     return Path(local)
 
 
-def load_registered_adapter(model_uri: str, base_model: torch.nn.Module, tracking_uri: str,
+def load_registered_adapter(model_uri: str, base_model: "torch.nn.Module", tracking_uri: str,
                             dst_path: str | Path | None = None):
     """(stock PeftModel, {task: head}) for a registered adapter version.
 
@@ -106,6 +106,9 @@ def load_registered_adapter(model_uri: str, base_model: torch.nn.Module, trackin
     folder's adapter_config.json). Without ``dst_path`` the download goes to a temporary folder
     that is removed once the weights are in memory.
     """
+    # imported here: peft and transformers cost seconds, and logging runs never need them
+    from ..adapters.export import load_adapter_folder
+
     if dst_path is not None:
         return load_adapter_folder(base_model, download_registered_adapter(model_uri, tracking_uri, dst_path))
     with tempfile.TemporaryDirectory(prefix="treelora-adapter-") as tmp:

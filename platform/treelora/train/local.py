@@ -73,11 +73,10 @@ def run_stream_local(cfg: RunConfig, workdir: str | Path | None = None, log=prin
         ctx = TaskContext(model=model, task=phase_tasks[-1], task_index=j, steps_per_epoch=steps_per_epoch(phase_tasks, cfg.train.batch_size),
                           epochs=cfg.train.epochs, seed=cfg.train.seed, tree_snapshot=snapshot)
         trainable = method.begin_task(ctx)
-        if joint:  # every head of the phase trains too
-            for t in phase_tasks:
-                for p in model.heads[t.name].parameters() if t.name in model.heads else []:
-                    p.requires_grad_(True)
-                    trainable.append(p)
+        for t in phase_tasks[:-1]:  # joint: the other heads of the phase train too (begin_task gave the last one)
+            for p in model.heads[t.name].parameters() if t.name in model.heads else []:
+                p.requires_grad_(True)
+                trainable.append(p)
         optimizer = torch.optim.AdamW(trainable, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         records = train_task(model, method, ctx, TorchStepper(optimizer),
                              lambda e: epoch_batches(phase_tasks, cfg.train.batch_size, cfg.train.seed, j, e),

@@ -44,7 +44,16 @@ class TorchStepper:
         return p.grad
 
 
-def epoch_batches(tasks: Sequence[Task], batch_size: int, seed: int, phase: int, epoch: int) -> list[Batch]:
+def batch_bounds(n: int, batch_size: int, min_size: int = 1) -> list[tuple[int, int]]:
+    """[start, end) of each batch; a last batch smaller than ``min_size`` joins the one before,
+    so that every rank's slice of every batch is non-empty."""
+    bounds = [(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] < min_size:
+        bounds[-2:] = [(bounds[-2][0], n)]
+    return bounds
+
+
+def epoch_batches(tasks: Sequence[Task], batch_size: int, seed: int, phase: int, epoch: int, min_size: int = 1) -> list[Batch]:
     """The global batches of one epoch, shuffled by (seed, phase, epoch) alone.
 
     Every batch holds examples of one task (each task has its own head); with several tasks
@@ -56,7 +65,7 @@ def epoch_batches(tasks: Sequence[Task], batch_size: int, seed: int, phase: int,
     for task in tasks:
         order = list(range(len(task.train)))
         rng.shuffle(order)
-        batches += [(task, [task.train[j] for j in order[i : i + batch_size]]) for i in range(0, len(order), batch_size)]
+        batches += [(task, [task.train[j] for j in order[a:b]]) for a, b in batch_bounds(len(order), batch_size, min_size)]
     if len(tasks) > 1:
         rng.shuffle(batches)
     return batches
@@ -94,6 +103,7 @@ def train_task(
             step = epoch * ctx.steps_per_epoch + index
             if max_steps is not None and step >= max_steps:
                 return records
+            torch.manual_seed(step_seed(ctx.seed, ctx.task_index, step, rank))
             batch = model.batch(task, list(examples)[rank::world_size])
             loss = model.loss(task, batch)
             extra = method.penalty(ctx, step, loss)
@@ -105,6 +115,11 @@ def train_task(
             if on_step is not None:
                 on_step(record)
     return records
+
+
+def step_seed(seed: int, task_index: int, step: int, rank: int) -> int:
+    """The torch seed of one step: dropout masks depend on the step alone, so a resumed run repeats them exactly."""
+    return (seed * 1_000_003 + task_index * 10_007 + step) * 64 + rank
 
 
 def seed_everything(seed: int) -> None:

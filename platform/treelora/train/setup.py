@@ -48,5 +48,7 @@ def tree_stream_id(cfg: RunConfig, stream: Stream) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", raw).strip("-.")[:128]
 
 
-def steps_per_epoch(tasks, batch_size: int) -> int:
-    return sum(-(-len(t.train) // batch_size) for t in tasks)
+def steps_per_epoch(tasks, batch_size: int, world_size: int = 1) -> int:
+    from .loop import batch_bounds
+
+    return sum(len(batch_bounds(len(t.train), batch_size, world_size)) for t in tasks)

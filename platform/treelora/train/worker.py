@@ -91,7 +91,7 @@ def train_one_task(config: dict) -> None:
     for i, t in enumerate(tasks):  # every head from the start (seeded per task), as in the local runner
         model.add_head(t, seed=cfg.train.seed + i)
     snapshot = job.tree_snapshot()
-    spe = steps_per_epoch(phase_tasks, cfg.train.batch_size)
+    spe = steps_per_epoch(phase_tasks, cfg.train.batch_size, world)
     ctx = TaskContext(model=model, task=phase_tasks[-1], task_index=job.phase, steps_per_epoch=spe,
                       epochs=cfg.train.epochs, seed=cfg.train.seed, tree_snapshot=snapshot)
     trainable = method.begin_task(ctx)
@@ -148,12 +148,12 @@ def train_one_task(config: dict) -> None:
         if end_of_epoch or (rec.step + 1) % cfg.scaling.checkpoint_every == 0:
             nxt = (rec.epoch + 1, 0) if end_of_epoch else (rec.epoch, rec.index + 1)
             report_checkpoint(nxt)
-        if job.fail_at_step is not None and rec.step == job.fail_at_step and not checkpoint:
+        if job.fail_at_step is not None and rec.step == job.fail_at_step and not checkpoint and rank == world - 1:
             os._exit(1)  # fault injection for the resume test: this worker process dies mid-task
 
     t0 = time.perf_counter()
     train_task(model, method, ctx, stepper,
-               lambda e: epoch_batches(phase_tasks, cfg.train.batch_size, cfg.train.seed, job.phase, e),
+               lambda e: epoch_batches(phase_tasks, cfg.train.batch_size, cfg.train.seed, job.phase, e, min_size=world),
                rank=rank, world_size=world, start=start, max_steps=cfg.train.max_steps_per_task, on_step=on_step)
     if bar is not None:
         bar.close()

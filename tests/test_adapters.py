@@ -1,0 +1,180 @@
+"""Layer-wise LoRA adapters: modules in model order, per-family target names, PEFT snapshot
+folders that stock peft loads to identical weights, task heads beside them, and a clear error
+for targets that match nothing. Tiny random models only (tiny-bert / tiny-llama)."""
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model_state_dict
+from safetensors.torch import load_file
+
+from treelora.adapters import ContinualModel, load_adapter_folder, save_adapter_folder, tiny_backbone
+from treelora.adapters.backbone import target_module_names
+from treelora.data import Example, Task
+
+pytestmark = pytest.mark.unit
+
+R, ALPHA = 8, 16
+BERT_ORDER = [
+    "encoder.layer.0.attention.self.query", "encoder.layer.0.attention.self.value",
+    "encoder.layer.1.attention.self.query", "encoder.layer.1.attention.self.value",
+]
+LLAMA_ORDER = [
+    "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj",
+    "model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj",
+]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # tiny models: thread hand-offs cost more than they compute, and spin badly on 2 busy cores
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def task(name: str, labels: tuple[str, ...]) -> Task:
+    train = tuple(Example(f"{name} sentence {i} about things", labels[i % len(labels)]) for i in range(6))
+    return Task(name, "classification", labels, "accuracy", train, (), train[:4], "tests")
+
+
+def bert_model(**kwargs) -> ContinualModel:
+    torch.manual_seed(0)
+    return ContinualModel(tiny_backbone("tiny-bert"), r=R, alpha=ALPHA, **kwargs)
+
+
+def perturb(model: ContinualModel, seed: int = 1) -> None:
+    """Non-zero B (fresh LoRA has B = 0) so that a snapshot is not trivially the base model."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.lora_parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+
+
+def assert_loads_identically(folder, base, live: ContinualModel) -> PeftModel:
+    """Stock peft loads the folder to exactly the saved tensors, which are the live adapter."""
+    saved = load_file(str(folder / "adapter_model.safetensors"))
+    loaded = PeftModel.from_pretrained(base, str(folder)).eval()
+    state = get_peft_model_state_dict(loaded)
+    assert sorted(state) == sorted(saved)
+    for key, tensor in saved.items():
+        assert torch.equal(state[key], tensor), key
+    for m in live.modules_in_order:
+        prefix = f"base_model.model.{m.name}"
+        assert torch.equal(saved[f"{prefix}.lora_A.weight"], m.A().detach())
+        assert torch.equal(saved[f"{prefix}.lora_B.weight"], m.B().detach())
+    return loaded
+
+
+def test_bert_modules_follow_the_model_layer_by_layer_q_before_v():
+    model = bert_model()
+    assert [m.name for m in model.modules_in_order] == BERT_ORDER
+    for m in model.modules_in_order:
+        assert tuple(m.A().shape) == (R, 32) and tuple(m.B().shape) == (32, R)
+    # the parameter list the methods use walks the same order, A then B per module
+    expected = [p for m in model.modules_in_order for p in (m.A(), m.B())]
+    assert [id(p) for p in model.lora_parameters()] == [id(p) for p in expected]
+    # the tree's level d is the model's order, not the order the targets were written in
+    assert [m.name for m in bert_model(targets=("v", "q")).modules_in_order] == BERT_ORDER
+
+
+def test_llama_modules_follow_the_model_layer_by_layer_q_before_v():
+    torch.manual_seed(0)
+    model = ContinualModel(tiny_backbone("tiny-llama"), r=R, alpha=ALPHA)
+    assert [m.name for m in model.modules_in_order] == LLAMA_ORDER
+    shapes = [(tuple(m.A().shape), tuple(m.B().shape)) for m in model.modules_in_order]
+    # one key/value head of 16 dims: v_proj writes 16 features, q_proj 32
+    assert shapes == [((R, 32), (32, R)), ((R, 32), (16, R))] * 2
+
+
+def test_short_target_names_are_mapped_per_family():
+    assert target_module_names("bert", ("q", "v")) == ["query", "value"]
+    assert target_module_names("bert", ("q", "k", "v")) == ["query", "key", "value"]
+    assert target_module_names("llama", ("q", "v")) == ["q_proj", "v_proj"]
+    assert target_module_names("llama", ("q", "k", "v", "o")) == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert set(bert_model().lora_config.target_modules) == {"query", "value"}
+    three = bert_model(targets=("q", "k", "v"))
+    assert [m.name.rsplit(".", 1)[1] for m in three.modules_in_order] == ["query", "key", "value"] * 2
+
+
+def test_classification_snapshot_is_a_peft_folder_with_heads_that_stock_peft_loads(tmp_path):
+    model = bert_model()
+    tasks = [task("topics", ("world", "sports", "business")), task("mood", ("neg", "pos"))]
+    for i, t in enumerate(tasks):
+        model.add_head(t, seed=i)
+    perturb(model)
+    labels = {t.name: list(t.labels) for t in tasks}
+    folder = save_adapter_folder(model, tmp_path / "snap", label_sets=labels)
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors", "task_heads.json", "task_heads.safetensors"]
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert (config["peft_type"], config["r"], config["lora_alpha"]) == ("LORA", R, ALPHA)
+    assert set(config["target_modules"]) == {"query", "value"}
+    assert config["base_model_name_or_path"] == model.source
+
+    loaded = assert_loads_identically(folder, tiny_backbone("tiny-bert").model, model)
+    # the loaded adapter is the same function as the live one
+    model.eval()
+    batch = model.batch(tasks[0], tasks[0].test)
+    with torch.no_grad():
+        live = model.peft(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        again = loaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        with loaded.disable_adapter():
+            bare = loaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    assert torch.allclose(live, again, atol=1e-6)
+    assert not torch.allclose(live, bare, atol=1e-3)  # the adapter matters, so the check above means something
+
+
+def test_task_heads_round_trip(tmp_path):
+    model = bert_model()
+    tasks = [task("topics", ("world", "sports", "business")), task("mood", ("neg", "pos"))]
+    for i, t in enumerate(tasks):
+        model.add_head(t, seed=10 + i)
+    perturb(model)
+    labels = {t.name: list(t.labels) for t in tasks}
+    folder = save_adapter_folder(model, tmp_path / "snap", label_sets=labels)
+    assert json.loads((folder / "task_heads.json").read_text()) == labels
+
+    peft_model, heads = load_adapter_folder(tiny_backbone("tiny-bert").model, folder)
+    assert sorted(heads) == sorted(t.name for t in tasks)
+    for t in tasks:
+        assert torch.equal(heads[t.name].weight, model.heads[t.name].weight.detach())
+        assert torch.equal(heads[t.name].bias, model.heads[t.name].bias.detach())
+        assert heads[t.name].out_features == len(t.labels)
+    # adapter + head from the folder give the live model's logits
+    model.eval()
+    peft_model.eval()
+    t = tasks[0]
+    batch = model.batch(t, t.test)
+    with torch.no_grad():
+        out = peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         token_type_ids=batch["token_type_ids"]).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        logits = heads[t.name]((out * mask).sum(1) / mask.sum(1))
+        assert torch.allclose(logits, model.logits(t, batch), atol=1e-6)
+
+
+def test_generation_snapshot_has_no_heads_and_loads_with_stock_peft(tmp_path):
+    torch.manual_seed(0)
+    model = ContinualModel(tiny_backbone("tiny-llama"), r=R, alpha=ALPHA)
+    perturb(model, seed=2)
+    folder = save_adapter_folder(model, tmp_path / "gen")
+    assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    loaded = assert_loads_identically(folder, tiny_backbone("tiny-llama").model, model)
+    ids = torch.tensor([[5, 17, 230, 1999, 42]])
+    model.eval()
+    with torch.no_grad():
+        assert torch.allclose(model.peft(input_ids=ids).logits, loaded(input_ids=ids).logits, atol=1e-5)
+
+
+def test_targets_that_match_nothing_are_refused_at_construction():
+    with pytest.raises(ValueError, match="nothing"):
+        bert_model(targets=("nothing",))
+
+
+@pytest.mark.parametrize("targets", [("nothing",), ("q", "nothing")])
+def test_targets_that_match_nothing_name_the_config_field(targets):
+    with pytest.raises(ValueError, match=r"adapter\.targets.*nothing"):
+        bert_model(targets=targets)

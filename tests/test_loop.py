@@ -1,0 +1,198 @@
+"""The loop body that trains one task: the epoch's batches (deterministic, complete, one task per
+batch, interleaved for joint), rank slicing, resuming from (epoch, index), and max_steps.
+Tiny random BERT, synthetic tasks with distinct examples, seq-lora with a plain torch stepper."""
+
+import collections
+import copy
+
+import pytest
+import torch
+
+from treelora.config import load_config
+from treelora.data import Example, Task
+from treelora.methods.base import TaskContext
+from treelora.methods.seq_lora import SeqLoRA
+from treelora.train.loop import TorchStepper, epoch_batches, train_task
+from treelora.train.setup import build_model, steps_per_epoch
+
+pytestmark = pytest.mark.unit
+
+LABELS = ("neg", "pos")
+LR = 1e-2
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # tiny models: thread hand-offs cost more than they compute, and spin badly on 2 busy cores
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_task(name: str, n: int) -> Task:
+    words = ("awful", "great", "dull", "lovely", "poor", "fine")
+    train = tuple(Example(f"{name} review {i}: the film was {words[i % len(words)]}", LABELS[i % 2]) for i in range(n))
+    return Task(name, "classification", LABELS, "accuracy", train, (), train[:4], "tests")
+
+
+def all_examples(batches):
+    return [e for _, examples in batches for e in examples]
+
+
+# -- epoch_batches -----------------------------------------------------------------------------
+def test_epoch_batches_are_a_function_of_seed_phase_and_epoch():
+    tasks = [make_task("a", 20), make_task("b", 12)]
+    first = epoch_batches(tasks, 4, seed=3, phase=1, epoch=2)
+    again = epoch_batches(tasks, 4, seed=3, phase=1, epoch=2)
+    assert [(t.name, list(ex)) for t, ex in first] == [(t.name, list(ex)) for t, ex in again]
+    order = all_examples(first)
+    for other in (dict(seed=4, phase=1, epoch=2), dict(seed=3, phase=0, epoch=2), dict(seed=3, phase=1, epoch=3)):
+        assert all_examples(epoch_batches(tasks, 4, **other)) != order, other
+
+
+def test_every_example_once_per_epoch_in_batches_of_one_task():
+    tasks = [make_task("a", 10), make_task("b", 7), make_task("c", 5)]
+    batches = epoch_batches(tasks, 4, seed=0, phase=0, epoch=0)
+    assert len(batches) == steps_per_epoch(tasks, 4) == 3 + 2 + 2
+    for task in tasks:
+        mine = [ex for t, ex in batches if t.name == task.name]
+        seen = [e for ex in mine for e in ex]
+        assert collections.Counter(seen) == collections.Counter(task.train)  # each example exactly once
+        assert sorted(len(ex) for ex in mine) == sorted([4] * (len(task.train) // 4) + [len(task.train) % 4] * bool(len(task.train) % 4))
+    for t, examples in batches:
+        assert set(examples) <= set(t.train)  # one task per batch (its head sees its own examples)
+    single = epoch_batches(tasks[:1], 4, seed=0, phase=0, epoch=0)
+    assert collections.Counter(all_examples(single)) == collections.Counter(tasks[0].train)
+    assert all_examples(single) != list(tasks[0].train)  # shuffled
+
+
+def test_joint_batches_interleave_the_tasks():
+    tasks = [make_task("a", 12), make_task("b", 12), make_task("c", 12)]
+    for seed in range(4):
+        names = [t.name for t, _ in epoch_batches(tasks, 4, seed=seed, phase=0, epoch=0)]
+        assert collections.Counter(names) == {"a": 3, "b": 3, "c": 3}
+        switches = sum(x != y for x, y in zip(names, names[1:]))
+        assert switches > len(tasks) - 1, names  # not one block per task
+
+
+# -- train_task --------------------------------------------------------------------------------
+CFG = load_config(None, ["model.name=tiny-bert", "method.name=seq-lora"])
+
+
+def setup_run(task: Task, batch_size: int, epochs: int, no_dropout: bool = False):
+    model = build_model(CFG, "classification")
+    if no_dropout:  # BERT's dropout would make losses of different forward passes incomparable
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+    model.add_head(task, seed=0)
+    method = SeqLoRA()
+    ctx = TaskContext(model, task, 0, steps_per_epoch([task], batch_size), epochs, seed=0)
+    optimizer = torch.optim.AdamW(method.begin_task(ctx), lr=LR)
+    return model, method, ctx, optimizer
+
+
+def trained_state(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def batches_of(task, batch_size):
+    return lambda epoch: epoch_batches([task], batch_size, 0, 0, epoch)
+
+
+def test_two_ranks_together_see_exactly_the_global_batch():
+    task = make_task("a", 8)
+    model, method, ctx, optimizer = setup_run(task, 8, 1, no_dropout=True)
+    start = trained_state(model)
+    opt_start = copy.deepcopy(optimizer.state_dict())
+    (_, global_batch), = batches_of(task, 8)(0)
+    model.train()
+    with torch.no_grad():
+        global_loss = float(model.loss(task, model.batch(task, global_batch)))
+    losses = []
+    for rank in (0, 1):
+        with torch.no_grad():  # every rank starts from the same weights
+            for n, p in model.named_parameters():
+                if n in start:
+                    p.copy_(start[n])
+        optimizer.load_state_dict(copy.deepcopy(opt_start))
+        records = train_task(model, method, ctx, TorchStepper(optimizer), batches_of(task, 8), rank=rank, world_size=2)
+        assert [r.step for r in records] == [0]
+        losses.append(records[0].loss)
+    # equal halves of a mean loss: the two ranks' losses average to the global batch's loss
+    # exactly when they hold the global batch's examples between them, each once
+    assert losses[0] != pytest.approx(losses[1])
+    assert (losses[0] + losses[1]) / 2 == pytest.approx(global_loss, rel=1e-5)
+
+
+def test_a_short_last_batch_still_trains_on_every_rank():
+    task = make_task("a", 9)  # batch size 8: the last global batch would hold 1 example for 2 ranks
+    model, method, ctx, optimizer = setup_run(task, 8, 1)
+    ctx.steps_per_epoch = steps_per_epoch([task], 8, world_size=2)
+    assert ctx.steps_per_epoch == 1  # the lone example joined the batch before it
+    for rank in (0, 1):
+        records = train_task(model, method, ctx, TorchStepper(optimizer),
+                             lambda e: epoch_batches([task], 8, 0, 0, e, min_size=2), rank=rank, world_size=2)
+        assert len(records) == ctx.steps_per_epoch and all(torch.isfinite(torch.tensor(r.loss)) for r in records)
+
+
+def run_uninterrupted(task):
+    model, method, ctx, optimizer = setup_run(task, 8, 2)
+    records = train_task(model, method, ctx, TorchStepper(optimizer), batches_of(task, 8))
+    return trained_state(model), records
+
+
+def run_resumed(task, with_rng: bool):
+    model, method, ctx, optimizer = setup_run(task, 8, 2)
+    first = train_task(model, method, ctx, TorchStepper(optimizer), batches_of(task, 8), max_steps=4)
+    checkpoint = {"model": trained_state(model), "optimizer": copy.deepcopy(optimizer.state_dict()),
+                  "rng": torch.get_rng_state()}
+    # a fresh process: new model and optimizer, restored from the checkpoint
+    model, method, ctx, optimizer = setup_run(task, 8, 2)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n in checkpoint["model"]:
+                p.copy_(checkpoint["model"][n])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    if with_rng:
+        torch.set_rng_state(checkpoint["rng"])
+    last = first[-1]
+    nxt = (last.epoch, last.index + 1) if last.index + 1 < ctx.steps_per_epoch else (last.epoch + 1, 0)
+    rest = train_task(model, method, ctx, TorchStepper(optimizer), batches_of(task, 8), start=nxt)
+    return trained_state(model), first, rest
+
+
+def assert_same_run(task, with_rng):
+    want, records = run_uninterrupted(task)
+    got, first, rest = run_resumed(task, with_rng)
+    assert [(r.epoch, r.index, r.step) for r in records] == [(0, 0, 0), (0, 1, 1), (0, 2, 2), (1, 0, 3), (1, 1, 4), (1, 2, 5)]
+    assert [r.step for r in first] == [0, 1, 2, 3] and [(r.epoch, r.index, r.step) for r in rest] == [(1, 1, 4), (1, 2, 5)]
+    assert [r.loss for r in first + rest] == [r.loss for r in records]
+    assert sorted(got) == sorted(want)
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+
+
+def test_resume_with_model_optimizer_and_rng_state_ends_identical():
+    assert_same_run(make_task("a", 24), with_rng=True)
+
+
+def test_resume_from_model_and_optimizer_state_ends_identical():
+    assert_same_run(make_task("a", 24), with_rng=False)
+
+
+def test_max_steps_caps_the_task():
+    task = make_task("a", 24)
+    model, method, ctx, optimizer = setup_run(task, 8, 2)
+    before = trained_state(model)
+    assert train_task(model, method, ctx, TorchStepper(optimizer), batches_of(task, 8), max_steps=0) == []
+    assert all(torch.equal(p, before[n]) for n, p in trained_state(model).items())
+    seen = []
+    records = train_task(model, method, ctx, TorchStepper(optimizer), batches_of(task, 8), max_steps=2, on_step=seen.append)
+    assert [r.step for r in records] == [0, 1] and seen == records
+    assert not torch.equal(trained_state(model)["heads.a.weight"], before["heads.a.weight"])
+    # the cap counts global steps of the task, so a resumed run stops at the same place
+    resumed = train_task(model, method, ctx, TorchStepper(optimizer), batches_of(task, 8), start=(0, 2), max_steps=4)
+    assert [(r.epoch, r.index, r.step) for r in resumed] == [(0, 2, 2), (1, 0, 3)]
+    assert all(r.penalty == 0.0 for r in records + resumed)

@@ -1,0 +1,144 @@
+"""The distributed platform end to end on a local Ray: 2 CPU workers, DeepSpeed ZeRO-2, MLflow.
+
+The tiny random model keeps each stream to a few minutes; everything else is the real stack
+(Ray Train V2, DeepSpeed on gloo, the tree service actor, MLflow on SQLite).
+"""
+
+import json
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from treelora.config import ConfigError, load_config
+
+pytestmark = pytest.mark.integration
+
+
+def _cfg(tmp_path, *extra):
+    return load_config(None, [
+        "model.name=tiny-bert", "stream.train_size=16", "stream.eval_size=4", "stream.test_size=8",
+        "stream.tasks=[agnews, amazon, SST-2]", "train.batch_size=8", "train.epochs=1", f"workdir={tmp_path}",
+        "scaling.num_workers=2", "scaling.zero_stage=2", "scaling.checkpoint_every=1",
+        f"tree.service_name=tree-{uuid.uuid4().hex[:8]}", *extra,
+    ])
+
+
+def _registry(result):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=result.tracking_uri)
+    versions = sorted(client.search_model_versions(f"name='{result.registered_model}'"), key=lambda v: int(v.version))
+    return client, versions
+
+
+def test_three_task_stream_end_to_end(ray_session, tmp_path):
+    from treelora.train.driver import run_stream
+    from treelora.train.progress import StreamProgress
+    from tree_service import TreeRegistry
+
+    cfg = _cfg(tmp_path)
+    result = run_stream(cfg)
+    # the accuracy matrix: 3 x 3, every cell measured (all tasks are evaluated after each task)
+    assert result.accuracy.shape == (3, 3) and np.isfinite(result.accuracy).all()
+    assert np.isfinite(result.metrics["op"]) and np.isfinite(result.metrics["bwt"])
+    # the tree holds the 3 tasks
+    tree = TreeRegistry(str(tmp_path / "trees")).describe(result.tree_stream)
+    assert [t["task_id"] for t in tree["tasks"]] == ["agnews", "amazon", "SST-2"] and tree["version"] == 3
+    # the registry: 3 versions, aliases latest and task-<name>
+    client, versions = _registry(result)
+    assert [v.tags["task"] for v in versions] == ["agnews", "amazon", "SST-2"]
+    from treelora.tracking import task_alias
+    from treelora.tracking.registry import resolve_model_uri
+
+    model = client.get_registered_model(result.registered_model)
+    assert model.aliases[task_alias("agnews")] == "1" and model.aliases[task_alias("SST-2")] == "3"
+    # MLflow reserves `latest`: models:/<name>@latest is always the highest version, i.e. the newest task
+    assert resolve_model_uri(client, f"models:/{result.registered_model}@latest")[1] == "3"
+    # all ranks chose the same previous task per module at every step
+    progress = StreamProgress.load(tmp_path / "streams" / result.tree_stream / "progress.json")
+    assert all(progress.done(t)["ranks_agree"] for t in ["agnews", "amazon", "SST-2"])
+    assert progress.done("SST-2")["choices"] is not None and np.array(progress.done("SST-2")["choices"]).shape[0] == 2
+    # models:/<name>@latest downloads and loads with stock peft to identical weights
+    from safetensors.torch import load_file
+
+    from treelora.adapters import tiny_backbone
+    from treelora.tracking import load_registered_adapter
+
+    peft_model, heads = load_registered_adapter(f"models:/{result.registered_model}@latest", tiny_backbone("tiny-bert").model,
+                                                result.tracking_uri)
+    saved = load_file(str(Path(result.tasks[-1].adapter_dir) / "adapter_model.safetensors"))
+    live = dict(peft_model.named_parameters())
+    for key, tensor in saved.items():
+        assert torch.equal(live[key.replace(".weight", ".default.weight")].detach(), tensor), key
+    assert set(heads) == {"agnews", "amazon", "SST-2"}
+
+
+def test_crashed_stream_resumes_with_the_tree_service_restarted(ray_session, tmp_path):
+    """The stream dies in task 3 (no retries left) after the tree service was killed; a rerun
+    skips the two done tasks and finishes with the same tree, registry and matrix."""
+    from ray.train import TrainingFailedError
+
+    from treelora.train.driver import run_stream
+    from tree_service.actor import get_tree_service
+
+    cfg = _cfg(tmp_path, "scaling.max_failures=0")
+    service = get_tree_service(str(tmp_path / "trees"), name=cfg.tree.service_name, namespace=cfg.tree.namespace)
+    logs = []
+    with pytest.raises(TrainingFailedError):
+        run_stream(cfg, fail_at={"SST-2": 0}, log=lambda line: (logs.append(line), "amazon: model" in line and ray_session.kill(service, no_restart=False)))
+    assert any("amazon: model version 2" in line for line in logs)
+    logs.clear()
+    result = run_stream(cfg, log=logs.append)
+    assert any("agnews: already done" in line for line in logs) and any("amazon: already done" in line for line in logs)
+    assert result.accuracy.shape == (3, 3) and np.isfinite(result.accuracy).all()
+    snap = ray_session.get(service.snapshot.remote(result.tree_stream))
+    assert snap["task_ids"] == ["agnews", "amazon", "SST-2"] and snap["version"] == 3
+    _, versions = _registry(result)
+    assert [v.tags["task"] for v in versions] == ["agnews", "amazon", "SST-2"]
+
+
+def test_killed_worker_resumes_from_checkpoint_and_task_completes(ray_session, tmp_path):
+    from treelora.train.driver import run_stream
+    from treelora.train.progress import StreamProgress
+
+    cfg = _cfg(tmp_path, "stream.tasks=[agnews, amazon]", "stream.train_size=32", "scaling.max_failures=2")
+    result = run_stream(cfg, fail_at={"amazon": 2})  # the last rank dies at step 2 of task 2
+    assert np.isfinite(result.accuracy).all()
+    progress = StreamProgress.load(tmp_path / "streams" / result.tree_stream / "progress.json")
+    losses = progress.done("amazon")["losses"]
+    assert [s for s, _, _ in losses] == list(range(len(losses)))  # every step once: resumed, not restarted
+    assert len(losses) == 4
+    ckpts = sorted((tmp_path / "ray_train").glob("*-01-amazon/checkpoint_*"))
+    assert len(ckpts) >= 4  # checkpoints every step, from both attempts
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("method.name=ewc", "method.name"),
+        ("scaling.zero_stage=3", "scaling.zero_stage"),
+        ("scaling.use_gpu=true", "scaling.use_gpu"),
+        ("stream.spec=/nonexistent/stream.yaml", "stream.spec"),
+    ],
+)
+def test_wrong_configs_fail_before_any_worker_starts(ray_session, tmp_path, override, field):
+    from treelora.train.driver import run_stream
+
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        run_stream(_cfg(tmp_path, override))
+    assert not (tmp_path / "ray_train").exists()  # no trainer was started
+
+
+def test_cli_run_prints_the_matrix_and_registry(ray_session, tmp_path, capsys):
+    from treelora.cli import main
+
+    cfg_path = tmp_path / "run.yaml"
+    cfg_path.write_text(json.dumps(_cfg(tmp_path, "stream.tasks=[agnews, SST-2]").to_dict()))  # JSON is YAML
+    assert main(["run", str(cfg_path)]) == 0
+    out = capsys.readouterr().out
+    assert "Accuracy matrix" in out and "OP " in out and "BWT " in out and "registered model:" in out and "aliases latest" in out
+    assert main(["tree", "show", "olora-cls.treelora.tiny-bert", "--config", str(cfg_path), "--png", str(tmp_path / "tree.png")]) == 0
+    assert "agnews" in capsys.readouterr().out and (tmp_path / "tree.png").stat().st_size > 1000
