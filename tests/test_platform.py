@@ -54,9 +54,9 @@ def test_three_task_stream_end_to_end(ray_session, tmp_path):
     from treelora.tracking.registry import resolve_model_uri
 
     model = client.get_registered_model(result.registered_model)
-    assert model.aliases[task_alias("agnews")] == "1" and model.aliases[task_alias("SST-2")] == "3"
+    assert str(model.aliases[task_alias("agnews")]) == "1" and str(model.aliases[task_alias("SST-2")]) == "3"
     # MLflow reserves `latest`: models:/<name>@latest is always the highest version, i.e. the newest task
-    assert resolve_model_uri(client, f"models:/{result.registered_model}@latest")[1] == "3"
+    assert str(resolve_model_uri(client, f"models:/{result.registered_model}@latest")[1]) == "3"
     # all ranks chose the same previous task per module at every step
     progress = StreamProgress.load(tmp_path / "streams" / result.tree_stream / "progress.json")
     assert all(progress.done(t)["ranks_agree"] for t in ["agnews", "amazon", "SST-2"])
