@@ -134,7 +134,7 @@ def run_stream(cfg: RunConfig, *, address: str | None = None, log=print, fail_at
         record = {"accuracy_column": column, "checkpoint": checkpoint.path, "adapters": outcome["adapters"],
                   "adapter_dir": str(adapter_dir), "tree_version": outcome["tree_version"], "model_version": version,
                   "choices": outcome["choices"], "losses": outcome["losses"], "ranks_agree": _ranks_agree(rank_choices),
-                  "tokens_per_second_per_worker": outcome["tokens_per_second_per_worker"]}
+                  "tokens_per_second_per_worker": outcome["tokens_per_second_per_worker"], "step_seconds": outcome["step_seconds"]}
         progress.mark(key, record)
         previous, previous_adapters = checkpoint, outcome["adapters"]
         reports.append(TaskReport(key, str(adapter_dir), outcome["tree_version"], outcome["choices"], len(outcome["losses"]),

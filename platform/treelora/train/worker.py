@@ -105,7 +105,8 @@ def train_one_task(config: dict) -> None:
     stepper = DeepSpeedStepper(engine)
     ctx.grad_of = stepper.grad_of
 
-    start, losses, choices = (0, 0), [], []
+    start, losses, choices, step_seconds = (0, 0), [], [], []
+    last_time = [time.perf_counter()]
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
@@ -138,6 +139,8 @@ def train_one_task(config: dict) -> None:
                              checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
     def on_step(rec) -> None:
+        now = time.perf_counter()
+        step_seconds.append(now - last_time[0])
         losses.append([rec.step, rec.loss, rec.penalty])
         last = getattr(method, "last_choice", None)
         choices.append(last.tolist() if last is not None else None)
@@ -150,6 +153,7 @@ def train_one_task(config: dict) -> None:
             report_checkpoint(nxt)
         if job.fail_at_step is not None and rec.step == job.fail_at_step and not checkpoint and rank == world - 1:
             os._exit(1)  # fault injection for the resume test: this worker process dies mid-task
+        last_time[0] = time.perf_counter()  # checkpoint time is not step time
 
     t0 = time.perf_counter()
     train_task(model, method, ctx, stepper,
@@ -173,7 +177,7 @@ def train_one_task(config: dict) -> None:
             (out / "outcome.json").write_text(json.dumps({
                 "task": ctx.task.name, "phase": job.phase, "accuracy_column": column, "losses": losses,
                 "tree_version": tree_version, "choices": outcome.choices.tolist() if outcome.choices is not None else None,
-                "adapters": method.export_adapters(), "train_seconds": train_seconds, "world_size": world,
+                "adapters": method.export_adapters(), "train_seconds": train_seconds, "world_size": world, "step_seconds": step_seconds,
                 "tokens_per_second_per_worker": tokens / max(train_seconds, 1e-9) / world, "info": outcome.info,
             }))
         ray.train.report({"done": 1}, checkpoint=ray.train.Checkpoint.from_directory(tmp))

@@ -1,0 +1,46 @@
+"""The platform on GPUs: the same 3-task stream on 1 GPU, and on 2 GPUs with 2 workers (bf16, NCCL).
+
+Skipped without a CUDA GPU. Run on the GPU machine with ``pytest -m gpu -s`` (see the README).
+"""
+
+import uuid
+
+import numpy as np
+import pytest
+import torch
+
+from treelora.config import load_config
+from treelora.data import SAMPLE_ROOT
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_three_task_stream_on_gpus(ray_session, tmp_path, workers):
+    if torch.cuda.device_count() < workers:
+        pytest.skip(f"needs {workers} GPUs")
+    from mlflow import MlflowClient
+
+    from treelora.train.driver import run_stream
+    from treelora.train.progress import StreamProgress
+    from tree_service import TreeRegistry
+
+    cfg = load_config(None, [
+        "model.name=tiny-bert", f"stream.data_root={SAMPLE_ROOT}", "stream.train_size=64", "stream.eval_size=8", "stream.test_size=32",
+        "stream.tasks=[agnews, amazon, SST-2]", "train.batch_size=16", "train.epochs=2", f"workdir={tmp_path}",
+        f"scaling.num_workers={workers}", "scaling.use_gpu=true", "scaling.zero_stage=2", "scaling.checkpoint_every=4",
+        f"tree.service_name=gpu-{uuid.uuid4().hex[:8]}",
+    ])
+    result = run_stream(cfg)
+    assert result.accuracy.shape == (3, 3) and np.isfinite(result.accuracy).all()
+    tree = TreeRegistry(str(tmp_path / "trees")).describe(result.tree_stream)
+    assert [t["task_id"] for t in tree["tasks"]] == ["agnews", "amazon", "SST-2"]
+    client = MlflowClient(tracking_uri=result.tracking_uri)
+    versions = sorted(client.search_model_versions(f"name='{result.registered_model}'"), key=lambda v: int(v.version))
+    assert [v.tags["task"] for v in versions] == ["agnews", "amazon", "SST-2"]
+    progress = StreamProgress.load(tmp_path / "streams" / result.tree_stream / "progress.json")
+    records = [progress.done(t) for t in ["agnews", "amazon", "SST-2"]]
+    assert all(r["ranks_agree"] for r in records)
+    tps = [r["tokens_per_second_per_worker"] for r in records]
+    print(f"\nGPU workers={workers}: tokens/s per worker per task {[round(t) for t in tps]}; "
+          f"OP {result.metrics['op'] * 100:.1f} BWT {result.metrics['bwt'] * 100:.1f}\n{np.round(result.accuracy * 100, 1)}")
