@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     seeds = min(args.seeds, 2) if args.quick else args.seeds
     overrides = [f"stream.spec={args.stream}", *args.overrides]
     if args.quick:
-        overrides += ["stream.train_size=96", "stream.test_size=60"]
+        overrides += ["stream.train_size=64", "stream.test_size=40"]
     if args.epochs:
         overrides.append(f"train.epochs={args.epochs}")
     results: dict[str, list] = {m: [] for m in methods}

@@ -58,11 +58,12 @@ class DeepSpeedStepper:
 
 def train_one_task(config: dict) -> None:
     import ray.train
+    import ray.train.torch
 
     job = TaskJob.from_dict(config)
     cfg = job.run_config
-    if not cfg.scaling.use_gpu:
-        os.environ["DS_ACCELERATOR"] = "cpu"  # before deepspeed is imported
+    # before deepspeed is imported; set both ways, since a driver's own environment is inherited
+    os.environ["DS_ACCELERATOR"] = "cuda" if cfg.scaling.use_gpu else "cpu"
     import deepspeed
 
     from ..adapters import restore_adapter_folder, save_adapter_folder
@@ -75,7 +76,7 @@ def train_one_task(config: dict) -> None:
 
     ctx_train = ray.train.get_context()
     rank, world = ctx_train.get_world_rank(), ctx_train.get_world_size()
-    device = torch.device(f"cuda:{ctx_train.get_local_rank()}") if cfg.scaling.use_gpu else torch.device("cpu")
+    device = ray.train.torch.get_device() if cfg.scaling.use_gpu else torch.device("cpu")
     if cfg.scaling.use_gpu:
         torch.cuda.set_device(device)
     use_bf16 = cfg.scaling.use_gpu if cfg.scaling.precision == "auto" else cfg.scaling.precision == "bf16"
