@@ -13,13 +13,14 @@ import pytest
 import torch
 
 from treelora.config import ConfigError, load_config
+from treelora.data import SAMPLE_ROOT
 
 pytestmark = pytest.mark.integration
 
 
 def _cfg(tmp_path, *extra):
     return load_config(None, [
-        "model.name=tiny-bert", "stream.train_size=16", "stream.eval_size=4", "stream.test_size=8",
+        "model.name=tiny-bert", f"stream.data_root={SAMPLE_ROOT}", "stream.train_size=16", "stream.eval_size=4", "stream.test_size=8",
         "stream.tasks=[agnews, amazon, SST-2]", "train.batch_size=8", "train.epochs=1", f"workdir={tmp_path}",
         "scaling.num_workers=2", "scaling.zero_stage=2", "scaling.checkpoint_every=1",
         f"tree.service_name=tree-{uuid.uuid4().hex[:8]}", *extra,
@@ -34,7 +35,7 @@ def _registry(result):
     return client, versions
 
 
-def test_three_task_stream_end_to_end(ray_session, tmp_path):
+def test_three_task_stream_end_to_end(ray_session, tmp_path, capsys):
     from treelora.train.driver import run_stream
     from treelora.train.progress import StreamProgress
     from tree_service import TreeRegistry
@@ -74,44 +75,54 @@ def test_three_task_stream_end_to_end(ray_session, tmp_path):
     for key, tensor in saved.items():
         assert torch.equal(live[key.replace(".weight", ".default.weight")].detach(), tensor), key
     assert set(heads) == {"agnews", "amazon", "SST-2"}
+    # the command line on the same stream: every task is done, so it only reports
+    from treelora.cli import main
+
+    cfg_path = tmp_path / "run.yaml"
+    cfg_path.write_text(json.dumps(cfg.to_dict()))  # JSON is YAML
+    assert main(["run", str(cfg_path)]) == 0
+    out = capsys.readouterr().out
+    assert "Accuracy matrix" in out and "OP " in out and "BWT " in out and "registered model:" in out and "aliases latest" in out
+    assert main(["tree", "show", result.tree_stream, "--config", str(cfg_path), "--png", str(tmp_path / "tree.png")]) == 0
+    assert "agnews" in capsys.readouterr().out and (tmp_path / "tree.png").stat().st_size > 1000
 
 
 def test_crashed_stream_resumes_with_the_tree_service_restarted(ray_session, tmp_path):
-    """The stream dies in task 3 (no retries left) after the tree service was killed; a rerun
-    skips the two done tasks and finishes with the same tree, registry and matrix."""
+    """The tree service is killed after task 1 and the stream dies in task 2 (no retries left); a
+    rerun skips the done task and finishes with the tree, registry and matrix complete."""
     from ray.train import TrainingFailedError
 
     from treelora.train.driver import run_stream
     from tree_service.actor import get_tree_service
 
-    cfg = _cfg(tmp_path, "scaling.max_failures=0")
+    cfg = _cfg(tmp_path, "scaling.max_failures=0", "stream.tasks=[agnews, SST-2]")
     service = get_tree_service(str(tmp_path / "trees"), name=cfg.tree.service_name, namespace=cfg.tree.namespace)
     logs = []
     with pytest.raises(TrainingFailedError):
-        run_stream(cfg, fail_at={"SST-2": 0}, log=lambda line: (logs.append(line), "amazon: model" in line and ray_session.kill(service, no_restart=False)))
-    assert any("amazon: model version 2" in line for line in logs)
+        run_stream(cfg, fail_at={"SST-2": 0}, log=lambda line: (logs.append(line), "agnews: model" in line and ray_session.kill(service, no_restart=False)))
+    assert any("agnews: model version 1" in line for line in logs)
     logs.clear()
     result = run_stream(cfg, log=logs.append)
-    assert any("agnews: already done" in line for line in logs) and any("amazon: already done" in line for line in logs)
-    assert result.accuracy.shape == (3, 3) and np.isfinite(result.accuracy).all()
+    assert any("agnews: already done" in line for line in logs) and not any("SST-2: already done" in line for line in logs)
+    assert result.accuracy.shape == (2, 2) and np.isfinite(result.accuracy).all()
     snap = ray_session.get(service.snapshot.remote(result.tree_stream))
-    assert snap["task_ids"] == ["agnews", "amazon", "SST-2"] and snap["version"] == 3
+    assert snap["task_ids"] == ["agnews", "SST-2"] and snap["version"] == 2
     _, versions = _registry(result)
-    assert [v.tags["task"] for v in versions] == ["agnews", "amazon", "SST-2"]
+    assert [v.tags["task"] for v in versions] == ["agnews", "SST-2"]
 
 
 def test_killed_worker_resumes_from_checkpoint_and_task_completes(ray_session, tmp_path):
     from treelora.train.driver import run_stream
     from treelora.train.progress import StreamProgress
 
-    cfg = _cfg(tmp_path, "stream.tasks=[agnews, amazon]", "stream.train_size=32", "scaling.max_failures=2")
+    cfg = _cfg(tmp_path, "stream.tasks=[amazon]", "stream.train_size=32", "scaling.max_failures=2")
     result = run_stream(cfg, fail_at={"amazon": 2})  # the last rank dies at step 2 of task 2
     assert np.isfinite(result.accuracy).all()
     progress = StreamProgress.load(tmp_path / "streams" / result.tree_stream / "progress.json")
     losses = progress.done("amazon")["losses"]
     assert [s for s, _, _ in losses] == list(range(len(losses)))  # every step once: resumed, not restarted
     assert len(losses) == 4
-    ckpts = sorted((tmp_path / "ray_train").glob("*-01-amazon/checkpoint_*"))
+    ckpts = sorted((tmp_path / "ray_train").glob("*-00-amazon/checkpoint_*"))
     assert len(ckpts) >= 4  # checkpoints every step, from both attempts
 
 
@@ -130,15 +141,3 @@ def test_wrong_configs_fail_before_any_worker_starts(ray_session, tmp_path, over
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         run_stream(_cfg(tmp_path, override))
     assert not (tmp_path / "ray_train").exists()  # no trainer was started
-
-
-def test_cli_run_prints_the_matrix_and_registry(ray_session, tmp_path, capsys):
-    from treelora.cli import main
-
-    cfg_path = tmp_path / "run.yaml"
-    cfg_path.write_text(json.dumps(_cfg(tmp_path, "stream.tasks=[agnews, SST-2]").to_dict()))  # JSON is YAML
-    assert main(["run", str(cfg_path)]) == 0
-    out = capsys.readouterr().out
-    assert "Accuracy matrix" in out and "OP " in out and "BWT " in out and "registered model:" in out and "aliases latest" in out
-    assert main(["tree", "show", "olora-cls.treelora.tiny-bert", "--config", str(cfg_path), "--png", str(tmp_path / "tree.png")]) == 0
-    assert "agnews" in capsys.readouterr().out and (tmp_path / "tree.png").stat().st_size > 1000

@@ -34,7 +34,8 @@ def format_result(result) -> str:
         lines.append(f"registered model: {result.registered_model} (MLflow {result.tracking_uri})")
         for v in result.versions or []:
             lines.append(f"  version {v[0]}: task {v[1]}  aliases {', '.join(v[2])}")
-        lines.append(f"  load the newest: peft.PeftModel.from_pretrained(base, mlflow.artifacts.download_artifacts('models:/{result.registered_model}@latest'))")
+        lines.append(f"  load the newest with stock peft: treelora.tracking.load_registered_adapter("
+                     f"'models:/{result.registered_model}@latest', base_model, '{result.tracking_uri}')")
     return "\n".join(lines)
 
 

@@ -78,7 +78,11 @@ def run_stream(cfg: RunConfig, *, address: str | None = None, log=print, fail_at
     tasks = list(stream.tasks)
     names = [t.name for t in tasks]
     phases = [names] if joint else [[n] for n in names]
-    progress.parent_run_id = tracker.start_stream(stream.name, names, resume_run_id=progress.parent_run_id)
+    try:
+        progress.parent_run_id = tracker.start_stream(stream.name, names, resume_run_id=progress.parent_run_id)
+    except ValueError as exc:  # the config changed since the first run: MLflow params are immutable
+        log(f"[treelora] {exc}")
+        progress.parent_run_id = tracker.start_stream(stream.name, names)
     progress.save()
     R = np.full((len(tasks), len(phases)), np.nan)
     reports: list[TaskReport] = []
