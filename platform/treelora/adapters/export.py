@@ -50,18 +50,23 @@ def load_adapter_folder(base_model: torch.nn.Module, folder: str | Path):
     from peft import PeftModel
 
     folder = Path(folder)
-    peft_model = PeftModel.from_pretrained(base_model, str(folder))
-    heads: dict[str, torch.nn.Linear] = {}
-    if (folder / HEADS_FILE).exists():
-        tensors = load_file(str(folder / HEADS_FILE))
-        for task in sorted({k.rsplit(".", 1)[0] for k in tensors}):
-            w, b = tensors[f"{task}.weight"], tensors[f"{task}.bias"]
-            head = torch.nn.Linear(w.shape[1], w.shape[0])
-            with torch.no_grad():
-                head.weight.copy_(w)
-                head.bias.copy_(b)
-            heads[task] = head
-    return peft_model, heads
+    return PeftModel.from_pretrained(base_model, str(folder)), read_heads(folder)
+
+
+def read_heads(folder: Path) -> dict[str, torch.nn.Linear]:
+    """The classification heads saved beside an adapter ({} when the folder has none)."""
+    if not (folder / HEADS_FILE).exists():
+        return {}
+    tensors = load_file(str(folder / HEADS_FILE))
+    heads = {}
+    for task in sorted({k.rsplit(".", 1)[0] for k in tensors}):
+        w, b = tensors[f"{task}.weight"], tensors[f"{task}.bias"]
+        head = torch.nn.Linear(w.shape[1], w.shape[0])
+        with torch.no_grad():
+            head.weight.copy_(w)
+            head.bias.copy_(b)
+        heads[task] = head
+    return heads
 
 
 def restore_adapter_folder(model: ContinualModel, folder: str | Path, adapters: list[str]) -> None:
@@ -87,12 +92,5 @@ def restore_adapter_folder(model: ContinualModel, folder: str | Path, adapters: 
                 m.B(name).copy_(B[:, i * r : (i + 1) * r])
     if len(adapters) > 1:
         model.peft.base_model.set_adapter(adapters)
-    if (folder / HEADS_FILE).exists():
-        tensors = load_file(str(folder / HEADS_FILE))
-        for task in sorted({k.rsplit(".", 1)[0] for k in tensors}):
-            w, b = tensors[f"{task}.weight"], tensors[f"{task}.bias"]
-            head = torch.nn.Linear(w.shape[1], w.shape[0]).to(model.device)
-            with torch.no_grad():
-                head.weight.copy_(w)
-                head.bias.copy_(b)
-            model.heads[task] = head
+    for task, head in read_heads(folder).items():
+        model.heads[task] = head.to(model.device)
