@@ -115,14 +115,17 @@ def test_killed_worker_resumes_from_checkpoint_and_task_completes(ray_session, t
     from treelora.train.driver import run_stream
     from treelora.train.progress import StreamProgress
 
-    cfg = _cfg(tmp_path, "stream.tasks=[amazon]", "stream.train_size=32", "scaling.max_failures=2")
+    # task 2, so the bandit runs (a tree of 1 task) and the resumed ranks must still agree
+    cfg = _cfg(tmp_path, "stream.tasks=[agnews, amazon]", "stream.train_size=32", "scaling.max_failures=2")
     result = run_stream(cfg, fail_at={"amazon": 2})  # the last rank dies at step 2 of task 2
     assert np.isfinite(result.accuracy).all()
     progress = StreamProgress.load(tmp_path / "streams" / result.tree_stream / "progress.json")
     losses = progress.done("amazon")["losses"]
     assert [s for s, _, _ in losses] == list(range(len(losses)))  # every step once: resumed, not restarted
-    assert len(losses) == 4
-    ckpts = sorted((tmp_path / "ray_train").glob("*-00-amazon/checkpoint_*"))
+    assert len(losses) == 4 and progress.done("amazon")["ranks_agree"]
+    # the bandit's counts survived the restart: one pull per module per step, over all 4 steps
+    assert (np.array(progress.done("amazon")["choices"]).sum(0) == 4).all()
+    ckpts = sorted((tmp_path / "ray_train").glob("*-01-amazon/checkpoint_*"))
     assert len(ckpts) >= 4  # checkpoints every step, from both attempts
 
 

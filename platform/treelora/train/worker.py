@@ -115,9 +115,10 @@ def train_one_task(config: dict) -> None:
             engine.load_checkpoint(str(Path(d) / ENGINE_DIR), tag="ckpt", load_module_strict=False)
             method.load_state_dict(load_state(Path(d) / STATE_DIR))
             start, losses = tuple(progress["next"]), progress["losses"]
-            choices = progress.get(f"choices_rank{rank}", [])
+            # every rank wrote its own choices file; the checkpoint folders of all ranks are merged
+            choices = json.loads((Path(d) / STATE_DIR / f"choices_rank{rank}.json").read_text())
             if rank == 0:
-                print(f"[treelora] {ctx.task.name}: resumed at epoch {start[0]}, batch {start[1]} (restart {progress.get('restarts', 0) + 1})")
+                print(f"[treelora] {ctx.task.name}: resumed at epoch {start[0]}, batch {start[1]}")
 
     bar = None
     if rank == 0:
@@ -125,7 +126,7 @@ def train_one_task(config: dict) -> None:
 
         bar = tqdm(total=spe * cfg.train.epochs, initial=start[0] * spe + start[1], desc=f"task {job.phase}: {ctx.task.name}", unit="step")
 
-    def report_checkpoint(next_pos: tuple[int, int], final: bool = False) -> None:
+    def report_checkpoint(next_pos: tuple[int, int]) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             engine.save_checkpoint(os.path.join(tmp, ENGINE_DIR), tag="ckpt")  # collective
             state = Path(tmp) / STATE_DIR
@@ -134,8 +135,7 @@ def train_one_task(config: dict) -> None:
                 save_state(method.state_dict(), state)
             (state / f"choices_rank{rank}.json").write_text(json.dumps(choices))
             if rank == 0:
-                (state / "progress.json").write_text(json.dumps({"next": list(next_pos), "losses": losses,
-                                                                 f"choices_rank{rank}": choices}))
+                (state / "progress.json").write_text(json.dumps({"next": list(next_pos), "losses": losses}))
             ray.train.report({"step": next_pos[0] * spe + next_pos[1], "loss": losses[-1][1] if losses else float("nan")},
                              checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
