@@ -64,3 +64,14 @@ def s3_server():
     uri.client = client
     yield uri
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models: thread hand-offs cost more than they compute, and spin badly on 2 busy cores."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -13,7 +13,7 @@ from treelora.adapters import ContinualModel, load_adapter_folder, save_adapter_
 from treelora.adapters.backbone import target_module_names
 from treelora.data import Example, Task
 
-pytestmark = pytest.mark.unit
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_torch_thread")]
 
 R, ALPHA = 8, 16
 BERT_ORDER = [
@@ -24,15 +24,6 @@ LLAMA_ORDER = [
     "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj",
     "model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj",
 ]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny models: thread hand-offs cost more than they compute, and spin badly on 2 busy cores
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def task(name: str, labels: tuple[str, ...]) -> Task:

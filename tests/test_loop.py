@@ -15,19 +15,10 @@ from treelora.methods.seq_lora import SeqLoRA
 from treelora.train.loop import TorchStepper, epoch_batches, train_task
 from treelora.train.setup import build_model, steps_per_epoch
 
-pytestmark = pytest.mark.unit
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_torch_thread")]
 
 LABELS = ("neg", "pos")
 LR = 1e-2
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny models: thread hand-offs cost more than they compute, and spin badly on 2 busy cores
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def make_task(name: str, n: int) -> Task:

@@ -32,7 +32,7 @@ from treelora.train.local import run_stream_local
 from treelora.train.loop import TorchStepper, epoch_batches, step_seed, train_task
 from treelora.train.setup import build_model, build_stream, steps_per_epoch
 
-pytestmark = pytest.mark.unit
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_torch_thread")]
 
 # The real benchmark rows packaged with treelora (a sample of ../shared's files): the same kind
 # of data, read in milliseconds where ../shared's full files cost seconds per stream.
@@ -43,15 +43,6 @@ GEN = ["model.name=tiny-llama", "stream.spec=trace-gen", "stream.train_size=8", 
        "stream.test_size=4", "stream.tasks=[C-STANCE, NumGLUE-cm]", "train.batch_size=4", "train.epochs=1",
        "model.max_length=64", "model.max_new_tokens=4", f"stream.data_root={SAMPLE_ROOT}"]
 BS, SEED, LR = 8, 0, 1e-2
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny models: thread hand-offs cost more than they compute, and spin badly on 2 busy cores
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def config(method: str, workdir, base=CLS):
