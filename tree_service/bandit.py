@@ -47,8 +47,10 @@ class TreeLCBBandit(_Selector):
     with the smaller ``mean gap - c * scale * sqrt(log t / n)`` is taken, an unpulled child
     first. ``t`` is the number of rounds that reached the parent node (this one included; at the
     root that is the round number of the paper's formula); counting at the parent, as UCT does,
-    keeps exploring below nodes that the descent rarely reaches (on the synthetic benchmark it
-    found every module's nearest task in 400 steps where the global count needed ~800).
+    keeps exploring below nodes that the descent rarely reaches (on the clustered synthetic
+    instance of tests/test_bandit.py, 6 seeds, 400 steps: regret 0.13-0.16 of uniform's against
+    0.15-0.21 with the global count at c=3, and at c=2 it found every module's nearest task in
+    5 of 6 seeds against 3 of 6).
     ``scale`` is the module's mean
     observed gap so far: gradients differ in magnitude by orders between layers and models, and
     measuring the exploration bonus in the module's own gap units lets one ``c`` serve them all
