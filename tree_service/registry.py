@@ -93,6 +93,7 @@ class TreeRegistry:
                 for t in snap.tasks
             ],
             "tree_text": tree.to_text(),
+            "tree": tree.structure(),
             "storage": self.store.path(stream, snap.version),
         }
 

@@ -125,8 +125,7 @@ def run_stream(cfg: RunConfig, *, address: str | None = None, log=print, fail_at
         tree_text, structure = None, None
         if method_cls.uses_tree:
             info = ray.get(service.describe.remote(tree_stream))
-            tree_text = info["tree_text"]
-            structure = ray.get(service.snapshot.remote(tree_stream))["tree"]
+            tree_text, structure = info["tree_text"], info["tree"]
         task_metrics = {f"test/{names[i]}": v for i, v in enumerate(column)}
         task_metrics.update({"train_seconds": outcome["train_seconds"], "tokens_per_second_per_worker": outcome["tokens_per_second_per_worker"]})
         choices = np.array(outcome["choices"]) if outcome["choices"] is not None else None
@@ -147,9 +146,9 @@ def run_stream(cfg: RunConfig, *, address: str | None = None, log=print, fail_at
             f"test {', '.join(f'{names[i]}={v:.3f}' for i, v in enumerate(column))}")
     metrics = {"op": float(np.mean(R[:, -1]))} if joint else summary(R)
     wall = time.perf_counter() - t0
-    final_tree = ray.get(service.describe.remote(tree_stream))["tree_text"] if method_cls.uses_tree else None
-    final_structure = ray.get(service.snapshot.remote(tree_stream))["tree"] if method_cls.uses_tree else None
-    tracker.finish_stream({k: v for k, v in metrics.items() if isinstance(v, float)}, R, names, wall, final_tree, final_structure)
+    final = ray.get(service.describe.remote(tree_stream)) if method_cls.uses_tree else {}
+    tracker.finish_stream({k: v for k, v in metrics.items() if isinstance(v, float)}, R, names, wall,
+                          final.get("tree_text"), final.get("tree"))
     return StreamResult(stream.name, cfg.method.name, names, R, metrics, wall, reports, registered_model=model_name,
                         versions=tracker.versions(), tracking_uri=tracking_uri, tree_stream=tree_stream)
 

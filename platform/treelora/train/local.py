@@ -21,7 +21,7 @@ from ..evaluate import evaluate_tasks, summary
 from ..methods import make_method
 from ..methods.base import TaskContext
 from .loop import TorchStepper, epoch_batches, seed_everything, train_task
-from .setup import build_model, build_stream, steps_per_epoch, stream_kind, tree_stream_id
+from .setup import build_model, build_stream, phase_parameters, steps_per_epoch, stream_kind, tree_stream_id
 
 
 @dataclasses.dataclass
@@ -72,11 +72,7 @@ def run_stream_local(cfg: RunConfig, workdir: str | Path | None = None, log=prin
         snapshot = registry.snapshot(tree_stream) if registry else None
         ctx = TaskContext(model=model, task=phase_tasks[-1], task_index=j, steps_per_epoch=steps_per_epoch(phase_tasks, cfg.train.batch_size),
                           epochs=cfg.train.epochs, seed=cfg.train.seed, tree_snapshot=snapshot)
-        trainable = method.begin_task(ctx)
-        for t in phase_tasks[:-1]:  # joint: the other heads of the phase train too (begin_task gave the last one)
-            for p in model.heads[t.name].parameters() if t.name in model.heads else []:
-                p.requires_grad_(True)
-                trainable.append(p)
+        trainable = phase_parameters(model, method, ctx, phase_tasks)
         optimizer = torch.optim.AdamW(trainable, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         records = train_task(model, method, ctx, TorchStepper(optimizer),
                              lambda e: epoch_batches(phase_tasks, cfg.train.batch_size, cfg.train.seed, j, e),

@@ -52,3 +52,14 @@ def steps_per_epoch(tasks, batch_size: int, world_size: int = 1) -> int:
     from .loop import batch_bounds
 
     return sum(len(batch_bounds(len(t.train), batch_size, world_size)) for t in tasks)
+
+
+def phase_parameters(model, method, ctx, phase_tasks) -> list:
+    """What one phase trains: the method's choice (adapter + the last task's head) plus, in a
+    joint phase, the heads of the other tasks of the phase."""
+    trainable = method.begin_task(ctx)
+    for t in phase_tasks[:-1]:
+        for p in model.heads[t.name].parameters():
+            p.requires_grad_(True)
+            trainable.append(p)
+    return trainable

@@ -71,7 +71,7 @@ def train_one_task(config: dict) -> None:
     from ..methods import make_method
     from ..methods.base import TaskContext
     from .loop import epoch_batches, seed_everything, train_task
-    from .setup import build_model, build_stream, steps_per_epoch, stream_kind
+    from .setup import build_model, build_stream, phase_parameters, steps_per_epoch, stream_kind
     from .state_io import load_state, save_state
 
     ctx_train = ray.train.get_context()
@@ -95,11 +95,7 @@ def train_one_task(config: dict) -> None:
     spe = steps_per_epoch(phase_tasks, cfg.train.batch_size, world)
     ctx = TaskContext(model=model, task=phase_tasks[-1], task_index=job.phase, steps_per_epoch=spe,
                       epochs=cfg.train.epochs, seed=cfg.train.seed, tree_snapshot=snapshot)
-    trainable = method.begin_task(ctx)
-    for t in phase_tasks[:-1]:  # joint: every head of the phase trains
-        for p in model.heads[t.name].parameters():
-            p.requires_grad_(True)
-            trainable.append(p)
+    trainable = phase_parameters(model, method, ctx, phase_tasks)
     optimizer = torch.optim.AdamW(trainable, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            config=deepspeed_config(cfg, max(cfg.train.batch_size // world, 1), use_bf16))
