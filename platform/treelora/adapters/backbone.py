@@ -68,20 +68,33 @@ def resolve_name(name: str, stream_kind: str) -> str:
     return name
 
 
-def load_backbone(name: str, stream_kind: str = "classification", dtype: torch.dtype = torch.float32) -> Backbone:
+def load_backbone(name: str, stream_kind: str = "classification", dtype: torch.dtype = torch.float32,
+                  device: torch.device | str | None = None) -> Backbone:
+    """The backbone in ``dtype`` on ``device``; on a GPU the weights load straight onto it."""
+    backbone = _load_backbone(name, stream_kind, dtype, device)
+    if device is not None:
+        backbone.model.to(device)  # a no-op where the weights were loaded onto the device already
+    return backbone
+
+
+def _load_backbone(name: str, stream_kind: str, dtype: torch.dtype, device) -> Backbone:
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     name = resolve_name(name, stream_kind)
+    on_gpu = device is not None and torch.device(device).type == "cuda" and importlib.util.find_spec("accelerate") is not None
+    onto = {"device_map": {"": str(device)}} if on_gpu else {}
     if name == "minilm":
         path = minilm_dir()
-        return Backbone(AutoModel.from_pretrained(path, dtype=dtype), AutoTokenizer.from_pretrained(path), "bert", f"all-MiniLM-L6-v2 ({path})")
+        return Backbone(AutoModel.from_pretrained(path, dtype=dtype, **onto), AutoTokenizer.from_pretrained(path), "bert", f"all-MiniLM-L6-v2 ({path})")
     if name == "smollm2":
         path = smollm2_dir()
         model = AutoModelForCausalLM.from_pretrained(path, gguf_file=SMOLLM2_GGUF, dtype=dtype)
         tok = AutoTokenizer.from_pretrained(path, gguf_file=SMOLLM2_GGUF)
         return Backbone(model, _causal_tokenizer(tok), "llama", f"SmolLM2-135M-Instruct ({path / SMOLLM2_GGUF})")
     if name in ("tiny-bert", "tiny-llama"):
-        return tiny_backbone(name)
+        backbone = tiny_backbone(name)
+        backbone.model.to(dtype)
+        return backbone
     path = Path(name)
     if not path.is_dir():
         raise ModelNotAvailable(
@@ -90,9 +103,9 @@ def load_backbone(name: str, stream_kind: str = "classification", dtype: torch.d
     config = AutoConfig.from_pretrained(path)
     tok = AutoTokenizer.from_pretrained(path)
     if config.model_type == "llama":
-        return Backbone(AutoModelForCausalLM.from_pretrained(path, dtype=dtype), _causal_tokenizer(tok), "llama", str(path))
+        return Backbone(AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **onto), _causal_tokenizer(tok), "llama", str(path))
     if config.model_type == "bert":
-        return Backbone(AutoModel.from_pretrained(path, dtype=dtype), tok, "bert", str(path))
+        return Backbone(AutoModel.from_pretrained(path, dtype=dtype, **onto), tok, "bert", str(path))
     raise ModelNotAvailable(f"model {path}: model_type {config.model_type!r} is not supported (bert or llama)")
 
 

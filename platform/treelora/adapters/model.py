@@ -48,6 +48,7 @@ class ContinualModel(torch.nn.Module):
         super().__init__()
         self.family, self.tokenizer, self.source = backbone.family, backbone.tokenizer, backbone.source
         self.max_length, self.max_new_tokens = max_length, max_new_tokens
+        self._ids: dict[str, list[int]] = {}  # text -> token ids, filled once (see prepare)
         self.lora_config = LoraConfig(
             r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none",
             target_modules=target_module_names(backbone.family, tuple(targets)),
@@ -96,33 +97,77 @@ class ContinualModel(torch.nn.Module):
         return params
 
     # -- batches --------------------------------------------------------------------------
+    # Texts are tokenised once per model and kept (continual streams revisit every task at each
+    # evaluation); a step only pads cached ids, so the host does no tokenisation per step.
     @property
     def device(self) -> torch.device:
         return next(self.peft.parameters()).device
 
+    def prepare(self, tasks: Sequence[Task]) -> None:
+        """Tokenise every text of ``tasks`` in one batched call per split (idempotent)."""
+        for task in tasks:
+            for split in ("train", "eval", "test"):
+                texts = [e.text for e in getattr(task, split)]
+                if self.is_causal:
+                    texts += [e.target for e in getattr(task, split)]
+                self._encode_many(texts)
+
+    def _encode_many(self, texts: Sequence[str]) -> None:
+        todo = list(dict.fromkeys(t for t in texts if t not in self._ids))
+        if not todo:
+            return
+        if self.is_causal:
+            enc = self.tokenizer(todo, add_special_tokens=False).input_ids
+        else:
+            enc = self.tokenizer(todo, truncation=True, max_length=self.max_length).input_ids
+        self._ids.update(zip(todo, enc))
+
+    def _text_ids(self, text: str) -> list[int]:
+        ids = self._ids.get(text)
+        if ids is None:
+            self._encode_many([text])
+            ids = self._ids[text]
+        return ids
+
+    def example_length(self, example: Example) -> int:
+        """Tokens the example takes in a training batch (for batching by length)."""
+        if self.is_causal:
+            return min(len(self._text_ids(example.text)) + len(self._text_ids(example.target)) + 1, self.max_length)
+        return len(self._text_ids(example.text))
+
+    def _to_device(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        device = self.device
+        if device.type == "cuda":  # pinned host memory: the copy overlaps with queued GPU work
+            return {k: v.pin_memory().to(device, non_blocking=True) for k, v in tensors.items()}
+        return tensors
+
+    @staticmethod
+    def _pad(rows: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
+        width = max(len(r) for r in rows)
+        return torch.tensor([[value] * (width - len(r)) + r if left else r + [value] * (width - len(r)) for r in rows])
+
     def batch(self, task: Task, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
         if self.is_causal:
             return self._causal_batch(examples)
-        enc = self.tokenizer([e.text for e in examples], truncation=True, max_length=self.max_length, padding=True, return_tensors="pt")
-        enc["labels"] = torch.tensor([task.labels.index(e.target) for e in examples])
-        return {k: v.to(self.device) for k, v in enc.items()}
+        rows = [self._text_ids(e.text) for e in examples]
+        input_ids = self._pad(rows, self.tokenizer.pad_token_id or 0)
+        mask = self._pad([[1] * len(r) for r in rows], 0)
+        out = {"input_ids": input_ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(input_ids),
+               "labels": torch.tensor([task.labels.index(e.target) for e in examples])}
+        return self._to_device(out)
 
     def _causal_batch(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
-        tok = self.tokenizer
+        eos = self.tokenizer.eos_token_id
         rows, labels = [], []
         for e in examples:
-            answer = tok(e.target, add_special_tokens=False).input_ids + [tok.eos_token_id]
-            prompt = tok(e.text, add_special_tokens=False).input_ids
+            answer = self._text_ids(e.target) + [eos]
+            prompt = self._text_ids(e.text)
             prompt = prompt[-max(self.max_length - len(answer), 1):]  # keep the end of a long prompt
-            ids = (prompt + answer)[-self.max_length:]
-            rows.append(ids)
+            rows.append((prompt + answer)[-self.max_length:])
             labels.append(([-100] * len(prompt) + answer)[-self.max_length:])  # loss on answer tokens only
-        width = max(len(r) for r in rows)
-        pad = tok.pad_token_id
-        input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])  # right-padded for training
-        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
-        label_t = torch.tensor([lab + [-100] * (width - len(lab)) for lab in labels])
-        return {"input_ids": input_ids.to(self.device), "attention_mask": mask.to(self.device), "labels": label_t.to(self.device)}
+        out = {"input_ids": self._pad(rows, self.tokenizer.pad_token_id),  # right-padded for training
+               "attention_mask": self._pad([[1] * len(r) for r in rows], 0), "labels": self._pad(labels, -100)}
+        return self._to_device(out)
 
     # -- forward --------------------------------------------------------------------------
     def loss(self, task: Task, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -140,29 +185,35 @@ class ContinualModel(torch.nn.Module):
 
     @torch.no_grad()
     def predict(self, task: Task, examples: Sequence[Example], batch_size: int = 64) -> list[str]:
-        """Predicted label strings (classification) or greedy-decoded answers (generation)."""
+        """Predicted label strings (classification) or greedy-decoded answers (generation).
+
+        Examples are batched by length (less padding) and answered in their original order.
+        """
         was_training = self.training
         self.eval()
-        out: list[str] = []
+        order = sorted(range(len(examples)), key=lambda i: self.example_length(examples[i]))
+        answers: list[str] = [""] * len(examples)
         try:
-            for i in range(0, len(examples), batch_size):
-                chunk = examples[i : i + batch_size]
+            for i in range(0, len(order), batch_size):
+                idx = order[i : i + batch_size]
+                chunk = [examples[j] for j in idx]
                 if self.is_causal:
-                    out += self._generate([e.text for e in chunk])
+                    got = self._generate([e.text for e in chunk])
                 else:
-                    logits = self.logits(task, self.batch(task, chunk))
-                    out += [task.labels[j] for j in logits.argmax(-1).tolist()]
+                    got = [task.labels[j] for j in self.logits(task, self.batch(task, chunk)).argmax(-1).tolist()]
+                for j, a in zip(idx, got):
+                    answers[j] = a
         finally:
             self.train(was_training)
-        return out
+        return answers
 
     def _generate(self, prompts: list[str]) -> list[str]:
         tok = self.tokenizer
         keep = self.max_length - self.max_new_tokens
-        rows = [tok(p, add_special_tokens=False).input_ids[-keep:] for p in prompts]
-        width = max(len(r) for r in rows)
-        input_ids = torch.tensor([[tok.pad_token_id] * (width - len(r)) + r for r in rows], device=self.device)
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.device)
-        gen = self.peft.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=self.max_new_tokens,
+        rows = [self._text_ids(p)[-keep:] for p in prompts]
+        enc = self._to_device({"input_ids": self._pad(rows, tok.pad_token_id, left=True),
+                               "attention_mask": self._pad([[1] * len(r) for r in rows], 0, left=True)})
+        width = enc["input_ids"].shape[1]
+        gen = self.peft.generate(**enc, max_new_tokens=self.max_new_tokens,
                                  do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-        return [tok.decode(g[width:], skip_special_tokens=True).strip() for g in gen]
+        return [tok.decode(g[width:], skip_special_tokens=True).strip() for g in gen.tolist()]

@@ -99,6 +99,57 @@ def _builtin(name: str, data_root: str | Path | None, sizes: SplitSizes, seed: i
     return Stream(name, tuple(tasks), f"{spec.description}; data from {root}")
 
 
+def _entry_task(entry: Any, base: Path, where: str, sizes: SplitSizes, seed: int) -> Task:
+    """One task from a manifest entry (paths relative to ``base``), subsampled to its sizes."""
+    if not isinstance(entry, dict) or set(entry) - _ENTRY_KEYS:
+        raise ValueError(f"{where}: an entry is a mapping with only the keys {sorted(_ENTRY_KEYS)}, got {entry!r}")
+    if ("path" in entry) == ("splits" in entry):
+        raise ValueError(f"{where}: give either 'path' (a task folder) or 'splits' (split files)")
+    options = {key: entry[key] for key in _PASSED_ON if key in entry}
+    if "labels_file" in entry:
+        options["labels"] = read_label_set(base / entry["labels_file"])
+    task_sizes = {**sizes, **_sizes(entry.get("sizes"), where)}
+    if "eval_size" not in options and task_sizes.get("eval") is not None:
+        options["eval_size"] = task_sizes["eval"]  # only used by a task without an eval file
+    task = load_task(
+        base / entry["path"] if "path" in entry else None,
+        split_files={split: base / file for split, file in entry.get("splits", {}).items()},
+        seed=seed,
+        **options,
+    )
+    return subsample(task, task_sizes, seed)
+
+
+def absolute_task_spec(entry: Any, base: Path, where: str) -> dict:
+    """A manifest entry with its file paths made absolute, so it means the same from anywhere
+    (a task spec dropped into a running stream's inbox is read from another folder)."""
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where}: a task spec is a mapping of manifest entry keys {sorted(_ENTRY_KEYS)}, got {entry!r}")
+    out = dict(entry)
+    for key in ("path", "labels_file"):
+        if key in out:
+            out[key] = str((base / str(out[key])).resolve())
+    if isinstance(out.get("splits"), dict):
+        out["splits"] = {split: str((base / str(f)).resolve()) for split, f in out["splits"].items()}
+    return out
+
+
+def load_task_spec(path: str | Path, sizes: SplitSizes | None = None, seed: int = 0) -> tuple[Task, dict]:
+    """A single task from a YAML task spec (one manifest entry); (the task, the spec with absolute paths).
+
+    Errors name the file and the field; the task's records are all validated by its reader.
+    """
+    path = Path(path)
+    try:
+        entry = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise ValueError(f"{path}: not a readable YAML task spec ({exc})") from exc
+    spec = absolute_task_spec(entry, path.parent, str(path))
+    if "name" not in spec:
+        raise ValueError(f"{path}: a task spec needs a 'name'")
+    return _entry_task(spec, path.parent, str(path), _sizes(sizes, str(path)), seed), spec
+
+
 def _manifest(path: Path, sizes: SplitSizes, seed: int | None) -> Stream:
     manifest = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     if not isinstance(manifest, dict) or set(manifest) - _MANIFEST_KEYS or not isinstance(manifest.get("tasks"), list):
@@ -107,26 +158,8 @@ def _manifest(path: Path, sizes: SplitSizes, seed: int | None) -> Stream:
         )
     seed = manifest.get("seed", 0) if seed is None else seed
     stream_sizes = {**_sizes(manifest.get("sizes"), str(path)), **sizes}
-    tasks = []
-    for number, entry in enumerate(manifest["tasks"]):
-        where = f"{path}: tasks[{number}]"
-        if not isinstance(entry, dict) or set(entry) - _ENTRY_KEYS:
-            raise ValueError(f"{where}: an entry is a mapping with only the keys {sorted(_ENTRY_KEYS)}, got {entry!r}")
-        if ("path" in entry) == ("splits" in entry):
-            raise ValueError(f"{where}: give either 'path' (a task folder) or 'splits' (split files)")
-        options = {key: entry[key] for key in _PASSED_ON if key in entry}
-        if "labels_file" in entry:
-            options["labels"] = read_label_set(path.parent / entry["labels_file"])
-        task_sizes = {**stream_sizes, **_sizes(entry.get("sizes"), where)}
-        if "eval_size" not in options and task_sizes.get("eval") is not None:
-            options["eval_size"] = task_sizes["eval"]  # only used by a task without an eval file
-        task = load_task(
-            path.parent / entry["path"] if "path" in entry else None,
-            split_files={split: path.parent / file for split, file in entry.get("splits", {}).items()},
-            seed=seed,
-            **options,
-        )
-        tasks.append(subsample(task, task_sizes, seed))
+    tasks = [_entry_task(entry, path.parent, f"{path}: tasks[{number}]", stream_sizes, seed)
+             for number, entry in enumerate(manifest["tasks"])]
     return Stream(manifest.get("name", path.stem), tuple(tasks), manifest.get("description", f"manifest {path}"))
 
 

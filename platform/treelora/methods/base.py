@@ -29,6 +29,13 @@ class TaskContext:
     seed: int
     tree_snapshot: dict | None = None  # the tree service's snapshot() answer for methods that use it
     grad_of: Callable[[torch.nn.Parameter], torch.Tensor | None] = lambda p: p.grad  # DeepSpeed passes its own
+    # the full gradients of several parameters at once (DeepSpeed: one all-reduce for all of them)
+    grads_of_many: Callable[[list], list] | None = None
+
+    def grads_of(self, params: list[torch.nn.Parameter]) -> list[torch.Tensor | None]:
+        if self.grads_of_many is not None:
+            return self.grads_of_many(params)
+        return [self.grad_of(p) for p in params]
 
     @property
     def total_steps(self) -> int:

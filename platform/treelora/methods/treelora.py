@@ -49,6 +49,13 @@ def _snapshot_tensors(snapshot: dict | None, device) -> tuple[SignatureSpace | N
 
 
 class TreeLoRA:
+    """The paper's method. The per-step path stays on the device: gradients, the running
+    estimate, the regulariser's direction and the observed gaps are flat tensors (a few kernels
+    per step, not a few per module), and the gaps reach the host-side bandit through a pinned
+    buffer read at the next step, when the copy has long finished, so a step never waits for
+    the device. The bandit sees exactly the same sequence of observations as a synchronous one.
+    """
+
     name = "treelora"
     uses_tree = True
 
@@ -58,71 +65,113 @@ class TreeLoRA:
         self.projector: Projector | None = None
         self.signatures: torch.Tensor | None = None
         self.bandit: TreeLCBBandit | None = None
-        self.running: list[torch.Tensor] = []  # per module, flattened [A, B] gradient running mean
+        self.flat_running: torch.Tensor | None = None  # all modules' [A, B] gradient running means, flattened
+        self.running: list[torch.Tensor] = []  # per-module views of flat_running
         self.steps_seen = 0
-        self.directions: list[torch.Tensor] | None = None  # this step's u_d, per module
-        self.lambdas: torch.Tensor | None = None  # this step's lambda_d
+        self.step_direction: torch.Tensor | None = None  # this step's lambda_d * u_d, flat (None without a regulariser)
         self.choice_counts: np.ndarray | None = None
         self.last_choice: np.ndarray | None = None
+        self._pending: tuple[torch.Tensor, object] | None = None  # (host gaps, copy-done event) not yet observed
 
     # -- per task -------------------------------------------------------------------------
+    def _layout(self, model, width_of) -> None:
+        """Flat layout of the modules' parameters: sizes, where each module's slice lies, and
+        (exact projection) where each flat entry lands in the padded [L, D] signature."""
+        self.modules = model.modules_in_order
+        self.params = [p for m in self.modules for p in (m.A(), m.B())]
+        sizes = [width_of(m) for m in self.modules]
+        device = model.device
+        self.sizes = sizes
+        self.flat_running = torch.zeros(sum(sizes), device=device)
+        self.running = list(torch.split(self.flat_running, sizes))
+        self.module_of_flat = torch.repeat_interleave(torch.arange(len(sizes), device=device), torch.tensor(sizes, device=device))
+        D = self.space.width
+        self.padded_index = torch.cat([torch.arange(n, device=device) + d * D for d, n in enumerate(sizes)])
+        self.size_tensor = torch.tensor(sizes, device=device, dtype=torch.float32)
+
     def begin_task(self, ctx: TaskContext):
         model = ctx.model
         trainable = model.trainable_for(ctx.task)
-        self.modules = model.modules_in_order
         space, sig, tree = _snapshot_tensors(ctx.tree_snapshot, model.device)
         self.space = space or signature_space_for(model, self.cfg)
-        if space is not None and space.num_modules != len(self.modules):
-            raise ValueError(f"the tree stream has signatures of {space.num_modules} modules but the model adapts {len(self.modules)}")
+        if space is not None and space.num_modules != len(model.modules_in_order):
+            raise ValueError(f"the tree stream has signatures of {space.num_modules} modules but the model adapts {len(model.modules_in_order)}")
         self.projector = Projector(self.space)
+        self._layout(model, lambda m: m.A().numel() + m.B().numel())
         self.signatures = sig
         self.bandit = TreeLCBBandit(self.space, tree, c=self.cfg.bandit_c) if tree is not None else None
-        self.running = [torch.zeros(m.A().numel() + m.B().numel(), device=model.device) for m in self.modules]
         self.steps_seen = 0
+        self._pending = None
         n_prev = 0 if sig is None else sig.shape[0]
         self.choice_counts = np.zeros((n_prev, len(self.modules)), dtype=np.int64)
         return trainable
 
     def _projected_running(self) -> torch.Tensor:
+        if self.space.projection == "exact":  # zero padding: one scatter into [L, D]
+            out = torch.zeros(self.space.num_modules * self.space.width, device=self.flat_running.device)
+            out[self.padded_index] = self.flat_running
+            return out.view(self.space.num_modules, self.space.width)
         return self.projector.project(self.running)  # [L, D]
 
+    def _flush(self) -> None:
+        """Give the bandit the gaps of the last step (their device-to-host copy is done by now)."""
+        if self._pending is None:
+            return
+        gaps, done = self._pending
+        if done is not None:
+            done.synchronize()
+        self.bandit.observe(gaps.numpy().astype(np.float64))
+        self._pending = None
+
     def penalty(self, ctx: TaskContext, step: int, task_loss: torch.Tensor):
-        self.directions = None
+        self.step_direction = None
         if self.bandit is None:
             return None
+        self._flush()
         running_sig = self._projected_running()
-        tasks, _ = self.bandit.step(running_sig, self.signatures)  # choose per module, observe gaps
+        tasks = self.bandit.select()
         self.last_choice = tasks
         self.choice_counts[tasks, np.arange(len(tasks))] += 1
-        chosen = self.signatures[torch.as_tensor(tasks, device=self.signatures.device), torch.arange(len(tasks), device=self.signatures.device)]
+        modules = torch.arange(len(tasks), device=self.signatures.device)
+        chosen = self.signatures[torch.as_tensor(tasks, device=self.signatures.device), modules]
+        gaps = self.space.distance(running_sig, chosen)
+        if gaps.device.type == "cuda":
+            host = torch.empty(gaps.shape, dtype=gaps.dtype, pin_memory=True)
+            host.copy_(gaps, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+            self._pending = (host, done)
+        else:
+            self._pending = (gaps.detach().clone(), None)
         toward = torch.sign(chosen - running_sig)  # [L, D]: the subgradient of -||P g - s||_1 in P g
-        self.directions = [self._back_project(toward[d], self.running[d].numel()) for d in range(len(self.modules))]
-        self.lambdas = self.cfg.strength * torch.stack([r.abs().mean() for r in self.running])
-        total = 0.0
-        for d, m in enumerate(self.modules):
-            theta = torch.cat([m.A().reshape(-1), m.B().reshape(-1)])
-            total = total + self.lambdas[d] * (theta * self.directions[d]).sum()
-        return total
+        lambdas = self.cfg.strength * (self.flat_running.abs().new_zeros(len(self.sizes))
+                                       .index_add_(0, self.module_of_flat, self.flat_running.abs()) / self.size_tensor)
+        self.step_direction = lambdas[self.module_of_flat] * self._back_project(toward)
+        theta = torch.cat([p.reshape(-1) for p in self.params])
+        return (theta * self.step_direction.to(theta.dtype)).sum()
 
-    def _back_project(self, v: torch.Tensor, size: int) -> torch.Tensor:
+    def _back_project(self, toward: torch.Tensor) -> torch.Tensor:
+        """u = P^T sign(.) per module, flat."""
         if self.space.projection == "exact":
-            return v[:size]
-        u = self.projector.matrix(size, v.device) @ v
-        return u / u.abs().mean().clamp(min=1e-12)  # unit mean magnitude, like a sign vector
+            return toward.reshape(-1)[self.padded_index]
+        parts = []
+        for d, size in enumerate(self.sizes):
+            u = self.projector.matrix(size, toward.device) @ toward[d]
+            parts.append(u / u.abs().mean().clamp(min=1e-12))  # unit mean magnitude, like a sign vector
+        return torch.cat(parts)
 
     def after_backward(self, ctx: TaskContext, step: int) -> None:
+        grads = ctx.grads_of(self.params)
+        if any(g is None for g in grads):
+            return
         self.steps_seen += 1
-        rate = 1.0 / self.steps_seen
-        for d, m in enumerate(self.modules):
-            ga, gb = ctx.grad_of(m.A()), ctx.grad_of(m.B())
-            if ga is None or gb is None:
-                continue
-            g = torch.cat([ga.reshape(-1), gb.reshape(-1)]).float()
-            if self.directions is not None:
-                g = g - self.lambdas[d] * self.directions[d]  # the task's own gradient
-            self.running[d].add_(g.detach() - self.running[d], alpha=rate)
+        g = torch.cat([x.reshape(-1) for x in grads]).float()
+        if self.step_direction is not None:
+            g = g - self.step_direction  # the task's own gradient
+        self.flat_running.add_(g - self.flat_running, alpha=1.0 / self.steps_seen)
 
     def end_task(self, ctx: TaskContext) -> TaskOutcome:
+        self._flush()
         return TaskOutcome(
             signature=self._projected_running().float().cpu().contiguous(),
             signature_space=self.space.to_dict(),
@@ -133,6 +182,8 @@ class TreeLoRA:
         return ["default"]
 
     def state_dict(self) -> dict:
+        if self.bandit is not None:
+            self._flush()
         state = {"running": [r.cpu() for r in self.running], "steps_seen": self.steps_seen,
                  "choice_counts": torch.from_numpy(self.choice_counts.copy()) if self.choice_counts is not None else None}
         if self.bandit is not None:
@@ -140,8 +191,9 @@ class TreeLoRA:
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        device = self.running[0].device if self.running else "cpu"
-        self.running = [r.to(device) for r in state["running"]]
+        with torch.no_grad():
+            for view, saved in zip(self.running, state["running"]):
+                view.copy_(saved)
         self.steps_seen = int(state["steps_seen"])
         if state.get("choice_counts") is not None:
             self.choice_counts = state["choice_counts"].numpy().copy()
@@ -165,24 +217,23 @@ class TreeLoRAReference(TreeLoRA):
 
     def begin_task(self, ctx: TaskContext):
         trainable = ctx.model.trainable_for(ctx.task)
-        self.modules = ctx.model.modules_in_order
         space, sig, tree = _snapshot_tensors(ctx.tree_snapshot, ctx.model.device)
-        width = max(m.A().numel() for m in self.modules)
-        self.space = space or SignatureSpace(len(self.modules), width, projection="exact", metric="dot")
+        width = max(m.A().numel() for m in ctx.model.modules_in_order)
+        self.space = space or SignatureSpace(len(ctx.model.modules_in_order), width, projection="exact", metric="dot")
         self.projector = Projector(self.space)
+        self._layout(ctx.model, lambda m: m.A().numel())
         self.signatures = sig
         self.bandit = (ReferenceSampler(self.space, tree, num_tasks=sig.shape[0], steps_per_epoch=ctx.steps_per_epoch, seed=ctx.seed)
                        if tree is not None else None)
-        self.running = [torch.zeros(m.A().numel(), device=ctx.model.device) for m in self.modules]
         self.steps_seen = 0
+        self._pending = None
         self.choice_counts = np.zeros((0 if sig is None else sig.shape[0], len(self.modules)), dtype=np.int64)
         self._steps_per_epoch = max(ctx.steps_per_epoch, 1)
         return trainable
 
     def penalty(self, ctx: TaskContext, step: int, task_loss: torch.Tensor):
         if step % self._steps_per_epoch == 0:  # their new_epoch_init resets the accumulation
-            for r in self.running:
-                r.zero_()
+            self.flat_running.zero_()
         self._accumulate()
         if self.bandit is None:
             return None

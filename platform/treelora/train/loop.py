@@ -53,31 +53,53 @@ def batch_bounds(n: int, batch_size: int, min_size: int = 1) -> list[tuple[int, 
     return bounds
 
 
-def epoch_batches(tasks: Sequence[Task], batch_size: int, seed: int, phase: int, epoch: int, min_size: int = 1) -> list[Batch]:
+BUCKET_BATCHES = 16  # batching by length sorts windows of this many batches' worth of examples
+
+
+def epoch_batches(tasks: Sequence[Task], batch_size: int, seed: int, phase: int, epoch: int, min_size: int = 1,
+                  length_of: Callable[[Example], int] | None = None) -> list[Batch]:
     """The global batches of one epoch, shuffled by (seed, phase, epoch) alone.
 
     Every batch holds examples of one task (each task has its own head); with several tasks
     (the joint method) the batches of all of them are interleaved. Every rank computes the same
     list and takes its own slice of each batch, so all ranks run the same number of steps.
+    With ``length_of`` (tokens per example), examples are batched by length: the shuffled order
+    is cut into windows of ``BUCKET_BATCHES`` batches, each window sorted by length, and the
+    batches shuffled again, so a batch pads little and the epoch's order stays random.
     """
     rng = random.Random(f"{seed}/{phase}/{epoch}")
     batches: list[Batch] = []
     for task in tasks:
         order = list(range(len(task.train)))
         rng.shuffle(order)
+        if length_of is not None:
+            window = batch_size * BUCKET_BATCHES
+            order = [j for w in range(0, len(order), window)
+                     for j in sorted(order[w : w + window], key=lambda j: length_of(task.train[j]))]
         batches += [(task, [task.train[j] for j in order[a:b]]) for a, b in batch_bounds(len(order), batch_size, min_size)]
-    if len(tasks) > 1:
+    if len(tasks) > 1 or length_of is not None:
         rng.shuffle(batches)
     return batches
 
 
 @dataclasses.dataclass
 class StepRecord:
+    """One step. Loss and penalty stay device tensors: reading them as floats waits for the
+    device, so the runner does that only at its logging cadence (``train.log_every``)."""
+
     epoch: int
     index: int  # batch index inside the epoch
     step: int  # global step inside the task
-    loss: float
-    penalty: float
+    loss_tensor: torch.Tensor
+    penalty_tensor: torch.Tensor | None
+
+    @property
+    def loss(self) -> float:
+        return float(self.loss_tensor)
+
+    @property
+    def penalty(self) -> float:
+        return 0.0 if self.penalty_tensor is None else float(self.penalty_tensor)
 
 
 def train_task(
@@ -110,7 +132,7 @@ def train_task(
             stepper.backward(loss if extra is None else loss + extra)
             method.after_backward(ctx, step)
             stepper.step()
-            record = StepRecord(epoch, index, step, float(loss.detach()), float(extra.detach()) if extra is not None else 0.0)
+            record = StepRecord(epoch, index, step, loss.detach(), extra.detach() if isinstance(extra, torch.Tensor) else None)
             records.append(record)
             if on_step is not None:
                 on_step(record)

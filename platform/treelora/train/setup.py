@@ -32,9 +32,9 @@ def stream_kind(stream: Stream) -> str:
     return kinds.pop()
 
 
-def build_model(cfg: RunConfig, kind: str, dtype: torch.dtype = torch.float32) -> ContinualModel:
+def build_model(cfg: RunConfig, kind: str, dtype: torch.dtype = torch.float32, device: torch.device | None = None) -> ContinualModel:
     torch.manual_seed(cfg.train.seed)  # LoRA A init: the same on every worker
-    backbone = load_backbone(cfg.model.name, kind, dtype=dtype)
+    backbone = load_backbone(cfg.model.name, kind, dtype=dtype, device=device)
     want = "llama" if kind == "generation" else "bert"
     if backbone.family != want:
         raise ValueError(f"model.name {cfg.model.name!r} is a {backbone.family} model but the stream's tasks are {kind}")
