@@ -26,7 +26,7 @@ import numpy as np
 
 from treelora.config import load_config
 from treelora.methods import METHODS
-from treelora.train.local import run_stream_local
+from treelora.train.stream import run_stream
 
 ORDER = ["seq-lora", "l2-anchor", "o-lora", "treelora", "treelora-reference", "joint"]
 
@@ -67,7 +67,7 @@ def main(argv=None) -> int:
         for seed in range(seeds):
             for method in methods:
                 cfg = load_config(args.config, overrides + [f"method.name={method}", f"train.seed={seed}", f"workdir={os.path.join(tmp, f'{method}-{seed}')}"])
-                res = run_stream_local(cfg, log=lambda *_: None)
+                res = run_stream(cfg, executor="local", log=lambda *_: None)
                 results[method].append(res)
                 print(f"seed {seed} {method:<19} OP {res.metrics['op'] * 100:5.1f}  BWT {res.metrics.get('bwt', float('nan')) * 100:6.1f}  "
                       f"wall {res.wall_seconds:6.1f} s", flush=True)

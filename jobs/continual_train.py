@@ -14,7 +14,7 @@ sys.path[:0] = [p for p in ("platform", ".") if os.path.isdir(p) and p not in sy
 
 from treelora.cli import _quiet, format_result  # noqa: E402
 from treelora.config import load_config  # noqa: E402
-from treelora.train.driver import run_stream  # noqa: E402
+from treelora.train.stream import run_stream  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -28,7 +28,7 @@ from treelora.methods.l2_anchor import L2Anchor
 from treelora.methods.o_lora import OLoRA
 from treelora.methods.seq_lora import SeqLoRA
 from treelora.methods.treelora import TreeLoRA, TreeLoRAReference, signature_space_for
-from treelora.train.local import run_stream_local
+from treelora.train.stream import run_stream
 from treelora.train.loop import TorchStepper, epoch_batches, step_seed, train_task
 from treelora.train.setup import build_model, build_stream, steps_per_epoch
 
@@ -58,7 +58,7 @@ def tasks(tmp_path_factory):
 # == the battery ===============================================================================
 @pytest.fixture(scope="module")
 def streams(tmp_path_factory):
-    """run_stream_local per (method, spec, copy), cached: each stream runs once per module."""
+    """run_stream (in-process executor) per (method, spec, copy), cached: each stream runs once per module."""
     cache = {}
 
     def run(method: str, base=CLS, copy_: int = 0):
@@ -67,7 +67,7 @@ def streams(tmp_path_factory):
             workdir = tmp_path_factory.mktemp(f"{method}-{copy_}")
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                result = run_stream_local(config(method, workdir, base), log=lambda line: None)
+                result = run_stream(config(method, workdir, base), executor="local", log=lambda line: None)
             cache[key] = (result, [str(w.message) for w in caught])
         return cache[key]
 

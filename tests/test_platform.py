@@ -36,7 +36,7 @@ def _registry(result):
 
 
 def test_three_task_stream_end_to_end(ray_session, tmp_path, capsys):
-    from treelora.train.driver import run_stream
+    from treelora.train.stream import run_stream
     from treelora.train.progress import StreamProgress
     from tree_service import TreeRegistry
 
@@ -60,8 +60,11 @@ def test_three_task_stream_end_to_end(ray_session, tmp_path, capsys):
     assert str(resolve_model_uri(client, f"models:/{result.registered_model}@latest")[1]) == "3"
     # all ranks chose the same previous task per module at every step
     progress = StreamProgress.load(tmp_path / "streams" / result.tree_stream / "progress.json")
-    assert all(progress.done(t)["ranks_agree"] for t in ["agnews", "amazon", "SST-2"])
-    assert progress.done("SST-2")["choices"] is not None and np.array(progress.done("SST-2")["choices"]).shape[0] == 2
+    assert all(progress.done(t)["outcome"]["ranks_agree"] for t in ["agnews", "amazon", "SST-2"])
+    assert progress.done("SST-2")["outcome"]["choices"] is not None and np.array(progress.done("SST-2")["outcome"]["choices"]).shape[0] == 2
+    # one long-lived worker group for the whole stream: one Ray Train run, the model loaded once
+    assert [p.name for p in (tmp_path / "ray_train").iterdir()] == [result.tree_stream]
+    assert all(o.world_size == 2 for o in result.outcomes)
     # models:/<name>@latest downloads and loads with stock peft to identical weights
     from safetensors.torch import load_file
 
@@ -92,7 +95,7 @@ def test_crashed_stream_resumes_with_the_tree_service_restarted(ray_session, tmp
     rerun skips the done task and finishes with the tree, registry and matrix complete."""
     from ray.train import TrainingFailedError
 
-    from treelora.train.driver import run_stream
+    from treelora.train.stream import run_stream
     from tree_service.actor import get_tree_service
 
     cfg = _cfg(tmp_path, "scaling.max_failures=0", "stream.tasks=[agnews, SST-2]")
@@ -112,7 +115,7 @@ def test_crashed_stream_resumes_with_the_tree_service_restarted(ray_session, tmp
 
 
 def test_killed_worker_resumes_from_checkpoint_and_task_completes(ray_session, tmp_path):
-    from treelora.train.driver import run_stream
+    from treelora.train.stream import run_stream
     from treelora.train.progress import StreamProgress
 
     # task 2, so the bandit runs (a tree of 1 task) and the resumed ranks must still agree
@@ -120,13 +123,23 @@ def test_killed_worker_resumes_from_checkpoint_and_task_completes(ray_session, t
     result = run_stream(cfg, fail_at={"amazon": 2})  # the last rank dies at step 2 of task 2
     assert np.isfinite(result.accuracy).all()
     progress = StreamProgress.load(tmp_path / "streams" / result.tree_stream / "progress.json")
-    losses = progress.done("amazon")["losses"]
+    amazon = progress.done("amazon")["outcome"]
+    losses = amazon["losses"]
     assert [s for s, _, _ in losses] == list(range(len(losses)))  # every step once: resumed, not restarted
-    assert len(losses) == 4 and progress.done("amazon")["ranks_agree"]
+    assert len(losses) == 4 and amazon["ranks_agree"]
     # the bandit's counts survived the restart: one pull per module per step, over all 4 steps
-    assert (np.array(progress.done("amazon")["choices"]).sum(0) == 4).all()
-    ckpts = sorted((tmp_path / "ray_train").glob("*-01-amazon/checkpoint_*"))
-    assert len(ckpts) >= 4  # checkpoints every step, from both attempts
+    assert (np.array(amazon["choices"]).sum(0) == 4).all()
+    # checkpoints: a bounded number, holding only what trains (no frozen base weight, no pickled model)
+    ckpts = sorted(p for p in (tmp_path / "ray_train" / result.tree_stream).glob("checkpoint_*") if p.is_dir())
+    # bounded: 6 steps + 2 task ends were checkpointed (every step here); Ray Train keeps the newest
+    # scaling.keep_checkpoints, and may still hold the one the restarted attempt started from
+    assert 1 <= len(ckpts) <= cfg.scaling.keep_checkpoints + 1
+    for ckpt in ckpts:
+        names = {p.name for p in ckpt.rglob("*") if p.is_file()}
+        assert "adapter_model.safetensors" in names and "position.json" in names
+        for model_states in ckpt.rglob("*model_states.pt"):
+            state = torch.load(model_states, map_location="cpu", weights_only=False)["module"]
+            assert state and all("lora_" in k or k.startswith("heads.") for k in state), sorted(state)[:5]
 
 
 @pytest.mark.parametrize(
@@ -139,8 +152,48 @@ def test_killed_worker_resumes_from_checkpoint_and_task_completes(ray_session, t
     ],
 )
 def test_wrong_configs_fail_before_any_worker_starts(ray_session, tmp_path, override, field):
-    from treelora.train.driver import run_stream
+    from treelora.train.stream import run_stream
 
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         run_stream(_cfg(tmp_path, override))
     assert not (tmp_path / "ray_train").exists()  # no trainer was started
+
+
+def test_a_running_stream_takes_new_tasks_from_its_inbox(ray_session, tmp_path, capsys):
+    """Task specs dropped while the stream runs: a good one is trained after the stream's tasks by
+    the same worker group (no second Ray Train run), a bad one is refused and the stream goes on."""
+    import yaml
+
+    from treelora.cli import main
+    from treelora.train.stream import run_stream
+
+    cfg = _cfg(tmp_path, "stream.tasks=[agnews, amazon]")
+    cfg_path = tmp_path / "run.yaml"
+    cfg_path.write_text(json.dumps(cfg.to_dict()))
+    good, bad = tmp_path / "good.yaml", tmp_path / "bad.yaml"
+    good.write_text(yaml.safe_dump({"name": "SST-2-extra", "path": str(SAMPLE_ROOT / "olora" / "SC" / "SST-2")}))
+    bad.write_text(yaml.safe_dump({"name": "broken", "path": str(tmp_path / "no-such-task")}))
+    assert main(["add-task", "olora-cls.treelora.tiny-bert", str(bad), "--config", str(cfg_path)]) == 2  # checked up front
+    dropped = []
+
+    def log(line):
+        if "agnews: model version" in line and not dropped:  # the worker group is on amazon now
+            from treelora.train.stream import StreamPaths
+
+            inbox = StreamPaths.of(cfg, "olora-cls.treelora.tiny-bert").inbox
+            dropped.append(inbox.drop({"name": "broken", "path": str(tmp_path / "no-such-task")}))
+            assert main(["add-task", "olora-cls.treelora.tiny-bert", str(good), "--config", str(cfg_path)]) == 0
+
+    result = run_stream(cfg, log=log)
+    assert dropped and result.task_names == ["agnews", "amazon", "SST-2-extra"]
+    assert result.accuracy.shape == (3, 3) and np.isfinite(result.accuracy[:, 2]).all()
+    assert np.isnan(result.accuracy[2, 0])  # not in the stream yet when agnews finished (it is scored from then on)
+    assert [p.name for p in (tmp_path / "ray_train").iterdir()] == [result.tree_stream]  # the same worker group
+    _, versions = _registry(result)
+    assert [v.tags["task"] for v in versions] == ["agnews", "amazon", "SST-2-extra"]
+    rejected = list((tmp_path / "streams" / result.tree_stream / "inbox" / "rejected").glob("*.error.txt"))
+    assert len(rejected) == 1 and "no-such-task" in rejected[0].read_text()
+    # a rerun knows the task that joined: nothing left to do
+    logs = []
+    again = run_stream(cfg, log=logs.append)
+    assert again.task_names == result.task_names and sum("already done" in line for line in logs) == 3

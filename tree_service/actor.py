@@ -36,3 +36,20 @@ def get_tree_service(
         options["lifetime"] = "detached"
     handle = TreeService.options(**options).remote(storage_uri)
     return handle
+
+
+class RemoteTree:
+    """The tree service actor behind the same calls as a local ``TreeRegistry`` (blocking), so
+    code that uses a tree does not care whether it lives in this process or in the service."""
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    def snapshot(self, stream: str) -> dict:
+        return ray.get(self.handle.snapshot.remote(stream))
+
+    def describe(self, stream: str) -> dict:
+        return ray.get(self.handle.describe.remote(stream))
+
+    def add_task(self, stream: str, task_id: str, signature, expected_version: int, **kwargs) -> int:
+        return ray.get(self.handle.add_task.remote(stream, task_id, signature, expected_version, **kwargs))

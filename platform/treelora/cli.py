@@ -48,15 +48,10 @@ def _quiet() -> None:
 
 
 def cmd_run(args) -> int:
+    from .train.stream import run_stream
+
     cfg = load_config(args.config, args.set)
-    if args.local:
-        from .train.local import run_stream_local
-
-        result = run_stream_local(cfg)
-    else:
-        from .train.driver import run_stream
-
-        result = run_stream(cfg, address=args.address)
+    result = run_stream(cfg, executor="local" if args.local else "ray", address=args.address)
     print(format_result(result))
     if result.tracking_uri:
         print(f"\nMLflow UI: .venv/bin/mlflow ui --backend-store-uri {result.tracking_uri}  (then open http://127.0.0.1:5000)")
@@ -82,6 +77,30 @@ def cmd_tree_show(args) -> int:
 
         path = tree_png(registry.snapshot(args.stream)["tree"], args.png, title=f"{args.stream} v{info['version']}")
         print(f"wrote {path}")
+    return 0
+
+
+def cmd_add_task(args) -> int:
+    """Validate a task spec and drop it into a stream's inbox (the running stream trains it next)."""
+    from .data.streams import load_task_spec
+    from .train.inbox import Inbox
+    from .train.setup import split_sizes
+    from .train.stream import StreamPaths
+
+    cfg = load_config(args.config, args.set)
+    try:
+        task, spec = load_task_spec(args.task_spec, sizes=split_sizes(cfg), seed=cfg.stream.seed)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"treelora: task spec refused: {exc}", file=sys.stderr)
+        return 2
+    paths = StreamPaths.of(cfg, args.stream)
+    if not paths.stream_dir.is_dir():
+        print(f"treelora: no stream {args.stream!r} under {paths.local_root / 'streams'} (the stream id is printed by `treelora run`)",
+              file=sys.stderr)
+        return 2
+    dropped = paths.inbox.drop(spec)
+    print(f"task {task.name!r} ({task.kind}, {len(task.train)} train / {len(task.test)} test rows) is in the inbox: {dropped}\n"
+          f"a running stream trains it after its current tasks; otherwise the next `treelora run` of this stream does")
     return 0
 
 
@@ -112,7 +131,7 @@ def main(argv=None) -> int:
     run.add_argument("config", nargs="?", help="run config YAML (see jobs/configs/)")
     run.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override a config field")
     run.add_argument("--address", help="Ray address of an existing cluster (default: start or join a local one)")
-    run.add_argument("--local", action="store_true", help="one process, no Ray or DeepSpeed (the core's reference runner)")
+    run.add_argument("--local", action="store_true", help="one process, no Ray or DeepSpeed (the reference runner; uses the GPU if there is one)")
     run.set_defaults(fn=cmd_run)
     tree = sub.add_parser("tree", help="the gradient-similarity tree")
     tree_sub = tree.add_subparsers(dest="tree_command", required=True)
@@ -123,6 +142,12 @@ def main(argv=None) -> int:
     show.add_argument("--png", help="write the tree as a PNG here")
     show.add_argument("--set", action="append", default=[])
     show.set_defaults(fn=cmd_tree_show)
+    add = sub.add_parser("add-task", help="add a task to a stream (running or not): it is validated and trained after the stream's tasks")
+    add.add_argument("stream", help="the stream id (printed by `treelora run`; <stream>.<method>.<model>)")
+    add.add_argument("task_spec", help="YAML task spec: one stream-manifest entry (name, path or splits, kind, metric, ...)")
+    add.add_argument("--config", help="the stream's run config (for its workdir and subsample sizes)")
+    add.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override a config field")
+    add.set_defaults(fn=cmd_add_task)
     submit = sub.add_parser("submit", help="submit jobs/continual_train.py with CONFIG as a Ray job")
     submit.add_argument("config")
     submit.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://127.0.0.1:8265")

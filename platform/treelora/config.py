@@ -87,7 +87,8 @@ class ScalingConfig:
     cpus_per_worker: float = 1.0
     zero_stage: int = 2  # DeepSpeed ZeRO stage: 0, 1 or 2 (3 is refused up front: see train/)
     precision: str = "auto"  # auto = bf16 on GPU, fp32 on CPU; or "bf16" / "fp32"
-    checkpoint_every: int = 50  # steps between checkpoints (and at every epoch end)
+    checkpoint_every: int = 50  # steps between mid-task checkpoints (one more at every task's end)
+    keep_checkpoints: int = 2  # Ray Train keeps this many of the newest checkpoints
     max_failures: int = 2  # Ray Train FailureConfig retries per task
 
 

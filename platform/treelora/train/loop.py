@@ -43,6 +43,12 @@ class TorchStepper:
     def grad_of(p: torch.nn.Parameter) -> torch.Tensor | None:
         return p.grad
 
+    def grads_of(self, params: list[torch.nn.Parameter]) -> list[torch.Tensor | None]:
+        return [p.grad for p in params]
+
+    def close(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
 
 def batch_bounds(n: int, batch_size: int, min_size: int = 1) -> list[tuple[int, int]]:
     """[start, end) of each batch; a last batch smaller than ``min_size`` joins the one before,

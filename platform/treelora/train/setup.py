@@ -11,8 +11,14 @@ from ..config import RunConfig
 from ..data import Stream, load_stream
 
 
+def split_sizes(cfg: RunConfig) -> dict:
+    """Rows per split the config asks for (absent: the stream's own default)."""
+    s = cfg.stream
+    return {k: v for k, v in (("train", s.train_size), ("eval", s.eval_size), ("test", s.test_size)) if v is not None}
+
+
 def build_stream(cfg: RunConfig) -> Stream:
-    sizes = {k: v for k, v in (("train", cfg.stream.train_size), ("eval", cfg.stream.eval_size), ("test", cfg.stream.test_size)) if v is not None}
+    sizes = split_sizes(cfg)
     stream = load_stream(cfg.stream.spec, data_root=cfg.stream.data_root, sizes=sizes or None, seed=cfg.stream.seed)
     if cfg.stream.tasks:
         names = list(stream.task_names)

@@ -34,6 +34,9 @@ def validate_config(cfg: RunConfig, cluster_gpus: float | None = None) -> None:
     for field in ("epochs", "batch_size"):
         if getattr(cfg.train, field) < 1:
             raise ConfigError(f"train.{field} must be >= 1")
+    for field in ("checkpoint_every", "keep_checkpoints"):
+        if getattr(cfg.scaling, field) < 1:
+            raise ConfigError(f"scaling.{field} must be >= 1, got {getattr(cfg.scaling, field)}")
     if cfg.train.lr <= 0:
         raise ConfigError("train.lr must be > 0")
     if cfg.adapter.r < 1 or not cfg.adapter.targets:

@@ -1,0 +1,84 @@
+"""DeepSpeed as the recipe's stepper: one engine per phase over the phase's trainable parameters.
+
+The model stays loaded for the whole stream; what changes between phases is the trainable set
+(the task's head, o-lora's new adapter) and a fresh optimizer, so each phase wraps the same
+module in a new engine and the previous one is destroyed first (its ZeRO gradient hooks would
+otherwise stay on parameters that train again).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import RunConfig
+
+
+def deepspeed_config(cfg: RunConfig, micro_batch: int, use_bf16: bool) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": cfg.scaling.zero_stage},
+        "bf16": {"enabled": use_bf16},
+        "gradient_clipping": 0.0,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+class DeepSpeedStepper:
+    TAG = "ckpt"
+
+    def __init__(self, model: torch.nn.Module, params: list[torch.nn.Parameter], cfg: RunConfig, world_size: int, use_bf16: bool):
+        import deepspeed
+
+        optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        micro = max(cfg.train.batch_size // world_size, 1)
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg, micro, use_bf16))
+        self.world_size = world_size
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+
+    def step(self) -> None:
+        self.engine.step()
+
+    def grad_of(self, p: torch.nn.Parameter) -> torch.Tensor | None:
+        from deepspeed.utils import safe_get_full_grad
+
+        return safe_get_full_grad(p)
+
+    def grads_of(self, params: list[torch.nn.Parameter]) -> list[torch.Tensor | None]:
+        """The rank-reduced gradients of ``params`` with ONE all-reduce (DeepSpeed's own
+        safe_get_full_grad does one per parameter: hundreds of collectives per step).
+
+        Under ZeRO 1/2 each rank holds the averaged gradient of its partition only; every rank
+        writes its fragments into a zero buffer and a sum over ranks assembles the full ones.
+        """
+        if not all(getattr(p, "_hp_mapping", None) is not None and getattr(p, "_hp_grad", None) is None for p in params):
+            return [self.grad_of(p) for p in params]  # ZeRO 0 / bf16 optimizer: DeepSpeed's own path
+        sizes = [p.numel() for p in params]
+        flat = torch.zeros(sum(sizes), dtype=torch.float32, device=params[0].device)
+        offset = 0
+        for p, n in zip(params, sizes):
+            mapping = p._hp_mapping
+            address = mapping.lp_fragment_address
+            fragment = mapping.get_lp_grad_fragment(p._index_in_param_group).reshape(-1)
+            if fragment.numel() == n and address.numel != n:  # a full-size buffer: keep only this rank's part
+                fragment = fragment.narrow(0, address.start, address.numel)
+            flat.narrow(0, offset + address.start, address.numel).copy_(fragment)
+            offset += n
+        if self.world_size > 1:
+            import deepspeed.comm as dist
+
+            dist.all_reduce(flat, group=params[0]._dp_group)
+        return [g.view_as(p) for g, p in zip(torch.split(flat, sizes), params)]
+
+    def save(self, folder: str) -> None:
+        """Trainable weights and optimizer state only (a collective: every rank writes its shard)."""
+        self.engine.save_checkpoint(folder, tag=self.TAG, save_latest=False, exclude_frozen_parameters=True)
+
+    def load(self, folder: str) -> None:
+        self.engine.load_checkpoint(folder, tag=self.TAG, load_module_strict=False)
+
+    def close(self) -> None:
+        self.engine.destroy()

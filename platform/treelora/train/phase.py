@@ -1,0 +1,93 @@
+"""The typed seams of a stream: what a phase is asked to do, and what it leaves behind.
+
+A phase is one task (or, for the joint method, all tasks at once). ``PhaseJob`` crosses from
+the stream to the recipe (in this process or in Ray Train workers); ``PhaseOutcome`` comes back
+as ``outcome.json`` beside the phase's adapter folder in the run's storage, where the stream
+reads it, so a restarted driver finds every finished phase even if it never heard of it.
+Both are frozen and versioned: a file written by another version is refused, not misread.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+SEAM_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class PhaseJob:
+    index: int  # position of the phase in the stream (0 for a joint phase)
+    key: str  # the task's name, or "joint"
+    task_names: tuple[str, ...]  # the tasks the phase trains on (one, or all for joint)
+    fail_at_step: int | None = None  # fault injection for tests: the last rank dies at this step on its first attempt
+    version: int = SEAM_VERSION
+
+    @property
+    def folder_name(self) -> str:
+        return f"{self.index:02d}-{self.key}"
+
+
+@dataclasses.dataclass(frozen=True)
+class PhaseOutcome:
+    index: int
+    key: str
+    stream_tasks: tuple[str, ...]  # every task of the stream at the phase's end: the rows of its accuracy column
+    accuracy_column: tuple[float, ...]  # R[i][index] for each task of stream_tasks
+    losses: tuple[tuple[int, float, float], ...]  # (step, task loss, method penalty) per step
+    tree_version: int | None  # the tree version that holds this task (methods that use the tree)
+    choices: tuple[tuple[int, ...], ...] | None  # [previous task][module] pulls of the bandit
+    previous_tasks: tuple[str, ...]  # the tree's tasks when the phase started (rows of choices)
+    adapters: tuple[str, ...]  # adapter names exported into the folder (o-lora exports several)
+    world_size: int
+    ranks_agree: bool  # every rank chose the same previous task per module at every step
+    tokens: int  # training tokens the phase processed (all ranks)
+    train_seconds: float
+    eval_seconds: float
+    step_seconds_median: float
+    setup_seconds: float  # from the phase's start to its first step (snapshot, optimizer, engine)
+    added_task_spec: dict | None = None  # the task spec, for a task that arrived through the inbox
+    version: int = SEAM_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=1)
+
+    def to_dict(self) -> dict:
+        return json.loads(self.to_json())
+
+    @classmethod
+    def from_json(cls, text: str, where: str = "outcome") -> "PhaseOutcome":
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise ValueError(f"{where}: not valid JSON ({exc})") from exc
+        return cls.from_dict(data, where)
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "outcome") -> "PhaseOutcome":
+        data = dict(data) if isinstance(data, dict) else data
+        if not isinstance(data, dict) or data.get("version") != SEAM_VERSION:
+            raise ValueError(f"{where}: a phase outcome of version {SEAM_VERSION} expected, got {data.get('version') if isinstance(data, dict) else data!r}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        if set(data) != names:
+            raise ValueError(f"{where}: fields {sorted(set(data) ^ names)} missing or unknown")
+        data["stream_tasks"] = tuple(data["stream_tasks"])
+        data["accuracy_column"] = tuple(data["accuracy_column"])
+        data["losses"] = tuple(tuple(x) for x in data["losses"])
+        data["choices"] = None if data["choices"] is None else tuple(tuple(r) for r in data["choices"])
+        data["previous_tasks"] = tuple(data["previous_tasks"])
+        data["adapters"] = tuple(data["adapters"])
+        return cls(**data)
+
+    @property
+    def final_loss(self) -> float:
+        return self.losses[-1][1] if self.losses else float("nan")
+
+
+OUTCOME_FILE, ADAPTER_DIR = "outcome.json", "adapter"
+
+
+def read_outcome(phase_dir: str | Path) -> PhaseOutcome:
+    path = Path(phase_dir) / OUTCOME_FILE
+    return PhaseOutcome.from_json(path.read_text(), where=str(path))

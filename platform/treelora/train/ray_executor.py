@@ -1,0 +1,202 @@
+"""The Ray Train executor: one TorchTrainer (Ray Train V2) for the whole stream.
+
+Each worker loads the base model once and runs the recipe's phases one after another with a
+DeepSpeed engine per phase; rank 0 talks to the tree service. Checkpoints hold only what
+trains (the adapter folder, DeepSpeed's trainable weights and optimizer shards, the method's
+state) and Ray Train keeps ``scaling.keep_checkpoints`` of them; a restarted worker group
+(or a rerun of the stream: same run name, same storage) resumes at the phase and step of the
+latest one. The driver runs ``fit`` in a thread and meanwhile hands every finished phase to the
+stream's ledger, so MLflow has a task's run and registered version as soon as it is done.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+from ..config import RunConfig
+from .recipe import MidPhase, StreamJob, StreamRecipe
+from .validate import validate_config
+
+POSITION_FILE = "position.json"
+ADAPTER, ENGINE, STATE = "adapter", "engine", "state"
+
+
+def ensure_ray(cfg: RunConfig, address: str | None = None):
+    import ray
+
+    if not ray.is_initialized():
+        env = {"DS_ACCELERATOR": "cuda" if cfg.scaling.use_gpu else "cpu", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+               "TOKENIZERS_PARALLELISM": "false"}
+        if address is None and "RAY_ADDRESS" not in os.environ:
+            ray.init(num_cpus=max(os.cpu_count() or 2, int(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker)),
+                     include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=True)
+        else:
+            ray.init(address=address or os.environ.get("RAY_ADDRESS"), runtime_env={"env_vars": env})
+    return ray
+
+
+class RayTrain:
+    def __init__(self, cfg: RunConfig, address: str | None = None):
+        self.cfg = cfg
+        self.ray = ensure_ray(cfg, address)
+        validate_config(cfg, cluster_gpus=self.ray.cluster_resources().get("GPU", 0.0))
+
+    def tree(self, uri: str):
+        from tree_service.actor import RemoteTree, get_tree_service
+
+        t = self.cfg.tree
+        return RemoteTree(get_tree_service(uri, name=t.service_name, namespace=t.namespace, detached=t.detached))
+
+    def run(self, job: StreamJob, poll, log) -> None:
+        from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
+        from ray.train import RunConfig as TrainRunConfig
+        from ray.train.torch import TorchTrainer
+
+        from .stream import storage_root
+
+        cfg = self.cfg
+        trainer = TorchTrainer(
+            stream_worker,
+            train_loop_config={"job": job.to_dict()},
+            scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+                                         resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
+            # one run name per stream: a rerun finds the latest checkpoint of the last attempt
+            run_config=TrainRunConfig(name=job.tree_stream, storage_path=f"{storage_root(cfg)}/ray_train",
+                                      checkpoint_config=CheckpointConfig(num_to_keep=cfg.scaling.keep_checkpoints),
+                                      failure_config=FailureConfig(max_failures=cfg.scaling.max_failures)),
+        )
+        failure: list[BaseException] = []
+
+        def fit() -> None:
+            try:
+                trainer.fit()
+            except BaseException as exc:  # re-raised in the driver's thread below
+                failure.append(exc)
+
+        thread = threading.Thread(target=fit, name="treelora-fit", daemon=True)
+        thread.start()
+        while thread.is_alive():
+            thread.join(0.5)
+            poll()
+        poll()
+        if failure:
+            raise failure[0]
+
+
+class TorchDistributed:
+    """The recipe's collectives over the worker group's process group (Ray Train made it)."""
+
+    def __init__(self, rank: int, world_size: int, device: torch.device):
+        self.rank, self.world_size, self.device = rank, world_size, device
+
+    def broadcast(self, obj):
+        if self.world_size == 1:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0, device=self.device)
+        return box[0]
+
+    def all_gather(self, obj) -> list:
+        if self.world_size == 1:
+            return [obj]
+        out = [None] * self.world_size
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+
+class RayCheckpointer:
+    """Checkpoints of what trains, reported to Ray Train (which keeps a bounded number)."""
+
+    def __init__(self, rank: int):
+        self.rank = rank
+
+    def mid_phase(self, recipe: StreamRecipe, phase, next_position, stepper, losses, choices) -> None:
+        import ray.train
+
+        from .state_io import save_state
+
+        with tempfile.TemporaryDirectory(prefix="treelora-ckpt-") as tmp:
+            stepper.save(os.path.join(tmp, ENGINE))  # collective: every rank writes its optimizer shard
+            if self.rank == 0:
+                recipe.write_adapter(Path(tmp) / ADAPTER)
+                save_state(recipe.method.state_dict(), Path(tmp) / STATE)
+                _write_position(tmp, phase.index, next_position, recipe.method.export_adapters(), losses, choices)
+            step = next_position[0] * 10**6 + next_position[1]
+            ray.train.report({"phase": phase.index, "position": step}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+    def boundary(self, recipe: StreamRecipe, next_index: int) -> None:
+        import ray.train
+
+        with tempfile.TemporaryDirectory(prefix="treelora-ckpt-") as tmp:
+            checkpoint = None
+            if self.rank == 0:
+                recipe.write_adapter(Path(tmp) / ADAPTER)
+                _write_position(tmp, next_index, (0, 0), recipe.method.export_adapters(), [], [])
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report({"phase": next_index, "position": 0}, checkpoint=checkpoint)
+
+
+def _write_position(folder: str, phase_index: int, next_position, adapters, losses, choices) -> None:
+    Path(folder, POSITION_FILE).write_text(json.dumps({"phase_index": phase_index, "next": list(next_position),
+                                                       "adapters": list(adapters), "losses": losses, "choices": choices}))
+
+
+def stream_worker(config: dict) -> None:
+    """The train function of every rank: setup once, then the stream's phases."""
+    import ray.train
+    import ray.train.torch
+
+    job = StreamJob.from_dict(config["job"])
+    cfg = job.run_config
+    # before deepspeed is imported; set both ways, since a driver's own environment is inherited
+    os.environ["DS_ACCELERATOR"] = "cuda" if cfg.scaling.use_gpu else "cpu"
+    from .deepspeed_stepper import DeepSpeedStepper
+
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device() if cfg.scaling.use_gpu else torch.device("cpu")
+    if cfg.scaling.use_gpu:
+        torch.cuda.set_device(device)
+    use_bf16 = cfg.scaling.use_gpu if cfg.scaling.precision == "auto" else cfg.scaling.precision == "bf16"
+    tree = None
+    if rank == 0:
+        from tree_service.actor import RemoteTree, get_tree_service
+
+        t = cfg.tree
+        tree = RemoteTree(get_tree_service(job.tree_uri, name=t.service_name, namespace=t.namespace, detached=t.detached))
+    recipe = StreamRecipe(job, comm=TorchDistributed(rank, world, device), device=device, use_bf16=use_bf16,
+                          make_stepper=lambda model, params: DeepSpeedStepper(model, params, cfg, world, use_bf16),
+                          tree=tree, checkpointer=RayCheckpointer(rank), log=print)
+    recipe.setup()
+    restored = _restore(recipe, job)
+    try:
+        recipe.run(restored)
+    finally:
+        if restored is not None:
+            shutil.rmtree(Path(restored.state_dir).parent, ignore_errors=True)
+
+
+def _restore(recipe: StreamRecipe, job: StreamJob) -> MidPhase | None:
+    """The latest checkpoint, when it belongs to what this job still has to do."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    local = tempfile.mkdtemp(prefix="treelora-restore-")
+    with checkpoint.as_directory() as d:
+        position = json.loads((Path(d) / POSITION_FILE).read_text())
+        if job.pending and position["phase_index"] < job.next_index:
+            return None  # older than the progress the stream recorded: start from its adapter folder
+        shutil.copytree(d, local, dirs_exist_ok=True)
+    recipe.restore(os.path.join(local, ADAPTER), position["adapters"])
+    return MidPhase(phase_index=position["phase_index"], next_position=tuple(position["next"]),
+                    engine_dir=os.path.join(local, ENGINE), state_dir=os.path.join(local, STATE),
+                    losses=position["losses"], choices=position["choices"])

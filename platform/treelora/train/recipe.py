@@ -1,0 +1,359 @@
+"""The phase recipe: what every runner does with a stream, written once.
+
+``StreamRecipe`` is built from a ``StreamJob`` (the typed run config plus what the stream
+decided: pending phases, where to start from) and run by an executor: in this process
+(``executors.run_in_process``) or on every rank of one long-lived Ray Train worker group
+(``ray_executor``). It follows torchtune's recipe shape:
+
+* ``setup`` loads the base model once (bf16 straight onto the GPU when there is one), the
+  method, every task's data (tokenised once) and the adapter state the stream starts from;
+* ``train_phase`` runs one phase: rank 0 fetches the tree snapshot and every rank gets it,
+  a fresh optimizer (or DeepSpeed engine), the loop body, checkpoints at the cadence;
+* ``finish_phase`` adds the signature to the tree, evaluates every task (split over the
+  ranks), writes the adapter folder and the ``PhaseOutcome`` into the run's storage;
+* ``run`` is the stream: the pending phases, then whatever the inbox brought, until none is left.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import statistics
+import time
+from pathlib import Path
+from typing import Callable, Protocol
+
+import torch
+
+from ..adapters import restore_adapter_folder, save_adapter_folder
+from ..config import RunConfig
+from ..data.tasks import Task
+from ..evaluate import evaluate_tasks
+from ..methods import make_method
+from ..methods.base import TaskContext
+from .inbox import Inbox, load_accepted
+from .loop import epoch_batches, seed_everything, train_task
+from .phase import ADAPTER_DIR, OUTCOME_FILE, SEAM_VERSION, PhaseJob, PhaseOutcome
+from .setup import build_model, build_stream, phase_parameters, split_sizes, steps_per_epoch, stream_kind
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamJob:
+    """What the stream hands an executor, as plain data (it travels to Ray workers)."""
+
+    config: dict  # RunConfig.to_dict()
+    tree_stream: str
+    stream_dir: str  # <run storage>/streams/<tree_stream>: phases/, inbox/, progress.json
+    tree_uri: str
+    pending: tuple[PhaseJob, ...]  # phases not done yet, in stream order
+    start_adapter_dir: str | None  # the adapter folder of the last done phase (None: a fresh adapter)
+    start_adapters: tuple[str, ...] = ("default",)
+    done_count: int = 0  # phases done before this job: tasks from this index on that are not pending joined later
+    joint: bool = False
+    version: int = SEAM_VERSION
+
+    @property
+    def run_config(self) -> RunConfig:
+        return RunConfig.from_dict(self.config)
+
+    @property
+    def next_index(self) -> int:
+        return self.pending[0].index if self.pending else -1
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "StreamJob":
+        if data.get("version") != SEAM_VERSION:
+            raise ValueError(f"stream job of version {data.get('version')}, expected {SEAM_VERSION}")
+        data = dict(data)
+        data["pending"] = tuple(PhaseJob(**{**p, "task_names": tuple(p["task_names"])}) for p in data["pending"])
+        data["start_adapters"] = tuple(data["start_adapters"])
+        return cls(**data)
+
+
+@dataclasses.dataclass(frozen=True)
+class MidPhase:
+    """Where a restarted worker group picks a phase up (from a Ray Train checkpoint)."""
+
+    phase_index: int
+    next_position: tuple[int, int]  # (epoch, batch index) of the next step
+    engine_dir: str
+    state_dir: str
+    losses: list
+    choices: list
+
+
+class Collective(Protocol):
+    rank: int
+    world_size: int
+
+    def broadcast(self, obj): ...
+
+    def all_gather(self, obj) -> list: ...
+
+
+class SingleProcess:
+    rank, world_size = 0, 1
+
+    def broadcast(self, obj):
+        return obj
+
+    def all_gather(self, obj) -> list:
+        return [obj]
+
+
+class Stepper(Protocol):
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    def step(self) -> None: ...
+
+    def grad_of(self, p): ...
+
+    def grads_of(self, params: list) -> list: ...
+
+    def close(self) -> None: ...
+
+
+class Checkpointer(Protocol):
+    def mid_phase(self, recipe: "StreamRecipe", phase: PhaseJob, next_position: tuple[int, int], stepper, losses, choices) -> None: ...
+
+    def boundary(self, recipe: "StreamRecipe", next_index: int) -> None: ...
+
+
+class StreamRecipe:
+    def __init__(self, job: StreamJob, *, comm: Collective, device: torch.device, use_bf16: bool,
+                 make_stepper: Callable[[torch.nn.Module, list], Stepper], tree=None,
+                 checkpointer: Checkpointer | None = None, log: Callable[[str], None] = print,
+                 after_phase: Callable[[], None] | None = None):
+        self.job, self.cfg = job, job.run_config
+        self.comm, self.device, self.use_bf16 = comm, device, use_bf16
+        self.make_stepper, self.tree, self.checkpointer, self.log = make_stepper, tree, checkpointer, log
+        self.after_phase = after_phase
+        self.stream_dir = Path(job.stream_dir)
+        self.inbox = Inbox(self.stream_dir / "inbox")
+
+    @property
+    def is_main(self) -> bool:
+        return self.comm.rank == 0
+
+    # -- setup ------------------------------------------------------------------------------
+    def setup(self) -> None:
+        cfg = self.cfg
+        seed_everything(cfg.train.seed)
+        stream = build_stream(cfg)
+        self.kind = stream_kind(stream)
+        self.sizes = split_sizes(cfg)
+        self.tasks: list[Task] = list(stream.tasks) + load_accepted(self.inbox, self.sizes, cfg.stream.seed)
+        self.model = build_model(cfg, self.kind, torch.bfloat16 if self.use_bf16 else torch.float32, self.device)
+        self.method = make_method(cfg.method)
+        for i, t in enumerate(self.tasks):  # every head from the start (seeded per task), so every cell of R is measured
+            self.model.add_head(t, seed=cfg.train.seed + i)
+        self.model.prepare(self.tasks)
+        if self.job.start_adapter_dir:
+            self.restore(self.job.start_adapter_dir, self.job.start_adapters)
+
+    def restore(self, adapter_dir: str, adapters) -> None:
+        restore_adapter_folder(self.model, adapter_dir, list(adapters))
+
+    # -- the stream ----------------------------------------------------------------------------
+    def run(self, mid: MidPhase | None = None) -> list[PhaseOutcome]:
+        """Every pending phase, then every task the inbox brings, with the model loaded once."""
+        queue = [p for p in self._initial_queue() if mid is None or p.index >= mid.phase_index]
+        outcomes = []
+        while True:
+            if not queue:
+                queue = self._take_inbox()
+                if not queue:
+                    return outcomes
+            phase = queue.pop(0)
+            resume = mid if mid is not None and mid.phase_index == phase.index and mid.next_position != (0, 0) else None
+            outcomes.append(self.train_phase(phase, resume))
+            mid = None
+            if self.checkpointer is not None:
+                self.checkpointer.boundary(self, phase.index + 1)
+            if queue:  # tasks dropped in meanwhile join the stream now (they are trained after its own)
+                queue += self._take_inbox()
+
+    def _initial_queue(self) -> list[PhaseJob]:
+        """The pending phases, plus tasks that joined through the inbox after the job was made
+        (a worker group restarted mid-stream finds them in inbox/accepted)."""
+        queue = list(self.job.pending)
+        if not self.job.joint:
+            known = {p.index for p in queue}
+            queue += [PhaseJob(index=i, key=t.name, task_names=(t.name,)) for i, t in enumerate(self.tasks)
+                      if i >= self.job.done_count and i not in known and i > max(known, default=-1)]
+        return queue
+
+    def _take_inbox(self) -> list[PhaseJob]:
+        """Rank 0 validates what waits in the inbox; every rank loads the accepted tasks."""
+        accepted = None
+        if self.is_main:
+            refuse = "the joint method trains all tasks in one phase; it takes no new tasks" if self.job.joint else None
+            paths, errors = self.inbox.take([t.name for t in self.tasks], self.kind, self.sizes, self.cfg.stream.seed, refuse)
+            for message in errors:
+                self.log(f"[treelora] {message}; the stream goes on")
+            accepted = [str(p) for p in paths]
+        accepted = self.comm.broadcast(accepted)
+        jobs = []
+        from ..data.streams import load_task_spec
+
+        for path in accepted:
+            task, _ = load_task_spec(path, sizes=self.sizes, seed=self.cfg.stream.seed)
+            self.tasks.append(task)
+            self.model.add_head(task, seed=self.cfg.train.seed + len(self.tasks) - 1)
+            self.model.prepare([task])
+            jobs.append(PhaseJob(index=len(self.tasks) - 1, key=task.name, task_names=(task.name,)))
+            if self.is_main:
+                self.log(f"[treelora] {task.name}: taken from the inbox ({path}); trained as phase {len(self.tasks) - 1}")
+        return jobs
+
+    # -- one phase ---------------------------------------------------------------------------
+    def train_phase(self, phase: PhaseJob, mid: MidPhase | None = None) -> PhaseOutcome:
+        cfg, model, method, comm = self.cfg, self.model, self.method, self.comm
+        t_begin = time.perf_counter()
+        uses_tree = getattr(method, "uses_tree", False)
+        snapshot = comm.broadcast(self.tree.snapshot(self.job.tree_stream) if uses_tree and self.is_main else None)
+        phase_tasks = [t for t in self.tasks if t.name in phase.task_names]
+        spe = steps_per_epoch(phase_tasks, cfg.train.batch_size, comm.world_size)
+        ctx = TaskContext(model=model, task=phase_tasks[-1], task_index=phase.index, steps_per_epoch=spe,
+                          epochs=cfg.train.epochs, seed=cfg.train.seed, tree_snapshot=snapshot)
+        trainable = phase_parameters(model, method, ctx, phase_tasks)
+        stepper = self.make_stepper(model, trainable)
+        ctx.grad_of, ctx.grads_of_many = stepper.grad_of, stepper.grads_of
+        start, losses, choices = (0, 0), [], []
+        if mid is not None:
+            stepper.load(mid.engine_dir)
+            from .state_io import load_state
+
+            method.load_state_dict(load_state(mid.state_dir))
+            start, losses, choices = mid.next_position, list(mid.losses), list(mid.choices)
+            if self.is_main:
+                self.log(f"[treelora] {phase.key}: resumed at epoch {start[0]}, batch {start[1]}")
+        pending_losses: list = []  # device tensors not read yet (reading one waits for the device)
+        step_times: list[float] = []
+        bar = self._progress_bar(phase, spe, start)
+        last = [time.perf_counter()]
+
+        def read_losses() -> None:
+            if pending_losses:
+                values = torch.stack([torch.stack([r.loss_tensor.float(), (r.penalty_tensor if r.penalty_tensor is not None
+                                                   else torch.zeros((), device=r.loss_tensor.device)).float()])
+                                      for r in pending_losses]).tolist()
+                losses.extend([r.step, lv, pv] for r, (lv, pv) in zip(pending_losses, values))
+                pending_losses.clear()
+
+        def on_step(rec) -> None:
+            now = time.perf_counter()
+            step_times.append(now - last[0])
+            pending_losses.append(rec)
+            last_choice = getattr(method, "last_choice", None)
+            choices.append(last_choice.tolist() if last_choice is not None else None)
+            if (rec.step + 1) % max(cfg.train.log_every, 1) == 0:
+                read_losses()
+                if bar is not None:
+                    bar.set_postfix(loss=f"{losses[-1][1]:.3f}", refresh=False)
+            if bar is not None:
+                bar.update(1)
+            if self.checkpointer is not None and (rec.step + 1) % cfg.scaling.checkpoint_every == 0:
+                read_losses()
+                nxt = (rec.epoch + 1, 0) if rec.index == spe - 1 else (rec.epoch, rec.index + 1)
+                self.checkpointer.mid_phase(self, phase, nxt, stepper, losses, choices)
+            if phase.fail_at_step is not None and rec.step == phase.fail_at_step and mid is None and comm.rank == comm.world_size - 1:
+                os._exit(1)  # fault injection for the resume tests: this worker process dies mid-phase
+            last[0] = time.perf_counter()  # checkpoint time is not step time
+
+        setup_seconds = time.perf_counter() - t_begin
+        t0 = time.perf_counter()
+        length_of = model.example_length
+        records = train_task(model, method, ctx, stepper,
+                             lambda e: epoch_batches(phase_tasks, cfg.train.batch_size, cfg.train.seed, phase.index, e,
+                                                     min_size=comm.world_size, length_of=length_of),
+                             rank=comm.rank, world_size=comm.world_size, start=start, max_steps=cfg.train.max_steps_per_task,
+                             on_step=on_step)
+        read_losses()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        train_seconds = time.perf_counter() - t0
+        if bar is not None:
+            bar.close()
+        stepper.close()
+        tokens = self._tokens(phase_tasks, records, comm)
+        return self.finish_phase(phase, ctx, snapshot, losses, choices, step_times, train_seconds, setup_seconds, tokens)
+
+    def _tokens(self, phase_tasks, records, comm) -> int:
+        per_epoch = sum(self.model.example_length(e) for t in phase_tasks for e in t.train)
+        epochs_done = len(records) / max(steps_per_epoch(phase_tasks, self.cfg.train.batch_size, comm.world_size), 1)
+        return int(per_epoch * epochs_done)
+
+    def _progress_bar(self, phase: PhaseJob, spe: int, start: tuple[int, int]):
+        if not self.is_main:
+            return None
+        from tqdm import tqdm
+
+        total = spe * self.cfg.train.epochs
+        if self.cfg.train.max_steps_per_task is not None:
+            total = min(total, self.cfg.train.max_steps_per_task)
+        return tqdm(total=total, initial=start[0] * spe + start[1], desc=f"task {phase.index}: {phase.key}", unit="step", mininterval=2.0)
+
+    def finish_phase(self, phase, ctx, snapshot, losses, choices, step_times, train_seconds, setup_seconds, tokens) -> PhaseOutcome:
+        cfg, comm, method = self.cfg, self.comm, self.method
+        result = method.end_task(ctx)
+        tree_version = None
+        if self.is_main and result.signature is not None:
+            expected = snapshot["version"] if snapshot else 0
+            tree_version = self.tree.add_task(self.job.tree_stream, phase.task_names[-1], result.signature.numpy(), expected,
+                                              run_id=cfg.name, space=result.signature_space, leaf_size=cfg.tree.leaf_size)
+        t_eval = time.perf_counter()
+        mine = {i: s for i, s in zip(range(comm.rank, len(self.tasks), comm.world_size),
+                                     evaluate_tasks(self.model, self.tasks[comm.rank :: comm.world_size], "test", cfg.eval.batch_size))}
+        scores: dict[int, float] = {}
+        for part in comm.all_gather(mine):
+            scores.update(part)
+        eval_seconds = time.perf_counter() - t_eval
+        digests = comm.all_gather(hashlib.sha256(json.dumps(choices).encode()).hexdigest())
+        outcome = PhaseOutcome(
+            index=phase.index, key=phase.key, stream_tasks=tuple(t.name for t in self.tasks),
+            accuracy_column=tuple(float(scores[i]) for i in range(len(self.tasks))), losses=tuple(tuple(x) for x in losses),
+            tree_version=tree_version,
+            choices=None if result.choices is None else tuple(tuple(int(v) for v in row) for row in result.choices),
+            previous_tasks=tuple(snapshot["task_ids"]) if snapshot else (), adapters=tuple(method.export_adapters()),
+            world_size=comm.world_size, ranks_agree=len(set(digests)) == 1, tokens=tokens,
+            train_seconds=train_seconds, eval_seconds=eval_seconds,
+            step_seconds_median=statistics.median(step_times) if step_times else 0.0, setup_seconds=setup_seconds,
+            added_task_spec=self._spec_of(phase),
+        )
+        if self.is_main:
+            self.publish(phase, outcome)
+            if self.after_phase is not None:
+                self.after_phase()
+        return outcome
+
+    def _spec_of(self, phase: PhaseJob) -> dict | None:
+        import yaml
+
+        for p in self.inbox.accepted():
+            spec = yaml.safe_load(p.read_text())
+            if spec.get("name") == phase.key:
+                return spec
+        return None
+
+    def write_adapter(self, folder: Path) -> None:
+        label_sets = {t.name: list(t.labels) for t in self.tasks if t.name in self.model.heads}
+        save_adapter_folder(self.model, folder, self.method.export_adapters(), label_sets)
+
+    def publish(self, phase: PhaseJob, outcome: PhaseOutcome) -> None:
+        """The phase's adapter folder and outcome into the run's storage, atomically: a reader
+        sees the whole phase folder or none of it."""
+        phases = self.stream_dir / "phases"
+        final, tmp = phases / phase.folder_name, phases / f".{phase.folder_name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.write_adapter(tmp / ADAPTER_DIR)
+        (tmp / OUTCOME_FILE).write_text(outcome.to_json())
+        if final.exists():  # the same phase finished again after a restart: the new copy wins
+            shutil.rmtree(final)
+        os.replace(tmp, final)

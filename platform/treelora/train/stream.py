@@ -1,0 +1,220 @@
+"""One ``run_stream`` for every runner: phases, the joint case, progress, tracking, storage paths.
+
+The stream validates the config and every record, works out which phases are still to do and
+what adapter state they start from, and hands a ``StreamJob`` to an executor: ``InProcess``
+(this process, the GPU when there is one; no Ray, no DeepSpeed) or ``RayTrain`` (one
+long-lived worker group for the whole stream, DeepSpeed). Both run the same recipe
+(``recipe.StreamRecipe``). Whatever a phase leaves (adapter folder + ``PhaseOutcome``) lands in
+the run's storage; the ``StreamLedger`` here picks each one up as soon as it appears, logs it
+to MLflow, registers the adapter version and records the phase as done, so a restarted stream
+skips it, even when the driver died before hearing of it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ..config import RunConfig
+from ..evaluate import summary
+from .inbox import Inbox, load_accepted
+from .phase import ADAPTER_DIR, OUTCOME_FILE, PhaseJob, PhaseOutcome, read_outcome
+from .progress import StreamProgress
+from .recipe import StreamJob
+from .setup import split_sizes, tree_stream_id
+from .validate import validate_config, validate_stream
+
+
+@dataclasses.dataclass
+class TaskReport:
+    task: str
+    adapter_dir: str
+    tree_version: int | None
+    choices: list[list[int]] | None  # [previous task][module] pulls, treelora methods only
+    steps: int
+    final_loss: float
+    seconds: float  # the phase's own time: setup + training + evaluation
+
+
+@dataclasses.dataclass
+class StreamResult:
+    stream: str
+    method: str
+    task_names: list[str]
+    accuracy: np.ndarray  # R[i, j]: task i after phase j (T x T; joint: T x 1)
+    metrics: dict
+    wall_seconds: float
+    tasks: list[TaskReport]
+    registered_model: str | None = None
+    versions: list | None = None
+    tracking_uri: str | None = None
+    tree_stream: str | None = None
+    outcomes: list[PhaseOutcome] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamPaths:
+    root: str  # the run's storage: a folder, or s3://... (for Ray Train's checkpoints)
+    local_root: Path  # where this machine keeps the stream's files
+    stream_dir: Path
+    tree_uri: str
+
+    @classmethod
+    def of(cls, cfg: RunConfig, tree_stream: str) -> "StreamPaths":
+        root = storage_root(cfg)
+        local_root = Path(root) if "://" not in root else Path(".treelora_local").resolve()
+        return cls(root, local_root, local_root / "streams" / tree_stream, cfg.tree.storage_uri or f"{root}/trees")
+
+    @property
+    def phases_dir(self) -> Path:
+        return self.stream_dir / "phases"
+
+    @property
+    def inbox(self) -> Inbox:
+        return Inbox(self.stream_dir / "inbox")
+
+
+def storage_root(cfg: RunConfig) -> str:
+    return cfg.workdir if "://" in cfg.workdir else str(Path(cfg.workdir).resolve())
+
+
+class StreamLedger:
+    """The driver's side of a running stream: every finished phase, once, in order."""
+
+    def __init__(self, cfg: RunConfig, paths: StreamPaths, tree_stream: str, tracker, progress: StreamProgress, tree, uses_tree: bool,
+                 log: Callable[[str], None]):
+        self.cfg, self.paths, self.tree_stream, self.tracker, self.progress = cfg, paths, tree_stream, tracker, progress
+        self.tree, self.uses_tree, self.log = tree, uses_tree, log
+        self.outcomes: dict[int, PhaseOutcome] = {}
+        self.reports: dict[int, TaskReport] = {}
+        for key, record in progress.tasks.items():
+            outcome = PhaseOutcome.from_dict(record["outcome"], where=f"{progress.path} [{key}]")
+            self.outcomes[outcome.index] = outcome
+            self.reports[outcome.index] = _report(outcome, record["adapter_dir"], 0.0)
+
+    def matrix(self) -> tuple[list[str], np.ndarray]:
+        """(task names, R) over the phases seen so far: a task that joined later has no cell
+        for the phases before it."""
+        if not self.outcomes:
+            return [], np.zeros((0, 0))
+        last = self.outcomes[max(self.outcomes)]
+        names = list(last.stream_tasks)
+        order = sorted(self.outcomes)
+        R = np.full((len(names), len(order)), np.nan)
+        for j, index in enumerate(order):
+            o = self.outcomes[index]
+            for name, value in zip(o.stream_tasks, o.accuracy_column):
+                R[names.index(name), j] = value
+        return names, R
+
+    def poll(self) -> None:
+        """Handle every phase folder that appeared since the last look, in phase order."""
+        if not self.paths.phases_dir.is_dir():
+            return
+        found = []
+        for folder in self.paths.phases_dir.iterdir():
+            if folder.name.startswith(".") or not (folder / OUTCOME_FILE).is_file():
+                continue
+            outcome = read_outcome(folder)
+            if self.progress.done(outcome.key) is None:
+                found.append((outcome.index, outcome, folder))
+        for _, outcome, folder in sorted(found, key=lambda x: x[0]):
+            self.handle(outcome, folder / ADAPTER_DIR)
+
+    def handle(self, outcome: PhaseOutcome, adapter_dir: Path) -> None:
+        self.outcomes[outcome.index] = outcome
+        names, R = self.matrix()
+        tree_text = structure = None
+        if self.uses_tree:
+            info = self.tree.describe(self.tree_stream)
+            tree_text, structure = info["tree_text"], info["tree"]
+        metrics = {f"test/{n}": v for n, v in zip(outcome.stream_tasks, outcome.accuracy_column)}
+        metrics.update(train_seconds=outcome.train_seconds, eval_seconds=outcome.eval_seconds, setup_seconds=outcome.setup_seconds,
+                       tokens_per_second=outcome.tokens / max(outcome.train_seconds, 1e-9))
+        _, version = self.tracker.log_task(
+            outcome.index, outcome.key, step_losses=outcome.losses, metrics=metrics, accuracy_matrix=R, task_names=names,
+            adapter_dir=str(adapter_dir), tree_text=tree_text, tree_structure=structure, tree_version=outcome.tree_version,
+            choices=np.array(outcome.choices) if outcome.choices is not None else None,
+            prev_task_names=list(outcome.previous_tasks), method=self.cfg.method.name)
+        self.progress.mark(outcome.key, {"outcome": outcome.to_dict(), "adapter_dir": str(adapter_dir), "model_version": version})
+        seconds = outcome.setup_seconds + outcome.train_seconds + outcome.eval_seconds
+        self.reports[outcome.index] = _report(outcome, str(adapter_dir), seconds)
+        self.log(f"[treelora] {outcome.key}: model version {version}, tree version {outcome.tree_version}, "
+                 f"test {', '.join(f'{n}={v:.3f}' for n, v in zip(outcome.stream_tasks, outcome.accuracy_column))}")
+
+
+def _report(outcome: PhaseOutcome, adapter_dir: str, seconds: float) -> TaskReport:
+    return TaskReport(outcome.key, adapter_dir, outcome.tree_version, [list(r) for r in outcome.choices] if outcome.choices is not None else None,
+                      len(outcome.losses), outcome.final_loss, seconds)
+
+
+def run_stream(cfg: RunConfig, *, executor: str = "ray", address: str | None = None, log=print,
+               fail_at: dict[str, int] | None = None) -> StreamResult:
+    """Run (or resume) a whole stream. ``executor``: "ray" (Ray Train + DeepSpeed) or "local"
+    (this process); ``fail_at`` {task: step} kills a worker there once (tests)."""
+    t0 = time.perf_counter()
+    validate_config(cfg)
+    stream = validate_stream(cfg)  # every record checked before anything trains
+    if executor == "ray":
+        from .ray_executor import RayTrain
+
+        runner = RayTrain(cfg, address)
+    elif executor == "local":
+        from .executors import InProcess
+
+        runner = InProcess(cfg)
+    else:
+        raise ValueError(f"executor must be 'ray' or 'local', got {executor!r}")
+
+    from ..methods import METHODS
+    from ..tracking import StreamTracker, default_tracking_uri
+
+    tree_stream = tree_stream_id(cfg, stream)
+    paths = StreamPaths.of(cfg, tree_stream)
+    method_cls = METHODS[cfg.method.name]
+    joint = getattr(method_cls, "trains_jointly", False)
+    tree = runner.tree(paths.tree_uri)
+    tracking_uri = cfg.tracking.tracking_uri or default_tracking_uri(paths.local_root)
+    model_name = cfg.tracking.registered_model or f"treelora-{tree_stream}"
+    tracker = StreamTracker(tracking_uri, cfg.tracking.experiment, model_name, cfg)
+    progress = StreamProgress.load(paths.stream_dir / "progress.json")
+    tasks = list(stream.tasks) + load_accepted(paths.inbox, split_sizes(cfg), cfg.stream.seed)
+    names = [t.name for t in tasks]
+    try:
+        progress.parent_run_id = tracker.start_stream(stream.name, names, resume_run_id=progress.parent_run_id)
+    except ValueError as exc:  # the config changed since the first run: MLflow params are immutable
+        log(f"[treelora] {exc}")
+        progress.parent_run_id = tracker.start_stream(stream.name, names)
+    progress.save()
+    ledger = StreamLedger(cfg, paths, tree_stream, tracker, progress, tree, method_cls.uses_tree, log)
+    ledger.poll()  # phases that finished while no driver was listening
+
+    phases = [PhaseJob(0, "joint", tuple(names))] if joint else [PhaseJob(i, n, (n,)) for i, n in enumerate(names)]
+    done = [p for p in phases if progress.done(p.key)]
+    for p in done:
+        log(f"[treelora] {p.key}: already done (model version {progress.done(p.key)['model_version']}), skipped")
+    pending = tuple(dataclasses.replace(p, fail_at_step=(fail_at or {}).get(p.key)) for p in phases if not progress.done(p.key))
+    last = ledger.reports[max(ledger.reports)] if ledger.reports else None
+    job = StreamJob(config=cfg.to_dict(), tree_stream=tree_stream, stream_dir=str(paths.stream_dir), tree_uri=paths.tree_uri,
+                    pending=pending, start_adapter_dir=last.adapter_dir if last else None,
+                    start_adapters=ledger.outcomes[max(ledger.outcomes)].adapters if last else ("default",),
+                    done_count=len(done), joint=joint)
+    if pending or paths.inbox.waiting():
+        runner.run(job, poll=ledger.poll, log=log)
+    ledger.poll()
+
+    names, R = ledger.matrix()
+    metrics = {"op": float(np.mean(R[:, -1]))} if joint else summary(R)
+    wall = time.perf_counter() - t0
+    final = tree.describe(tree_stream) if method_cls.uses_tree else {}
+    tracker.finish_stream({k: v for k, v in metrics.items() if isinstance(v, float)}, R, names, wall,
+                          final.get("tree_text"), final.get("tree"))
+    order = sorted(ledger.reports)
+    return StreamResult(stream.name, cfg.method.name, names, R, metrics, wall, [ledger.reports[i] for i in order],
+                        registered_model=tracker.registered_model, versions=tracker.versions(), tracking_uri=tracking_uri,
+                        tree_stream=tree_stream, outcomes=[ledger.outcomes[i] for i in order])
+
