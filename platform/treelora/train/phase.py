@@ -47,6 +47,8 @@ class PhaseOutcome:
     eval_seconds: float
     step_seconds_median: float
     setup_seconds: float  # from the phase's start to its first step (snapshot, optimizer, engine)
+    checkpoint_seconds: float  # time the mid-phase checkpoints took (inside train_seconds)
+    checkpoints: int  # how many mid-phase checkpoints were written
     added_task_spec: dict | None = None  # the task spec, for a task that arrived through the inbox
     version: int = SEAM_VERSION
 

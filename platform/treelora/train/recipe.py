@@ -236,6 +236,7 @@ class StreamRecipe:
                 self.log(f"[treelora] {phase.key}: resumed at epoch {start[0]}, batch {start[1]}")
         pending_losses: list = []  # device tensors not read yet (reading one waits for the device)
         step_times: list[float] = []
+        checkpoint_times: list[float] = []
         bar = self._progress_bar(phase, spe, start)
         last = [time.perf_counter()]
 
@@ -262,7 +263,9 @@ class StreamRecipe:
             if self.checkpointer is not None and (rec.step + 1) % cfg.scaling.checkpoint_every == 0:
                 read_losses()
                 nxt = (rec.epoch + 1, 0) if rec.index == spe - 1 else (rec.epoch, rec.index + 1)
+                t_ckpt = time.perf_counter()
                 self.checkpointer.mid_phase(self, phase, nxt, stepper, losses, choices)
+                checkpoint_times.append(time.perf_counter() - t_ckpt)
             if phase.fail_at_step is not None and rec.step == phase.fail_at_step and mid is None and comm.rank == comm.world_size - 1:
                 os._exit(1)  # fault injection for the resume tests: this worker process dies mid-phase
             last[0] = time.perf_counter()  # checkpoint time is not step time
@@ -283,7 +286,9 @@ class StreamRecipe:
             bar.close()
         stepper.close()
         tokens = self._tokens(phase_tasks, records, comm)
-        return self.finish_phase(phase, ctx, snapshot, losses, choices, step_times, train_seconds, setup_seconds, tokens)
+        timing = {"step_times": step_times, "train_seconds": train_seconds, "setup_seconds": setup_seconds, "tokens": tokens,
+                  "checkpoint_seconds": sum(checkpoint_times), "checkpoints": len(checkpoint_times)}
+        return self.finish_phase(phase, ctx, snapshot, losses, choices, timing)
 
     def _tokens(self, phase_tasks, records, comm) -> int:
         per_epoch = sum(self.model.example_length(e) for t in phase_tasks for e in t.train)
@@ -300,7 +305,7 @@ class StreamRecipe:
             total = min(total, self.cfg.train.max_steps_per_task)
         return tqdm(total=total, initial=start[0] * spe + start[1], desc=f"task {phase.index}: {phase.key}", unit="step", mininterval=2.0)
 
-    def finish_phase(self, phase, ctx, snapshot, losses, choices, step_times, train_seconds, setup_seconds, tokens) -> PhaseOutcome:
+    def finish_phase(self, phase, ctx, snapshot, losses, choices, timing: dict) -> PhaseOutcome:
         cfg, comm, method = self.cfg, self.comm, self.method
         result = method.end_task(ctx)
         tree_version = None
@@ -322,9 +327,10 @@ class StreamRecipe:
             tree_version=tree_version,
             choices=None if result.choices is None else tuple(tuple(int(v) for v in row) for row in result.choices),
             previous_tasks=tuple(snapshot["task_ids"]) if snapshot else (), adapters=tuple(method.export_adapters()),
-            world_size=comm.world_size, ranks_agree=len(set(digests)) == 1, tokens=tokens,
-            train_seconds=train_seconds, eval_seconds=eval_seconds,
-            step_seconds_median=statistics.median(step_times) if step_times else 0.0, setup_seconds=setup_seconds,
+            world_size=comm.world_size, ranks_agree=len(set(digests)) == 1, tokens=timing["tokens"],
+            train_seconds=timing["train_seconds"], eval_seconds=eval_seconds,
+            step_seconds_median=statistics.median(timing["step_times"]) if timing["step_times"] else 0.0,
+            setup_seconds=timing["setup_seconds"], checkpoint_seconds=timing["checkpoint_seconds"], checkpoints=timing["checkpoints"],
             added_task_spec=self._spec_of(phase),
         )
         if self.is_main:
