@@ -184,6 +184,11 @@ def main(argv=None) -> int:
             busy = sum(o.train_seconds + o.eval_seconds for o in res.outcomes)
             rows.append((f"{name} 5-task stream: wall / (steps + evaluation) ({res.wall_seconds:.1f} s / {busy:.1f} s)",
                          f"**{res.wall_seconds / busy:.2f}**"))
+            first, last = res.outcomes[0], res.outcomes[-1]
+            gaps = sum(b.started_at - a.finished_at for a, b in zip(res.outcomes, res.outcomes[1:]))
+            rows.append((f"{name}: where the rest went (s): start-up to the first step / between tasks / after the last",
+                         f"{first.started_at - res.started_at:.1f} / {gaps:.1f} / {res.finished_at - last.finished_at:.1f}"))
+            rows.append((f"{name}: worker's one-time load (model, data, tokens) (s)", f"{first.load_seconds:.1f}"))
             rows.append((f"{name}: setup per task (s, median)", f"{statistics.median(o.setup_seconds for o in res.outcomes):.2f}"))
             ck = [o.checkpoint_seconds / o.checkpoints for o in res.outcomes if o.checkpoints]
             rows.append((f"{name}: checkpoint time (s, median) / largest kept (MiB)",

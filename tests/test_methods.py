@@ -571,3 +571,26 @@ def test_treelora_reference_samples_like_the_authors_and_scales_to_the_loss(task
     assert tuple(outcome.signature.shape) == (L, width) and outcome.signature.dtype == torch.float32
     assert torch.allclose(outcome.signature, torch.stack(accumulated), rtol=1e-5, atol=1e-8)  # last epoch's mean A
     assert outcome.signature_space == space.to_dict()
+
+
+def test_treelora_sketched_signature_and_direction_match_the_per_module_projection(tasks, tmp_path):
+    """Above signature_max_width a module's signature is Cauchy-sketched; the method projects all
+    modules of one size with one matmul, which must equal projecting each module on its own."""
+    model = new_model(tasks)
+    method_cfg = dataclasses.replace(config("treelora", "unused").method, signature_max_width=64, signature_sketch_width=32)
+    space = signature_space_for(model, method_cfg)
+    assert (space.projection, space.shape) == ("cauchy", (4, 32))
+    snapshot = known_tree(tmp_path, space, 2, scale=1e-3)
+    method = make_method(method_cfg)
+    ctx, records = train(model, method, tasks[1], 2, snapshot=snapshot)
+    assert records and all(np.isfinite(r.loss) for r in records)
+    projector = Projector(space)
+    expected = projector.project(method.running)
+    assert torch.allclose(method._projected_running(), expected, rtol=1e-5, atol=1e-7)
+    toward = torch.sign(torch.randn(space.shape, generator=torch.Generator().manual_seed(0)))
+    per_module = []
+    for d, size in enumerate(method.sizes):
+        u = projector.matrix(size) @ toward[d]
+        per_module.append(u / u.abs().mean())
+    assert torch.allclose(method._back_project(toward), torch.cat(per_module), rtol=1e-5, atol=1e-6)
+    assert method.end_task(ctx).signature.shape == (4, 32)

@@ -197,3 +197,23 @@ def test_a_running_stream_takes_new_tasks_from_its_inbox(ray_session, tmp_path, 
     logs = []
     again = run_stream(cfg, log=logs.append)
     assert again.task_names == result.task_names and sum("already done" in line for line in logs) == 3
+
+
+def test_both_executors_run_the_same_recipe_to_the_same_result(ray_session, tmp_path):
+    """One recipe: the in-process executor and a 1-worker Ray Train group (DeepSpeed ZeRO-0,
+    fp32, torch AdamW) train the same treelora stream to the same matrix, tree and adapters."""
+    from safetensors.torch import load_file
+
+    from treelora.train.stream import run_stream
+
+    common = ["stream.tasks=[agnews, amazon]", "scaling.num_workers=1", "scaling.zero_stage=0"]
+    local = run_stream(_cfg(tmp_path / "local", *common), executor="local", log=lambda *_: None)
+    ray_run = run_stream(_cfg(tmp_path / "ray", *common), executor="ray", log=lambda *_: None)
+    assert local.task_names == ray_run.task_names and local.tree_stream == ray_run.tree_stream
+    np.testing.assert_allclose(local.accuracy, ray_run.accuracy)
+    for a, b in zip(local.outcomes, ray_run.outcomes, strict=True):
+        np.testing.assert_allclose([x[1] for x in a.losses], [x[1] for x in b.losses], rtol=1e-4)
+        assert a.choices == b.choices and a.tree_version == b.tree_version
+    for a, b in zip(local.tasks, ray_run.tasks, strict=True):
+        ta, tb = load_file(str(Path(a.adapter_dir) / "adapter_model.safetensors")), load_file(str(Path(b.adapter_dir) / "adapter_model.safetensors"))
+        assert sorted(ta) == sorted(tb) and all(torch.allclose(ta[k], tb[k], atol=1e-5) for k in ta)

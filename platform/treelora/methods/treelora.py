@@ -88,6 +88,15 @@ class TreeLoRA:
         D = self.space.width
         self.padded_index = torch.cat([torch.arange(n, device=device) + d * D for d, n in enumerate(sizes)])
         self.size_tensor = torch.tensor(sizes, device=device, dtype=torch.float32)
+        # sketched signatures: modules of one size share a projection matrix, so each size group
+        # projects (and back-projects) with one matmul: (rows of the group, flat index [n, size])
+        offsets = [0, *torch.tensor(sizes).cumsum(0).tolist()]
+        groups: dict[int, list[int]] = {}
+        for d, n in enumerate(sizes):
+            groups.setdefault(n, []).append(d)
+        self.size_groups = [(n, torch.tensor(rows, device=device),
+                             torch.stack([torch.arange(offsets[d], offsets[d] + n, device=device) for d in rows]))
+                            for n, rows in groups.items()]
 
     def begin_task(self, ctx: TaskContext):
         model = ctx.model
@@ -111,7 +120,10 @@ class TreeLoRA:
             out = torch.zeros(self.space.num_modules * self.space.width, device=self.flat_running.device)
             out[self.padded_index] = self.flat_running
             return out.view(self.space.num_modules, self.space.width)
-        return self.projector.project(self.running)  # [L, D]
+        out = torch.empty(self.space.num_modules, self.space.width, device=self.flat_running.device)
+        for size, rows, index in self.size_groups:
+            out[rows] = self.flat_running[index] @ self.projector.matrix(size, out.device)
+        return out
 
     def _flush(self) -> None:
         """Give the bandit the gaps of the last step (their device-to-host copy is done by now)."""
@@ -132,8 +144,12 @@ class TreeLoRA:
         tasks = self.bandit.select()
         self.last_choice = tasks
         self.choice_counts[tasks, np.arange(len(tasks))] += 1
-        modules = torch.arange(len(tasks), device=self.signatures.device)
-        chosen = self.signatures[torch.as_tensor(tasks, device=self.signatures.device), modules]
+        device = self.signatures.device
+        modules = torch.arange(len(tasks), device=device)
+        picked = torch.from_numpy(np.ascontiguousarray(tasks, dtype=np.int64))
+        if device.type == "cuda":  # a plain host-to-device copy would wait for the queued forward pass
+            picked = picked.pin_memory().to(device, non_blocking=True)
+        chosen = self.signatures[picked, modules]
         gaps = self.space.distance(running_sig, chosen)
         if gaps.device.type == "cuda":
             host = torch.empty(gaps.shape, dtype=gaps.dtype, pin_memory=True)
@@ -154,11 +170,11 @@ class TreeLoRA:
         """u = P^T sign(.) per module, flat."""
         if self.space.projection == "exact":
             return toward.reshape(-1)[self.padded_index]
-        parts = []
-        for d, size in enumerate(self.sizes):
-            u = self.projector.matrix(size, toward.device) @ toward[d]
-            parts.append(u / u.abs().mean().clamp(min=1e-12))  # unit mean magnitude, like a sign vector
-        return torch.cat(parts)
+        flat = torch.empty_like(self.flat_running)
+        for size, rows, index in self.size_groups:
+            u = toward[rows] @ self.projector.matrix(size, toward.device).T  # [n, size]
+            flat[index] = u / u.abs().mean(1, keepdim=True).clamp(min=1e-12)  # unit mean magnitude, like a sign vector
+        return flat
 
     def after_backward(self, ctx: TaskContext, step: int) -> None:
         grads = ctx.grads_of(self.params)

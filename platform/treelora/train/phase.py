@@ -49,6 +49,9 @@ class PhaseOutcome:
     setup_seconds: float  # from the phase's start to its first step (snapshot, optimizer, engine)
     checkpoint_seconds: float  # time the mid-phase checkpoints took (inside train_seconds)
     checkpoints: int  # how many mid-phase checkpoints were written
+    load_seconds: float  # the worker group's one-time setup: base model, data, tokenisation (same for all its phases)
+    started_at: float  # wall clock (epoch seconds) when the phase began, and when it was published
+    finished_at: float
     added_task_spec: dict | None = None  # the task spec, for a task that arrived through the inbox
     version: int = SEAM_VERSION
 

@@ -144,6 +144,7 @@ class StreamRecipe:
     # -- setup ------------------------------------------------------------------------------
     def setup(self) -> None:
         cfg = self.cfg
+        t0 = time.perf_counter()
         seed_everything(cfg.train.seed)
         stream = build_stream(cfg)
         self.kind = stream_kind(stream)
@@ -156,6 +157,7 @@ class StreamRecipe:
         self.model.prepare(self.tasks)
         if self.job.start_adapter_dir:
             self.restore(self.job.start_adapter_dir, self.job.start_adapters)
+        self.load_seconds = time.perf_counter() - t0
 
     def restore(self, adapter_dir: str, adapters) -> None:
         restore_adapter_folder(self.model, adapter_dir, list(adapters))
@@ -215,7 +217,7 @@ class StreamRecipe:
     # -- one phase ---------------------------------------------------------------------------
     def train_phase(self, phase: PhaseJob, mid: MidPhase | None = None) -> PhaseOutcome:
         cfg, model, method, comm = self.cfg, self.model, self.method, self.comm
-        t_begin = time.perf_counter()
+        t_begin, started_at = time.perf_counter(), time.time()
         uses_tree = getattr(method, "uses_tree", False)
         snapshot = comm.broadcast(self.tree.snapshot(self.job.tree_stream) if uses_tree and self.is_main else None)
         phase_tasks = [t for t in self.tasks if t.name in phase.task_names]
@@ -287,7 +289,7 @@ class StreamRecipe:
         stepper.close()
         tokens = self._tokens(phase_tasks, records, comm)
         timing = {"step_times": step_times, "train_seconds": train_seconds, "setup_seconds": setup_seconds, "tokens": tokens,
-                  "checkpoint_seconds": sum(checkpoint_times), "checkpoints": len(checkpoint_times)}
+                  "checkpoint_seconds": sum(checkpoint_times), "checkpoints": len(checkpoint_times), "started_at": started_at}
         return self.finish_phase(phase, ctx, snapshot, losses, choices, timing)
 
     def _tokens(self, phase_tasks, records, comm) -> int:
@@ -331,6 +333,7 @@ class StreamRecipe:
             train_seconds=timing["train_seconds"], eval_seconds=eval_seconds,
             step_seconds_median=statistics.median(timing["step_times"]) if timing["step_times"] else 0.0,
             setup_seconds=timing["setup_seconds"], checkpoint_seconds=timing["checkpoint_seconds"], checkpoints=timing["checkpoints"],
+            load_seconds=self.load_seconds, started_at=timing["started_at"], finished_at=time.time(),
             added_task_spec=self._spec_of(phase),
         )
         if self.is_main:

@@ -54,6 +54,8 @@ class StreamResult:
     tracking_uri: str | None = None
     tree_stream: str | None = None
     outcomes: list[PhaseOutcome] = dataclasses.field(default_factory=list)
+    started_at: float = 0.0  # wall clock (epoch seconds) of the call, and of its return
+    finished_at: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,7 +158,7 @@ def run_stream(cfg: RunConfig, *, executor: str = "ray", address: str | None = N
                fail_at: dict[str, int] | None = None) -> StreamResult:
     """Run (or resume) a whole stream. ``executor``: "ray" (Ray Train + DeepSpeed) or "local"
     (this process); ``fail_at`` {task: step} kills a worker there once (tests)."""
-    t0 = time.perf_counter()
+    t0, started_at = time.perf_counter(), time.time()
     validate_config(cfg)
     stream = validate_stream(cfg)  # every record checked before anything trains
     if executor == "ray":
@@ -216,5 +218,6 @@ def run_stream(cfg: RunConfig, *, executor: str = "ray", address: str | None = N
     order = sorted(ledger.reports)
     return StreamResult(stream.name, cfg.method.name, names, R, metrics, wall, [ledger.reports[i] for i in order],
                         registered_model=tracker.registered_model, versions=tracker.versions(), tracking_uri=tracking_uri,
-                        tree_stream=tree_stream, outcomes=[ledger.outcomes[i] for i in order])
+                        tree_stream=tree_stream, outcomes=[ledger.outcomes[i] for i in order], started_at=started_at,
+                        finished_at=time.time())
 
