@@ -21,8 +21,7 @@ def test_three_task_stream_on_gpus(ray_session, tmp_path, workers):
         pytest.skip(f"needs {workers} GPUs")
     from mlflow import MlflowClient
 
-    from treelora.train.driver import run_stream
-    from treelora.train.progress import StreamProgress
+    from treelora.train.stream import run_stream
     from tree_service import TreeRegistry
 
     cfg = load_config(None, [
@@ -38,9 +37,7 @@ def test_three_task_stream_on_gpus(ray_session, tmp_path, workers):
     client = MlflowClient(tracking_uri=result.tracking_uri)
     versions = sorted(client.search_model_versions(f"name='{result.registered_model}'"), key=lambda v: int(v.version))
     assert [v.tags["task"] for v in versions] == ["agnews", "amazon", "SST-2"]
-    progress = StreamProgress.load(tmp_path / "streams" / result.tree_stream / "progress.json")
-    records = [progress.done(t) for t in ["agnews", "amazon", "SST-2"]]
-    assert all(r["ranks_agree"] for r in records)
-    tps = [r["tokens_per_second_per_worker"] for r in records]
+    assert all(o.ranks_agree and o.world_size == workers for o in result.outcomes)
+    tps = [o.tokens / o.train_seconds / workers for o in result.outcomes]
     print(f"\nGPU workers={workers}: tokens/s per worker per task {[round(t) for t in tps]}; "
           f"OP {result.metrics['op'] * 100:.1f} BWT {result.metrics['bwt'] * 100:.1f}\n{np.round(result.accuracy * 100, 1)}")
