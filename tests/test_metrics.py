@@ -116,3 +116,43 @@ def test_accuracy_is_an_exact_label_match_after_strip():
     assert score(letters, ["A", "C."]) == pytest.approx(0.5)
     with pytest.raises(ValueError, match="1 predictions for 2 test rows"):
         score(letters, ["A"])
+
+
+# -- graded metrics, on worked examples ----------------------------------------------------------
+def test_sari_on_worked_examples():
+    from treelora.data.scoring import sari
+
+    assert sari("a b c", "a b d", "a b d") == pytest.approx(1.0)  # the reference itself
+    # copying the source "a b c" when the reference is "a b d":
+    # n=1: keep P 2/3 R 1 -> F 0.8; nothing deleted -> P 1; nothing added but "d" wanted -> F 0
+    # n=2: keep {ab} of {ab, bc}: P 1/2 R 1 -> F 2/3; del P 1; add F 0
+    # n=3: keep {abc} vs none kept in the reference: P 0 -> F 0; del P 1; add F 0
+    # n=4: no n-grams: keep 1, del 1, add 1
+    expected = ((0.8 + 1 + 0) + (2 / 3 + 1 + 0) + (0 + 1 + 0) + (1 + 1 + 1)) / 12
+    assert sari("a b c", "a b c", "a b d") == pytest.approx(expected)
+
+
+def test_rouge_l_bleu_and_edit_similarity_on_worked_examples():
+    from treelora.data.scoring import corpus_bleu, edit_similarity, rouge_l
+
+    # LCS of "the cat sat" and "the cat sat down" is 3 tokens: P 3/3, R 3/4 -> F 6/7
+    assert rouge_l("the cat sat", "the cat sat down") == pytest.approx(6 / 7)
+    assert rouge_l("completely different", "the cat sat") == 0.0
+    assert corpus_bleu(["the cat sat on the mat"], ["the cat sat on the mat"]) == pytest.approx(1.0)
+    assert corpus_bleu(["dog"], ["the cat sat on the mat"]) == pytest.approx(0.0)
+    # Indel similarity: "abcd" vs "abce" differ by one substitution = 2 indels over 8 chars
+    assert edit_similarity("abcd", "abce") == pytest.approx(1 - 2 / 8)
+
+
+def test_graded_metrics_score_a_task_as_the_mean_over_rows():
+    t = task("edit_similarity", ["abcd", "xyz"])
+    assert score(t, ["abce", "xyz"]) == pytest.approx((0.75 + 1.0) / 2)
+    s = Task("s", "generation", (), "sari", (Example("a b c", "a b d"),), (), (Example("a b c", "a b d"),), "code")
+    assert score(s, ["a b d"]) == pytest.approx(1.0)
+
+
+def test_unknown_metric_is_refused_naming_the_known_ones():
+    with pytest.raises(ValueError, match="rouge_l.*edit_similarity"):
+        task("meteor", ["x"])
+    with pytest.raises(ValueError, match="scored by accuracy"):
+        task("rouge_l", ["pos"], kind="classification", labels=("pos", "neg"))

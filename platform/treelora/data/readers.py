@@ -10,7 +10,7 @@ Task folder layouts (``load_task``):
 
       name: reviews            # default: the folder's name
       kind: classification     # or generation
-      metric: accuracy         # accuracy | exact_match | option_accuracy
+      metric: accuracy         # accuracy | exact_match | option_accuracy | rouge_l | bleu | sari | edit_similarity
       labels: [negative, positive]   # or labels_file: labels.json (a JSON list)
       text_field: text
       target_field: label
@@ -53,6 +53,9 @@ TRACE_METRICS: dict[str, Metric] = {
     "ScienceQA": "option_accuracy",
     "NumGLUE-cm": "exact_match",
     "NumGLUE-ds": "exact_match",
+    "MeetingBank": "rouge_l",
+    "Py150": "edit_similarity",
+    "20Minuten": "sari",
 }
 _FIELDS = {"classification": ("sentence", "label"), "generation": ("prompt", "answer")}
 _TASK_YAML_KEYS = {

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Literal, get_args
 
 TaskKind = Literal["classification", "generation"]
-Metric = Literal["accuracy", "exact_match", "option_accuracy"]
+Metric = Literal["accuracy", "exact_match", "option_accuracy", "rouge_l", "bleu", "sari", "edit_similarity"]
 SPLITS = ("train", "eval", "test")
 
 
@@ -44,6 +44,8 @@ class Task:
             raise ValueError(f"task {self.name!r}: kind {self.kind!r} is not one of {get_args(TaskKind)}")
         if self.metric not in get_args(Metric):
             raise ValueError(f"task {self.name!r}: metric {self.metric!r} is not one of {get_args(Metric)}")
+        if self.kind == "classification" and self.metric != "accuracy":
+            raise ValueError(f"task {self.name!r}: a classification task is scored by accuracy, not {self.metric!r}")
         if self.kind == "classification":
             if not self.labels:
                 raise ValueError(f"task {self.name!r}: a classification task needs a non-empty label set")
