@@ -34,7 +34,7 @@ def one_process_steps(overrides: list[str]) -> list[float]:
     from treelora.config import load_config
     from treelora.methods import make_method
     from treelora.methods.base import TaskContext
-    from treelora.train.loop import TorchStepper, epoch_batches, train_task
+    from treelora.train.loop import DEFAULT_LR, TorchStepper, epoch_batches, train_task
     from treelora.train.setup import build_model, build_stream, steps_per_epoch
 
     cfg = load_config(None, overrides)
@@ -44,7 +44,7 @@ def one_process_steps(overrides: list[str]) -> list[float]:
     model.add_head(task)
     method = make_method(cfg.method)
     ctx = TaskContext(model, task, 0, steps_per_epoch([task], cfg.train.batch_size), cfg.train.epochs, cfg.train.seed)
-    optimizer = torch.optim.AdamW(method.begin_task(ctx), lr=cfg.train.lr)
+    optimizer = torch.optim.AdamW(method.begin_task(ctx), lr=cfg.train.lr or DEFAULT_LR["classification"])
     times, last = [], [time.perf_counter()]
 
     def tick(_):

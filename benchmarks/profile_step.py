@@ -54,7 +54,7 @@ def main(argv=None) -> int:
         deepspeed.init_distributed()
         from treelora.train.deepspeed_stepper import DeepSpeedStepper
 
-        stepper = DeepSpeedStepper(model, params, cfg, 1, True)
+        stepper = DeepSpeedStepper(model, params, cfg, 1, True, cfg.train.lr, 10**6)
     else:
         stepper = TorchStepper(torch.optim.AdamW(params, lr=cfg.train.lr))
     ctx.grad_of, ctx.grads_of_many = stepper.grad_of, stepper.grads_of

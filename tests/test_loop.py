@@ -187,3 +187,51 @@ def test_max_steps_caps_the_task():
     resumed = train_task(model, method, ctx, TorchStepper(optimizer), batches_of(task, 8), start=(0, 2), max_steps=4)
     assert [(r.epoch, r.index, r.step) for r in resumed] == [(0, 2, 2), (1, 0, 3)]
     assert all(r.penalty == 0.0 for r in records + resumed)
+
+
+def test_learning_rate_schedule_warms_up_then_decays():
+    from treelora.train.loop import lr_multiplier
+
+    total = 100  # 6 warmup steps at warmup_ratio 0.06
+    warm = [lr_multiplier(s, total, "linear", 0.06) for s in range(6)]
+    assert warm == sorted(warm) and warm[0] < 0.2 and warm[-1] < 1.0
+    assert lr_multiplier(6, total, "linear", 0.06) == pytest.approx(1.0)
+    assert lr_multiplier(53, total, "linear", 0.06) == pytest.approx(0.5)
+    assert lr_multiplier(53, total, "cosine", 0.06) == pytest.approx(0.5)
+    assert lr_multiplier(99, total, "cosine", 0.06) < 0.01 and lr_multiplier(99, total, "constant", 0.06) == 1.0
+    assert lr_multiplier(0, total, "constant", 0.0) == 1.0
+
+
+def test_long_inputs_lose_their_middle_and_keep_instruction_and_answer_cue():
+    from treelora.adapters import ContinualModel, tiny_backbone
+
+    model = ContinualModel(tiny_backbone("tiny-llama"), max_length=24, max_new_tokens=4)
+    ids = list(range(100))
+    cut = model.cut_middle(ids, 10)
+    assert cut == [0, 1, 2, 3, 4, 95, 96, 97, 98, 99]
+    task = Task("g", "generation", (), "exact_match",
+                (Example("Instruction: answer yes. " + "filler " * 60 + "Question: yes?", "yes"),), (),
+                (Example("short prompt", "yes"),), "tests")
+    assert model.prepare([task]) == {"g": (1, 1)}  # the one training row is longer than 24 tokens
+    batch = model.batch(task, task.train)
+    row = batch["input_ids"][0].tolist()
+    text = model.tokenizer.decode(row)
+    assert len(row) == 24 and text.startswith("instruction : answer yes") and "question : yes?" in text
+    answer = [t for t, lab in zip(row, batch["labels"][0].tolist()) if lab != -100]
+    assert model.tokenizer.decode(answer[:-1]) == "yes" and answer[-1] == model.tokenizer.eos_token_id
+
+
+def test_max_length_and_new_tokens_come_from_the_data_when_not_set():
+    from treelora.adapters import ContinualModel, tiny_backbone
+
+    model = ContinualModel(tiny_backbone("tiny-bert"), max_length=None)
+    t = make_task("cls", 40)
+    model.add_head(t)
+    model.prepare([t])
+    longest = max(len(model.tokenizer(e.text).input_ids) for e in t.train)
+    assert model.max_length % 8 == 0 and 32 <= model.max_length and model.max_length >= longest * 0.5
+    gen = ContinualModel(tiny_backbone("tiny-llama"), max_length=None, max_new_tokens=None)
+    g = Task("g", "generation", (), "exact_match", tuple(Example(f"q {i}", "one two three") for i in range(8)), (),
+             (Example("q", "x"),), "tests")
+    gen.prepare([g])
+    assert gen.new_tokens_for(g) == len(gen.tokenizer("one two three", add_special_tokens=False).input_ids) + 1

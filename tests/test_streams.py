@@ -192,8 +192,31 @@ def test_unknown_stream_and_bad_sizes_are_refused(tmp_path):
         load_stream("no-such-stream")
     with pytest.raises(ValueError, match="sizes"):
         load_stream("olora-cls", data_root=builtin.SAMPLE_ROOT, sizes={"dev": 3})
-    with pytest.raises(ValueError, match="asked for 500 test rows but the split has"):
-        load_stream("trace-gen", data_root=builtin.SAMPLE_ROOT, sizes={"test": 500})
+
+
+
+def test_more_rows_than_a_split_has_uses_all_of_them_with_one_warning(caplog):
+    full = load_stream("trace-gen", data_root=builtin.SAMPLE_ROOT, sizes={"test": None})
+    with caplog.at_level("WARNING", logger="treelora.data.sampling"):
+        stream = load_stream("trace-gen", data_root=builtin.SAMPLE_ROOT, sizes={"test": 500})
+    assert [len(t.test) for t in stream.tasks] == [len(t.test) for t in full.tasks]
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == len(stream.tasks) and all("500 test rows asked for" in m and "using all" in m for m in warned)
+
+
+def test_a_dev_file_is_the_eval_split(tmp_path):
+    import json
+
+    from treelora.data import load_task
+
+    folder = tmp_path / "task"
+    folder.mkdir()
+    (folder / "labels.json").write_text(json.dumps(["neg", "pos"]))
+    for split, n in (("train", 6), ("dev", 3), ("test", 4)):
+        rows = [{"sentence": f"{split} {i}", "label": ["neg", "pos"][i % 2]} for i in range(n)]
+        (folder / f"{split}.json").write_text(json.dumps(rows))
+    task = load_task(folder)
+    assert (len(task.train), len(task.eval), len(task.test)) == (6, 3, 4)
 
 
 def test_stratified_sampling_by_hand():

@@ -39,8 +39,11 @@ class ModelConfig:
     # "minilm", "smollm2", a local Hugging Face folder, or "tiny-bert"/"tiny-llama" (random
     # weights: fast unit tests only, never a user default)
     name: str = "auto"
-    max_length: int | None = None  # tokens per example; None = 64 for classification, 256 for generation
-    max_new_tokens: int = 8  # greedy decoding budget for generation tasks
+    # tokens per example; None = from the data: the length that holds 95% of the training rows
+    # whole (a multiple of 8, 32 to 512 for BERT, to 1024 for Llama); longer rows lose their middle
+    max_length: int | None = None
+    max_new_tokens: int | None = None  # greedy decoding budget; None = the task's longest training answer
+    chat_template: bool = True  # instruct models with a chat template get each prompt as one user turn
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +71,12 @@ class MethodConfig:
 class TrainConfig:
     epochs: int = 2
     batch_size: int = 16
-    lr: float = 5e-3
+    # None = by the stream's kind: 5e-3 for classification (LoRA on a small encoder plus a fresh
+    # head per task), 2e-4 for generation (the usual LoRA range for an LLM)
+    lr: float | None = None
+    schedule: str = "linear"  # constant | linear | cosine: the decay over a task's steps, after the warmup
+    warmup_ratio: float = 0.06  # share of a task's steps with a linear warmup from ~0
+    grad_clip: float = 1.0  # global gradient-norm clip (0 = off)
     weight_decay: float = 0.0
     seed: int = 0
     max_steps_per_task: int | None = None  # cap, for smoke runs

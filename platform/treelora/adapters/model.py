@@ -44,11 +44,15 @@ def _check_targets(backbone: Backbone, targets: tuple[str, ...]) -> None:
 
 class ContinualModel(torch.nn.Module):
     def __init__(self, backbone: Backbone, r: int = 8, alpha: int = 16, dropout: float = 0.0,
-                 targets: Sequence[str] = ("q", "v"), max_length: int = 128, max_new_tokens: int = 8):
+                 targets: Sequence[str] = ("q", "v"), max_length: int | None = 128, max_new_tokens: int | None = 8,
+                 chat_template: bool = True):
         super().__init__()
         self.family, self.tokenizer, self.source = backbone.family, backbone.tokenizer, backbone.source
         self.max_length, self.max_new_tokens = max_length, max_new_tokens
-        self._ids: dict[str, list[int]] = {}  # text -> token ids, filled once (see prepare)
+        # instruct models answer in their chat format: a prompt becomes one user turn
+        self.use_chat_template = bool(chat_template and self.is_causal and getattr(self.tokenizer, "chat_template", None))
+        self._ids: dict[tuple[bool, str], list[int]] = {}  # (is a prompt, text) -> token ids, filled once (see prepare)
+        self._new_tokens: dict[str, int] = {}  # task -> greedy decoding budget derived from its answers
         self.lora_config = LoraConfig(
             r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none",
             target_modules=target_module_names(backbone.family, tuple(targets)),
@@ -103,37 +107,83 @@ class ContinualModel(torch.nn.Module):
     def device(self) -> torch.device:
         return next(self.peft.parameters()).device
 
-    def prepare(self, tasks: Sequence[Task]) -> None:
-        """Tokenise every text of ``tasks`` in one batched call per split (idempotent)."""
+    def prepare(self, tasks: Sequence[Task]) -> dict[str, tuple[int, int]]:
+        """Tokenise every text of ``tasks`` once, fix ``max_length`` from the data when it was
+        not set, and return {task: (train rows cut to fit, train rows)}."""
         for task in tasks:
             for split in ("train", "eval", "test"):
-                texts = [e.text for e in getattr(task, split)]
+                examples = getattr(task, split)
+                self._encode_many([e.text for e in examples], prompts=True)
                 if self.is_causal:
-                    texts += [e.target for e in getattr(task, split)]
-                self._encode_many(texts)
+                    self._encode_many([e.target for e in examples])
+        if self.max_length is None:
+            self.max_length = self.length_covering([e for t in tasks for e in t.train])
+        cut = {}
+        for task in tasks:
+            lengths = [self.full_length(e) for e in task.train]
+            cut[task.name] = (sum(n > self.max_length for n in lengths), len(lengths))
+            if self.is_causal and task.name not in self._new_tokens:
+                answers = [len(self._text_ids(e.target)) + 1 for e in task.train]
+                self._new_tokens[task.name] = min(max(answers), max(self.max_length // 2, 1))
+        return cut
 
-    def _encode_many(self, texts: Sequence[str]) -> None:
-        todo = list(dict.fromkeys(t for t in texts if t not in self._ids))
+    LENGTH_QUANTILE, LENGTH_CAPS = 0.95, {"bert": 512, "llama": 1024}
+
+    def length_covering(self, examples: Sequence[Example]) -> int:
+        """The smallest multiple of 8 that holds ``LENGTH_QUANTILE`` of the examples whole
+        (at least 32, at most what the family handles well)."""
+        lengths = sorted(self.full_length(e) for e in examples) or [32]
+        need = lengths[min(int(len(lengths) * self.LENGTH_QUANTILE), len(lengths) - 1)]
+        return int(min(max(32, -(-need // 8) * 8), self.LENGTH_CAPS[self.family]))
+
+    def new_tokens_for(self, task: Task) -> int:
+        """Greedy decoding budget: ``model.max_new_tokens`` if set, else the longest training answer."""
+        if self.max_new_tokens is not None:
+            return self.max_new_tokens
+        if task.name not in self._new_tokens:
+            self.prepare([task])
+        return self._new_tokens[task.name]
+
+    def _encode_many(self, texts: Sequence[str], prompts: bool = False) -> None:
+        as_prompt = prompts and self.is_causal  # a prompt is cached in its chat form, under its own key
+        todo = list(dict.fromkeys(t for t in texts if (as_prompt, t) not in self._ids))
         if not todo:
             return
-        if self.is_causal:
-            enc = self.tokenizer(todo, add_special_tokens=False).input_ids
+        tok = self.tokenizer
+        if as_prompt and self.use_chat_template:
+            enc = [tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=True)
+                   for t in todo]
+            enc = [e["input_ids"] if isinstance(e, dict) or hasattr(e, "keys") else e for e in enc]
         else:
-            enc = self.tokenizer(todo, truncation=True, max_length=self.max_length).input_ids
-        self._ids.update(zip(todo, enc))
+            enc = tok(todo, add_special_tokens=not self.is_causal).input_ids  # BERT: [CLS] ... [SEP], uncut
+        self._ids.update(((as_prompt, t), list(e)) for t, e in zip(todo, enc))
 
-    def _text_ids(self, text: str) -> list[int]:
-        ids = self._ids.get(text)
+    def _text_ids(self, text: str, prompt: bool = False) -> list[int]:
+        key = (prompt and self.is_causal, text)
+        ids = self._ids.get(key)
         if ids is None:
-            self._encode_many([text])
-            ids = self._ids[text]
+            self._encode_many([text], prompts=prompt)
+            ids = self._ids[key]
         return ids
+
+    def full_length(self, example: Example) -> int:
+        """Tokens the example needs whole (prompt + answer + end token, or the sentence)."""
+        if self.is_causal:
+            return len(self._text_ids(example.text, prompt=True)) + len(self._text_ids(example.target)) + 1
+        return len(self._text_ids(example.text))
 
     def example_length(self, example: Example) -> int:
         """Tokens the example takes in a training batch (for batching by length)."""
-        if self.is_causal:
-            return min(len(self._text_ids(example.text)) + len(self._text_ids(example.target)) + 1, self.max_length)
-        return len(self._text_ids(example.text))
+        return min(self.full_length(example), self.max_length)
+
+    @staticmethod
+    def cut_middle(ids: list[int], budget: int) -> list[int]:
+        """``ids`` cut to ``budget`` tokens by dropping the middle: the head (the instruction) and
+        the tail (the question and the answer cue) are what a prompt cannot lose."""
+        if len(ids) <= budget:
+            return ids
+        head = budget // 2
+        return ids[:head] + ids[len(ids) - (budget - head):]
 
     def _to_device(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         device = self.device
@@ -147,9 +197,11 @@ class ContinualModel(torch.nn.Module):
         return torch.tensor([[value] * (width - len(r)) + r if left else r + [value] * (width - len(r)) for r in rows])
 
     def batch(self, task: Task, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
+        if self.max_length is None:  # not prepared: take the length from this task's data
+            self.prepare([task])
         if self.is_causal:
             return self._causal_batch(examples)
-        rows = [self._text_ids(e.text) for e in examples]
+        rows = [self.cut_middle(self._text_ids(e.text), self.max_length) for e in examples]  # keeps [CLS] and [SEP]
         input_ids = self._pad(rows, self.tokenizer.pad_token_id or 0)
         mask = self._pad([[1] * len(r) for r in rows], 0)
         out = {"input_ids": input_ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(input_ids),
@@ -160,11 +212,10 @@ class ContinualModel(torch.nn.Module):
         eos = self.tokenizer.eos_token_id
         rows, labels = [], []
         for e in examples:
-            answer = self._text_ids(e.target) + [eos]
-            prompt = self._text_ids(e.text)
-            prompt = prompt[-max(self.max_length - len(answer), 1):]  # keep the end of a long prompt
-            rows.append((prompt + answer)[-self.max_length:])
-            labels.append(([-100] * len(prompt) + answer)[-self.max_length:])  # loss on answer tokens only
+            answer = (self._text_ids(e.target) + [eos])[: max(self.max_length // 2, 1)]
+            prompt = self.cut_middle(self._text_ids(e.text, prompt=True), self.max_length - len(answer))
+            rows.append(prompt + answer)
+            labels.append([-100] * len(prompt) + answer)  # loss on answer tokens only
         out = {"input_ids": self._pad(rows, self.tokenizer.pad_token_id),  # right-padded for training
                "attention_mask": self._pad([[1] * len(r) for r in rows], 0), "labels": self._pad(labels, -100)}
         return self._to_device(out)
@@ -191,6 +242,8 @@ class ContinualModel(torch.nn.Module):
         """
         was_training = self.training
         self.eval()
+        if self.max_length is None:
+            self.prepare([task])
         order = sorted(range(len(examples)), key=lambda i: self.example_length(examples[i]))
         answers: list[str] = [""] * len(examples)
         try:
@@ -198,7 +251,7 @@ class ContinualModel(torch.nn.Module):
                 idx = order[i : i + batch_size]
                 chunk = [examples[j] for j in idx]
                 if self.is_causal:
-                    got = self._generate([e.text for e in chunk])
+                    got = self._generate([e.text for e in chunk], self.new_tokens_for(task))
                 else:
                     got = [task.labels[j] for j in self.logits(task, self.batch(task, chunk)).argmax(-1).tolist()]
                 for j, a in zip(idx, got):
@@ -207,13 +260,13 @@ class ContinualModel(torch.nn.Module):
             self.train(was_training)
         return answers
 
-    def _generate(self, prompts: list[str]) -> list[str]:
+    def _generate(self, prompts: list[str], new_tokens: int) -> list[str]:
         tok = self.tokenizer
-        keep = self.max_length - self.max_new_tokens
-        rows = [self._text_ids(p)[-keep:] for p in prompts]
+        keep = max(self.max_length - new_tokens, 1)
+        rows = [self.cut_middle(self._text_ids(p, prompt=True), keep) for p in prompts]
         enc = self._to_device({"input_ids": self._pad(rows, tok.pad_token_id, left=True),
                                "attention_mask": self._pad([[1] * len(r) for r in rows], 0, left=True)})
         width = enc["input_ids"].shape[1]
-        gen = self.peft.generate(**enc, max_new_tokens=self.max_new_tokens,
+        gen = self.peft.generate(**enc, max_new_tokens=new_tokens,
                                  do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
         return [tok.decode(g[width:], skip_special_tokens=True).strip() for g in gen.tolist()]

@@ -154,8 +154,12 @@ def _read_examples(
     return tuple(Example(record[fields[0]], record[fields[1]]) for record in records)
 
 
+SPLIT_ALIASES = {"eval": ("eval", "dev")}  # many datasets call their validation split dev
+
+
 def _split_file(folder: Path, split: str) -> Path | None:
-    found = [folder / f"{split}{ext}" for ext in FORMATS if (folder / f"{split}{ext}").is_file()]
+    found = [folder / f"{stem}{ext}" for stem in SPLIT_ALIASES.get(split, (split,)) for ext in FORMATS
+             if (folder / f"{stem}{ext}").is_file()]
     if len(found) > 1:
         raise DataValidationError(folder, f"more than one {split} file: {[p.name for p in found]}")
     return found[0] if found else None

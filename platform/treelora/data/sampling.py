@@ -7,6 +7,7 @@ version, and two tasks of one stream do not share a permutation.
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Hashable, Sequence
 from dataclasses import replace
@@ -14,6 +15,8 @@ from dataclasses import replace
 from .tasks import SPLITS, Task
 
 SplitSizes = dict[str, int | None]  # split -> rows to keep; None keeps every row
+
+log = logging.getLogger(__name__)
 
 
 def rng_for(seed: int, *keys: str) -> random.Random:
@@ -63,6 +66,9 @@ def subsample(task: Task, sizes: SplitSizes, seed: int) -> Task:
     cut = {}
     for split in SPLITS:
         n = sizes.get(split)
+        if n is not None and n > len(task.split(split)):
+            log.warning("task %r: %d %s rows asked for, the split has %d: using all of them", task.name, n, split, len(task.split(split)))
+            n = None
         if n is not None:
             chosen, _ = draw(task, split, n, seed)
             cut[split] = tuple(task.split(split)[index] for index in chosen)

@@ -19,7 +19,7 @@ def deepspeed_config(cfg: RunConfig, micro_batch: int, use_bf16: bool) -> dict:
         "gradient_accumulation_steps": 1,
         "zero_optimization": {"stage": cfg.scaling.zero_stage},
         "bf16": {"enabled": use_bf16},
-        "gradient_clipping": 0.0,
+        "gradient_clipping": cfg.train.grad_clip,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
@@ -28,12 +28,18 @@ def deepspeed_config(cfg: RunConfig, micro_batch: int, use_bf16: bool) -> dict:
 class DeepSpeedStepper:
     TAG = "ckpt"
 
-    def __init__(self, model: torch.nn.Module, params: list[torch.nn.Parameter], cfg: RunConfig, world_size: int, use_bf16: bool):
+    def __init__(self, model: torch.nn.Module, params: list[torch.nn.Parameter], cfg: RunConfig, world_size: int, use_bf16: bool,
+                 lr: float, total_steps: int):
         import deepspeed
 
-        optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        from .loop import lr_scheduler
+
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.train.weight_decay)
+        schedule = lr_scheduler(optimizer, total_steps, cfg.train.schedule, cfg.train.warmup_ratio)
         micro = max(cfg.train.batch_size // world_size, 1)
-        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg, micro, use_bf16))
+        # the engine steps the schedule with the optimizer and keeps its state in its checkpoints
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
+                                                    config=deepspeed_config(cfg, micro, use_bf16))
         self.world_size = world_size
 
     def backward(self, loss: torch.Tensor) -> None:

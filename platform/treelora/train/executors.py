@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..config import RunConfig
-from .loop import TorchStepper
+from .loop import TorchStepper, lr_scheduler
 from .recipe import SingleProcess, StreamJob, StreamRecipe
 
 
@@ -33,8 +33,10 @@ class InProcess:
     def run(self, job: StreamJob, poll, log) -> None:
         cfg = self.cfg
 
-        def make_stepper(model, params):
-            return TorchStepper(torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay))
+        def make_stepper(model, params, lr, total_steps):
+            optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.train.weight_decay)
+            return TorchStepper(optimizer, lr_scheduler(optimizer, total_steps, cfg.train.schedule, cfg.train.warmup_ratio),
+                                cfg.train.grad_clip)
 
         # the ledger takes each phase as soon as its folder is written
         recipe = StreamRecipe(job, comm=SingleProcess(), device=self.device, use_bf16=self.use_bf16, make_stepper=make_stepper,

@@ -172,7 +172,7 @@ def stream_worker(config: dict) -> None:
         t = cfg.tree
         tree = RemoteTree(get_tree_service(job.tree_uri, name=t.service_name, namespace=t.namespace, detached=t.detached))
     recipe = StreamRecipe(job, comm=TorchDistributed(rank, world, device), device=device, use_bf16=use_bf16,
-                          make_stepper=lambda model, params: DeepSpeedStepper(model, params, cfg, world, use_bf16),
+                          make_stepper=lambda model, params, lr, total: DeepSpeedStepper(model, params, cfg, world, use_bf16, lr, total),
                           tree=tree, checkpointer=RayCheckpointer(rank), log=print)
     recipe.setup()
     restored = _restore(recipe, job)

@@ -35,7 +35,7 @@ from ..evaluate import evaluate_tasks
 from ..methods import make_method
 from ..methods.base import TaskContext
 from .inbox import Inbox, load_accepted
-from .loop import epoch_batches, seed_everything, train_task
+from .loop import DEFAULT_LR, epoch_batches, seed_everything, train_task
 from .phase import ADAPTER_DIR, OUTCOME_FILE, SEAM_VERSION, PhaseJob, PhaseOutcome
 from .setup import build_model, build_stream, phase_parameters, split_sizes, steps_per_epoch, stream_kind
 
@@ -154,10 +154,19 @@ class StreamRecipe:
         self.method = make_method(cfg.method)
         for i, t in enumerate(self.tasks):  # every head from the start (seeded per task), so every cell of R is measured
             self.model.add_head(t, seed=cfg.train.seed + i)
-        self.model.prepare(self.tasks)
+        self._report_truncation(self.model.prepare(self.tasks))
+        self.lr = cfg.train.lr if cfg.train.lr is not None else DEFAULT_LR[self.kind]
         if self.job.start_adapter_dir:
             self.restore(self.job.start_adapter_dir, self.job.start_adapters)
         self.load_seconds = time.perf_counter() - t0
+
+    def _report_truncation(self, cut: dict[str, tuple[int, int]]) -> None:
+        if not self.is_main:
+            return
+        for name, (n_cut, n) in cut.items():
+            if n_cut:
+                self.log(f"[treelora] {name}: {n_cut} of {n} training rows ({100 * n_cut / n:.0f}%) are longer than "
+                         f"model.max_length {self.model.max_length}; the middle of their input is cut")
 
     def restore(self, adapter_dir: str, adapters) -> None:
         restore_adapter_folder(self.model, adapter_dir, list(adapters))
@@ -208,7 +217,7 @@ class StreamRecipe:
             task, _ = load_task_spec(path, sizes=self.sizes, seed=self.cfg.stream.seed)
             self.tasks.append(task)
             self.model.add_head(task, seed=self.cfg.train.seed + len(self.tasks) - 1)
-            self.model.prepare([task])
+            self._report_truncation(self.model.prepare([task]))
             jobs.append(PhaseJob(index=len(self.tasks) - 1, key=task.name, task_names=(task.name,)))
             if self.is_main:
                 self.log(f"[treelora] {task.name}: taken from the inbox ({path}); trained as phase {len(self.tasks) - 1}")
@@ -225,7 +234,10 @@ class StreamRecipe:
         ctx = TaskContext(model=model, task=phase_tasks[-1], task_index=phase.index, steps_per_epoch=spe,
                           epochs=cfg.train.epochs, seed=cfg.train.seed, tree_snapshot=snapshot)
         trainable = phase_parameters(model, method, ctx, phase_tasks)
-        stepper = self.make_stepper(model, trainable)
+        total_steps = spe * cfg.train.epochs
+        if cfg.train.max_steps_per_task is not None:
+            total_steps = min(total_steps, cfg.train.max_steps_per_task)
+        stepper = self.make_stepper(model, trainable, self.lr, total_steps)
         ctx.grad_of, ctx.grads_of_many = stepper.grad_of, stepper.grads_of
         start, losses, choices = (0, 0), [], []
         if mid is not None:

@@ -45,7 +45,8 @@ def build_model(cfg: RunConfig, kind: str, dtype: torch.dtype = torch.float32, d
     if backbone.family != want:
         raise ValueError(f"model.name {cfg.model.name!r} is a {backbone.family} model but the stream's tasks are {kind}")
     return ContinualModel(backbone, r=cfg.adapter.r, alpha=cfg.adapter.alpha, dropout=cfg.adapter.dropout,
-                          targets=cfg.adapter.targets, max_length=cfg.model.max_length or (256 if kind == "generation" else 64), max_new_tokens=cfg.model.max_new_tokens)
+                          targets=cfg.adapter.targets, max_length=cfg.model.max_length, max_new_tokens=cfg.model.max_new_tokens,
+                          chat_template=cfg.model.chat_template)
 
 
 def tree_stream_id(cfg: RunConfig, stream: Stream) -> str:

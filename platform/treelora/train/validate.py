@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..config import ConfigError, RunConfig
 from ..methods import METHODS
+from .loop import SCHEDULES
 
 
 def validate_config(cfg: RunConfig, cluster_gpus: float | None = None) -> None:
@@ -37,8 +38,14 @@ def validate_config(cfg: RunConfig, cluster_gpus: float | None = None) -> None:
     for field in ("checkpoint_every", "keep_checkpoints"):
         if getattr(cfg.scaling, field) < 1:
             raise ConfigError(f"scaling.{field} must be >= 1, got {getattr(cfg.scaling, field)}")
-    if cfg.train.lr <= 0:
-        raise ConfigError("train.lr must be > 0")
+    if cfg.train.lr is not None and cfg.train.lr <= 0:
+        raise ConfigError("train.lr must be > 0 (or null: the default for the stream's kind)")
+    if cfg.train.schedule not in SCHEDULES:
+        raise ConfigError(f"train.schedule must be one of {sorted(SCHEDULES)}, got {cfg.train.schedule!r}")
+    if not 0 <= cfg.train.warmup_ratio < 1:
+        raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {cfg.train.warmup_ratio}")
+    if cfg.train.grad_clip < 0:
+        raise ConfigError(f"train.grad_clip must be >= 0 (0 = off), got {cfg.train.grad_clip}")
     if cfg.adapter.r < 1 or not cfg.adapter.targets:
         raise ConfigError("adapter.r must be >= 1 and adapter.targets non-empty")
 
