@@ -45,8 +45,8 @@ class RemoteTree:
     def __init__(self, handle):
         self.handle = handle
 
-    def snapshot(self, stream: str) -> dict:
-        return ray.get(self.handle.snapshot.remote(stream))
+    def snapshot(self, stream: str, version: int | None = None) -> dict:
+        return ray.get(self.handle.snapshot.remote(stream, version))
 
     def describe(self, stream: str) -> dict:
         return ray.get(self.handle.describe.remote(stream))

@@ -55,12 +55,22 @@ class TreeRegistry:
     def list_streams(self) -> list[str]:
         return sorted(set(self.streams) | set(self.broken))
 
-    def snapshot(self, stream: str) -> dict:
+    def snapshot(self, stream: str, version: int | None = None) -> dict:
         """Version, task ids, signatures [N, L, D] (one numpy array) and the tree structure.
 
         An unknown stream answers version 0 with no tasks, so a first job needs no special case.
+        ``version`` reads an older, immutable version (a phase retried after it added its task
+        trains against the tree it started from).
         """
         snap = self._get(stream)
+        if version is not None and (snap is None or version != snap.version):
+            if version == 0:
+                snap = None
+            else:
+                old = self.store.read(stream, version)
+                return {"stream": stream, "version": old.version, "task_ids": old.task_ids, "signatures": old.signatures.numpy(),
+                        "space": old.space.to_dict(), "leaf_size": old.leaf_size, "built_from": old.built_from,
+                        "tree": old.tree().structure()}
         if snap is None:
             return {"stream": stream, "version": 0, "task_ids": [], "signatures": None, "space": None,
                     "leaf_size": 1, "built_from": 0, "tree": {"nodes": []}}

@@ -97,7 +97,7 @@ class ScalingConfig:
     precision: str = "auto"  # auto = bf16 on GPU, fp32 on CPU; or "bf16" / "fp32"
     checkpoint_every: int = 50  # steps between mid-task checkpoints (one more at every task's end)
     keep_checkpoints: int = 2  # Ray Train keeps this many of the newest checkpoints
-    max_failures: int = 2  # Ray Train FailureConfig retries per task
+    max_failures: int = 3  # Ray Train FailureConfig: worker-group restarts over the whole stream
 
 
 @dataclasses.dataclass(frozen=True)

@@ -40,6 +40,8 @@ class Task:
     source: str  # where it was read from: a folder, a manifest entry or a file list
 
     def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"a task's name must be a non-empty string, got {self.name!r}")
         if self.kind not in get_args(TaskKind):
             raise ValueError(f"task {self.name!r}: kind {self.kind!r} is not one of {get_args(TaskKind)}")
         if self.metric not in get_args(Metric):

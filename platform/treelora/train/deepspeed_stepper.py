@@ -60,13 +60,18 @@ class DeepSpeedStepper:
         Under ZeRO 1/2 each rank holds the averaged gradient of its partition only; every rank
         writes its fragments into a zero buffer and a sum over ranks assembles the full ones.
         """
-        if not all(getattr(p, "_hp_mapping", None) is not None and getattr(p, "_hp_grad", None) is None for p in params):
+        # the path must not depend on the rank: under ZeRO 1/2 every parameter has _hp_mapping,
+        # None where none of it lies in this rank's partition (it then adds zeros to the sum)
+        if not all(hasattr(p, "_hp_mapping") and getattr(p, "_hp_grad", None) is None for p in params):
             return [self.grad_of(p) for p in params]  # ZeRO 0 / bf16 optimizer: DeepSpeed's own path
         sizes = [p.numel() for p in params]
         flat = torch.zeros(sum(sizes), dtype=torch.float32, device=params[0].device)
         offset = 0
         for p, n in zip(params, sizes):
             mapping = p._hp_mapping
+            if mapping is None:
+                offset += n
+                continue
             address = mapping.lp_fragment_address
             fragment = mapping.get_lp_grad_fragment(p._index_in_param_group).reshape(-1)
             if fragment.numel() == n and address.numel != n:  # a full-size buffer: keep only this rank's part

@@ -42,7 +42,7 @@ class Inbox:
     def waiting(self) -> list[Path]:
         if not self.folder.is_dir():
             return []
-        return sorted(p for p in self.folder.glob("*.yaml") if p.is_file())
+        return sorted(p for p in self.folder.iterdir() if p.is_file() and p.suffix in (".yaml", ".yml"))
 
     def accepted(self) -> list[Path]:
         return sorted(self.accepted_dir.glob("*.yaml")) if self.accepted_dir.is_dir() else []
@@ -60,12 +60,15 @@ class Inbox:
                     raise ValueError(refuse)
                 task, _ = load_task_spec(path, sizes=sizes, seed=seed)
                 check_new_task(task, known, kind)
-            except (ValueError, FileNotFoundError, KeyError) as exc:
-                errors.append(self._reject(path, str(exc)))
+            except Exception as exc:  # any bad spec is refused; the stream must go on
+                errors.append(self._reject(path, f"{type(exc).__name__}: {exc}" if not isinstance(exc, ValueError) else str(exc)))
                 continue
             self.accepted_dir.mkdir(parents=True, exist_ok=True)
-            target = self.accepted_dir / f"{len(self.accepted()):03d}-{SAFE_NAME.sub('-', task.name)[:64]}.yaml"
-            os.replace(path, target)
+            target = self.accepted_dir / f"{len(self.accepted()):06d}-{SAFE_NAME.sub('-', task.name)[:64]}.yaml"
+            try:
+                os.replace(path, target)
+            except FileNotFoundError:  # another reader took it meanwhile
+                continue
             accepted.append(target)
             known = [*known, task.name]
         return accepted, errors
@@ -73,13 +76,18 @@ class Inbox:
     def _reject(self, path: Path, error: str) -> str:
         self.rejected_dir.mkdir(parents=True, exist_ok=True)
         target = self.rejected_dir / path.name
-        os.replace(path, target)
+        try:
+            os.replace(path, target)
+        except FileNotFoundError:  # another reader took it meanwhile
+            pass
         message = f"task spec {path.name} refused: {error}"
         (self.rejected_dir / f"{path.name}.error.txt").write_text(message + "\n")
         return message
 
 
 def check_new_task(task: Task, known: list[str], kind: str) -> None:
+    if not isinstance(task.name, str):
+        raise ValueError(f"a task's name must be a string, got {task.name!r}")
     if task.name in known:
         raise ValueError(f"task name {task.name!r} is already in the stream ({known}); a task's name is its identity")
     if task.kind != kind:

@@ -47,6 +47,12 @@ class RayTrain:
         self.cfg = cfg
         self.ray = ensure_ray(cfg, address)
         validate_config(cfg, cluster_gpus=self.ray.cluster_resources().get("GPU", 0.0))
+        nodes = [n for n in self.ray.nodes() if n.get("Alive")]
+        if len(nodes) > 1 and "://" not in cfg.workdir:
+            from ..config import ConfigError
+
+            raise ConfigError(f"workdir {cfg.workdir!r} is a local folder but the Ray cluster has {len(nodes)} nodes: the workers "
+                              "write each task's adapter and outcome there, so set workdir to storage every node shares (s3://...)")
 
     def tree(self, uri: str):
         from tree_service.actor import RemoteTree, get_tree_service
@@ -127,7 +133,7 @@ class RayCheckpointer:
             if self.rank == 0:
                 recipe.write_adapter(Path(tmp) / ADAPTER)
                 save_state(recipe.method.state_dict(), Path(tmp) / STATE)
-                _write_position(tmp, phase.index, next_position, recipe.method.export_adapters(), losses, choices)
+                _write_position(tmp, recipe.cfg.digest(), phase.index, next_position, recipe.method.export_adapters(), losses, choices)
             step = next_position[0] * 10**6 + next_position[1]
             ray.train.report({"phase": phase.index, "position": step}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
@@ -138,13 +144,13 @@ class RayCheckpointer:
             checkpoint = None
             if self.rank == 0:
                 recipe.write_adapter(Path(tmp) / ADAPTER)
-                _write_position(tmp, next_index, (0, 0), recipe.method.export_adapters(), [], [])
+                _write_position(tmp, recipe.cfg.digest(), next_index, (0, 0), recipe.method.export_adapters(), [], [])
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report({"phase": next_index, "position": 0}, checkpoint=checkpoint)
 
 
-def _write_position(folder: str, phase_index: int, next_position, adapters, losses, choices) -> None:
-    Path(folder, POSITION_FILE).write_text(json.dumps({"phase_index": phase_index, "next": list(next_position),
+def _write_position(folder: str, config_digest: str, phase_index: int, next_position, adapters, losses, choices) -> None:
+    Path(folder, POSITION_FILE).write_text(json.dumps({"config": config_digest, "phase_index": phase_index, "next": list(next_position),
                                                        "adapters": list(adapters), "losses": losses, "choices": choices}))
 
 
@@ -175,7 +181,7 @@ def stream_worker(config: dict) -> None:
                           make_stepper=lambda model, params, lr, total: DeepSpeedStepper(model, params, cfg, world, use_bf16, lr, total),
                           tree=tree, checkpointer=RayCheckpointer(rank), log=print)
     recipe.setup()
-    restored = _restore(recipe, job)
+    restored = _restore(recipe)
     try:
         recipe.run(restored)
     finally:
@@ -183,20 +189,20 @@ def stream_worker(config: dict) -> None:
             shutil.rmtree(Path(restored.state_dir).parent, ignore_errors=True)
 
 
-def _restore(recipe: StreamRecipe, job: StreamJob) -> MidPhase | None:
-    """The latest checkpoint, when it belongs to what this job still has to do."""
+def _restore(recipe: StreamRecipe) -> MidPhase | None:
+    """The latest checkpoint of this stream's Ray Train run, copied here; the recipe decides
+    whether it still belongs to what the stream has to do (``StreamRecipe._resume_point``)."""
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
+    recipe.restarted = checkpoint is not None
     if checkpoint is None:
         return None
     local = tempfile.mkdtemp(prefix="treelora-restore-")
     with checkpoint.as_directory() as d:
-        position = json.loads((Path(d) / POSITION_FILE).read_text())
-        if job.pending and position["phase_index"] < job.next_index:
-            return None  # older than the progress the stream recorded: start from its adapter folder
         shutil.copytree(d, local, dirs_exist_ok=True)
-    recipe.restore(os.path.join(local, ADAPTER), position["adapters"])
+    position = json.loads(Path(local, POSITION_FILE).read_text())
     return MidPhase(phase_index=position["phase_index"], next_position=tuple(position["next"]),
+                    adapter_dir=os.path.join(local, ADAPTER), adapters=tuple(position["adapters"]),
                     engine_dir=os.path.join(local, ENGINE), state_dir=os.path.join(local, STATE),
-                    losses=position["losses"], choices=position["choices"])
+                    losses=position["losses"], choices=position["choices"], config_digest=position.get("config", ""))

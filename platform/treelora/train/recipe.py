@@ -34,7 +34,8 @@ from ..data.tasks import Task
 from ..evaluate import evaluate_tasks
 from ..methods import make_method
 from ..methods.base import TaskContext
-from .inbox import Inbox, load_accepted
+from ..data.streams import load_task_spec
+from .inbox import Inbox
 from .loop import DEFAULT_LR, epoch_batches, seed_everything, train_task
 from .phase import ADAPTER_DIR, OUTCOME_FILE, SEAM_VERSION, PhaseJob, PhaseOutcome
 from .setup import build_model, build_stream, phase_parameters, split_sizes, steps_per_epoch, stream_kind
@@ -81,11 +82,14 @@ class MidPhase:
     """Where a restarted worker group picks a phase up (from a Ray Train checkpoint)."""
 
     phase_index: int
-    next_position: tuple[int, int]  # (epoch, batch index) of the next step
+    next_position: tuple[int, int]  # (epoch, batch index) of the next step; (0, 0) at a phase boundary
+    adapter_dir: str
+    adapters: tuple[str, ...]
     engine_dir: str
     state_dir: str
     losses: list
     choices: list
+    config_digest: str
 
 
 class Collective(Protocol):
@@ -134,6 +138,7 @@ class StreamRecipe:
         self.comm, self.device, self.use_bf16 = comm, device, use_bf16
         self.make_stepper, self.tree, self.checkpointer, self.log = make_stepper, tree, checkpointer, log
         self.after_phase = after_phase
+        self.restarted = False  # set by an executor whose worker group came back from a failure
         self.stream_dir = Path(job.stream_dir)
         self.inbox = Inbox(self.stream_dir / "inbox")
 
@@ -149,7 +154,9 @@ class StreamRecipe:
         stream = build_stream(cfg)
         self.kind = stream_kind(stream)
         self.sizes = split_sizes(cfg)
-        self.tasks: list[Task] = list(stream.tasks) + load_accepted(self.inbox, self.sizes, cfg.stream.seed)
+        # rank 0 reads which inbox tasks joined, so every rank starts from the same task list
+        accepted = self.comm.broadcast([str(p) for p in self.inbox.accepted()] if self.is_main else None)
+        self.tasks: list[Task] = list(stream.tasks) + [load_task_spec(p, sizes=self.sizes, seed=cfg.stream.seed)[0] for p in accepted]
         self.model = build_model(cfg, self.kind, torch.bfloat16 if self.use_bf16 else torch.float32, self.device)
         self.method = make_method(cfg.method)
         for i, t in enumerate(self.tasks):  # every head from the start (seeded per task), so every cell of R is measured
@@ -174,7 +181,8 @@ class StreamRecipe:
     # -- the stream ----------------------------------------------------------------------------
     def run(self, mid: MidPhase | None = None) -> list[PhaseOutcome]:
         """Every pending phase, then every task the inbox brings, with the model loaded once."""
-        queue = [p for p in self._initial_queue() if mid is None or p.index >= mid.phase_index]
+        last, mid = self._resume_point(mid)
+        queue = [p for p in self._initial_queue() if p.index > last]
         outcomes = []
         while True:
             if not queue:
@@ -182,13 +190,48 @@ class StreamRecipe:
                 if not queue:
                     return outcomes
             phase = queue.pop(0)
-            resume = mid if mid is not None and mid.phase_index == phase.index and mid.next_position != (0, 0) else None
-            outcomes.append(self.train_phase(phase, resume))
+            outcomes.append(self.train_phase(phase, mid if mid is not None and mid.phase_index == phase.index else None))
             mid = None
             if self.checkpointer is not None:
                 self.checkpointer.boundary(self, phase.index + 1)
             if queue:  # tasks dropped in meanwhile join the stream now (they are trained after its own)
                 queue += self._take_inbox()
+
+    def _published(self) -> dict[int, tuple[str, tuple[str, ...]]]:
+        """{phase index: (folder, adapters)} of every phase folder already in the run's storage."""
+        from .phase import read_outcome
+
+        found = {}
+        folder = self.stream_dir / "phases"
+        for d in sorted(folder.iterdir()) if folder.is_dir() else []:
+            if not d.name.startswith(".") and (d / OUTCOME_FILE).is_file():
+                o = read_outcome(d)
+                found[o.index] = (str(d), o.adapters)
+        return found
+
+    def _resume_point(self, mid: MidPhase | None) -> tuple[int, MidPhase | None]:
+        """(the last phase whose result stands, the checkpoint to resume inside the next one).
+
+        The stream's storage is the truth: phases published after the job was made (by this
+        worker group before a failure, or by a driver that died before recording them) are not
+        trained again; a checkpoint counts only if it is of these settings and of the phase
+        right after the last published one, else the group starts from that phase's adapter.
+        """
+        published = self.comm.broadcast(self._published() if self.is_main else None)
+        last = self.job.done_count - 1
+        while last + 1 in published:
+            last += 1
+        if mid is not None and (mid.config_digest != self.cfg.digest() or mid.phase_index != last + 1):
+            if self.is_main:
+                self.log(f"[treelora] checkpoint of phase {mid.phase_index} not used: the stream's storage says phase {last + 1} is next")
+            mid = None
+        if mid is not None:
+            self.restore(mid.adapter_dir, mid.adapters)
+            return last, mid if mid.next_position != (0, 0) else None
+        if last >= self.job.done_count:  # published but not in the job: start from its adapter
+            folder, adapters = published[last]
+            self.restore(str(Path(folder) / ADAPTER_DIR), adapters)
+        return last, None
 
     def _initial_queue(self) -> list[PhaseJob]:
         """The pending phases, plus tasks that joined through the inbox after the job was made
@@ -211,8 +254,6 @@ class StreamRecipe:
             accepted = [str(p) for p in paths]
         accepted = self.comm.broadcast(accepted)
         jobs = []
-        from ..data.streams import load_task_spec
-
         for path in accepted:
             task, _ = load_task_spec(path, sizes=self.sizes, seed=self.cfg.stream.seed)
             self.tasks.append(task)
@@ -228,7 +269,7 @@ class StreamRecipe:
         cfg, model, method, comm = self.cfg, self.model, self.method, self.comm
         t_begin, started_at = time.perf_counter(), time.time()
         uses_tree = getattr(method, "uses_tree", False)
-        snapshot = comm.broadcast(self.tree.snapshot(self.job.tree_stream) if uses_tree and self.is_main else None)
+        snapshot = comm.broadcast(self._phase_snapshot(phase) if uses_tree and self.is_main else None)
         phase_tasks = [t for t in self.tasks if t.name in phase.task_names]
         spe = steps_per_epoch(phase_tasks, cfg.train.batch_size, comm.world_size)
         ctx = TaskContext(model=model, task=phase_tasks[-1], task_index=phase.index, steps_per_epoch=spe,
@@ -280,7 +321,7 @@ class StreamRecipe:
                 t_ckpt = time.perf_counter()
                 self.checkpointer.mid_phase(self, phase, nxt, stepper, losses, choices)
                 checkpoint_times.append(time.perf_counter() - t_ckpt)
-            if phase.fail_at_step is not None and rec.step == phase.fail_at_step and mid is None and comm.rank == comm.world_size - 1:
+            if phase.fail_at_step is not None and rec.step == phase.fail_at_step and not self.restarted and comm.rank == comm.world_size - 1:
                 os._exit(1)  # fault injection for the resume tests: this worker process dies mid-phase
             last[0] = time.perf_counter()  # checkpoint time is not step time
 
@@ -304,6 +345,19 @@ class StreamRecipe:
                   "checkpoint_seconds": sum(checkpoint_times), "checkpoints": len(checkpoint_times), "started_at": started_at}
         return self.finish_phase(phase, ctx, snapshot, losses, choices, timing)
 
+    def _added_in(self, task: str) -> int | None:
+        """The tree version that added ``task``, when a try of this phase already added it."""
+        snap = self.tree.snapshot(self.job.tree_stream)
+        if task not in snap["task_ids"]:
+            return None
+        return next(t["added_in_version"] for t in self.tree.describe(self.job.tree_stream)["tasks"] if t["task_id"] == task)
+
+    def _phase_snapshot(self, phase: PhaseJob) -> dict:
+        """The tree the phase trains against: as it was before this task joined it (a retry of a
+        phase that already added its signature must not choose itself)."""
+        added = self._added_in(phase.task_names[-1])
+        return self.tree.snapshot(self.job.tree_stream, None if added is None else added - 1)
+
     def _tokens(self, phase_tasks, records, comm) -> int:
         per_epoch = sum(self.model.example_length(e) for t in phase_tasks for e in t.train)
         epochs_done = len(records) / max(steps_per_epoch(phase_tasks, self.cfg.train.batch_size, comm.world_size), 1)
@@ -325,6 +379,8 @@ class StreamRecipe:
         tree_version = None
         if self.is_main and result.signature is not None:
             expected = snapshot["version"] if snapshot else 0
+            tree_version = self._added_in(phase.task_names[-1])  # a retry: the tree has this task already
+        if self.is_main and result.signature is not None and tree_version is None:
             tree_version = self.tree.add_task(self.job.tree_stream, phase.task_names[-1], result.signature.numpy(), expected,
                                               run_id=cfg.name, space=result.signature_space, leaf_size=cfg.tree.leaf_size)
         t_eval = time.perf_counter()
@@ -375,6 +431,9 @@ class StreamRecipe:
         shutil.rmtree(tmp, ignore_errors=True)
         self.write_adapter(tmp / ADAPTER_DIR)
         (tmp / OUTCOME_FILE).write_text(outcome.to_json())
+        aside = phases / f".{phase.folder_name}.old"
         if final.exists():  # the same phase finished again after a restart: the new copy wins
-            shutil.rmtree(final)
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(final, aside)
         os.replace(tmp, final)
+        shutil.rmtree(aside, ignore_errors=True)

@@ -119,7 +119,9 @@ class StreamLedger:
             return
         found = []
         for folder in self.paths.phases_dir.iterdir():
-            if folder.name.startswith(".") or not (folder / OUTCOME_FILE).is_file():
+            if folder.name.startswith(".") or self.progress.done(folder.name.split("-", 1)[-1]) is not None:
+                continue  # a folder being written, or a phase already recorded
+            if not (folder / OUTCOME_FILE).is_file():
                 continue
             outcome = read_outcome(folder)
             if self.progress.done(outcome.key) is None:

@@ -1,0 +1,103 @@
+"""The stream engine's resume decisions, in one process (no Ray): what a restarted worker group
+trains, from which adapter, against which tree. Tiny random BERT on the packaged sample."""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from treelora.config import load_config
+from treelora.data import SAMPLE_ROOT
+from treelora.train.executors import InProcess
+from treelora.train.loop import TorchStepper
+from treelora.train.phase import PhaseJob
+from treelora.train.recipe import MidPhase, SingleProcess, StreamJob, StreamRecipe
+from treelora.train.stream import StreamPaths, run_stream
+
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_torch_thread")]
+
+
+def _cfg(workdir, *extra):
+    return load_config(None, ["model.name=tiny-bert", f"stream.data_root={SAMPLE_ROOT}", "stream.train_size=16", "stream.eval_size=4",
+                              "stream.test_size=8", "stream.tasks=[agnews, amazon]", "train.batch_size=8", "train.epochs=1",
+                              f"workdir={workdir}", *extra])
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("engine")
+    cfg = _cfg(workdir)
+    return cfg, run_stream(cfg, executor="local", log=lambda *_: None)
+
+
+def _recipe(cfg, result, done_count=0):
+    paths = StreamPaths.of(cfg, result.tree_stream)
+    job = StreamJob(config=cfg.to_dict(), tree_stream=result.tree_stream, stream_dir=str(paths.stream_dir), tree_uri=paths.tree_uri,
+                    pending=tuple(PhaseJob(i, n, (n,)) for i, n in enumerate(result.task_names) if i >= done_count),
+                    start_adapter_dir=None, done_count=done_count)
+    executor = InProcess(cfg)
+    recipe = StreamRecipe(job, comm=SingleProcess(), device=torch.device("cpu"), use_bf16=False,
+                          make_stepper=lambda m, p, lr, n: TorchStepper(torch.optim.AdamW(p, lr=lr)), tree=executor.tree(job.tree_uri),
+                          log=lambda *_: None)
+    recipe.setup()
+    return recipe
+
+
+def _lora(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+
+
+def test_published_phases_are_not_trained_again_and_the_group_starts_from_the_last_one(finished):
+    """A worker group restarted after it published phases that the job still lists as pending
+    (the driver had not recorded them yet) trains nothing twice and starts from the last adapter."""
+    cfg, result = finished
+    recipe = _recipe(cfg, result, done_count=0)
+    assert recipe.run() == []  # both phases are published in the run's storage
+    saved = load_file(str(Path(result.tasks[-1].adapter_dir) / "adapter_model.safetensors"))
+    live = dict(recipe.model.peft.named_parameters())
+    for key, tensor in saved.items():
+        assert torch.equal(live[key.replace(".weight", ".default.weight")].detach(), tensor), key
+
+
+def test_a_checkpoint_of_other_settings_or_of_a_published_phase_is_not_used(finished, tmp_path):
+    cfg, result = finished
+    recipe = _recipe(cfg, result, done_count=1)
+    adapter = result.tasks[0].adapter_dir
+    mid = MidPhase(phase_index=1, next_position=(0, 1), adapter_dir=adapter, adapters=("default",), engine_dir="", state_dir="",
+                   losses=[], choices=[], config_digest="not-these-settings")
+    last, used = recipe._resume_point(mid)
+    assert (last, used) == (1, None)  # phase 1 is published: nothing to resume inside it
+    recipe = _recipe(cfg, result, done_count=1)
+    mine = dataclasses.replace(mid, config_digest=cfg.digest())
+    assert recipe._resume_point(mine) == (1, None)  # of these settings, but its phase is published already
+
+
+def test_a_retried_phase_trains_against_the_tree_it_started_from(finished):
+    """A phase that added its signature and then failed (during evaluation, say) must not find
+    itself in the tree when it is tried again; its tree version is the one it added."""
+    cfg, result = finished
+    recipe = _recipe(cfg, result, done_count=0)
+    snap = recipe._phase_snapshot(PhaseJob(1, "amazon", ("amazon",)))
+    assert snap["task_ids"] == ["agnews"] and snap["version"] == 1
+    assert recipe._phase_snapshot(PhaseJob(0, "agnews", ("agnews",)))["task_ids"] == []
+    assert recipe._added_in("amazon") == 2 and recipe._added_in("SST-2") is None
+    latest = recipe.tree.snapshot(result.tree_stream)
+    assert latest["task_ids"] == ["agnews", "amazon"] and latest["version"] == 2
+
+
+def test_the_inbox_refuses_any_bad_spec_and_keeps_the_good_ones(tmp_path):
+    from treelora.train.inbox import Inbox
+
+    inbox = Inbox(tmp_path / "inbox")
+    sst2 = str(SAMPLE_ROOT / "olora" / "SC" / "SST-2")
+    inbox.drop({"name": 123, "path": sst2})  # not a string name (YAML reads 123 as a number)
+    inbox.drop({"name": "gone", "path": str(tmp_path / "missing")})
+    inbox.drop({"name": "agnews", "path": sst2})  # a name the stream has
+    inbox.drop({"name": "SST-2-extra", "path": sst2})
+    (tmp_path / "inbox" / "notes.yml").write_text("name: [unclosed\n")
+    accepted, errors = inbox.take(["agnews"], "classification", {"train": 8, "test": 4}, 0)
+    assert [p.name.split("-", 1)[1] for p in accepted] == ["SST-2-extra.yaml"] and len(errors) == 4
+    assert inbox.waiting() == [] and len(list(inbox.rejected_dir.glob("*.error.txt"))) == 4
+    assert any("non-empty string" in e for e in errors) and any("already in the stream" in e for e in errors)
