@@ -52,7 +52,9 @@ def one_process_steps(overrides: list[str]) -> list[float]:
         times.append(now - last[0])
         last[0] = now
 
-    train_task(model, method, ctx, TorchStepper(optimizer), lambda e: epoch_batches([task], cfg.train.batch_size, cfg.train.seed, 0, e), on_step=tick)
+    model.prepare([task])  # as the recipe does: tokens cached, max_length from the data, batches by length
+    train_task(model, method, ctx, TorchStepper(optimizer),
+               lambda e: epoch_batches([task], cfg.train.batch_size, cfg.train.seed, 0, e, length_of=model.example_length), on_step=tick)
     return times
 
 
