@@ -265,3 +265,24 @@ def test_stream_over_http_server(tmp_path, adapters, mlflow_server):
     assert_weights_equal(peft_model, heads, adapters[2])
     tracker.finish_stream({"op": 0.7, "bwt": -0.1}, np.eye(3), TASKS, 3.0, None, None)
     assert client.get_run(parent).data.metrics["op"] == 0.7 and client.get_run(parent).info.status == "FINISHED"
+
+
+def test_a_task_logged_twice_keeps_one_run_and_one_version(tmp_path):
+    """A driver that died after logging a task and before recording it logs it again on the rerun:
+    the tracker answers the version it registered the first time."""
+    import numpy as np
+
+    from treelora.config import RunConfig
+    from treelora.tracking import StreamTracker
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    tracker = StreamTracker(uri, "e", "m", RunConfig())
+    tracker.start_stream("s", ["a"])
+    args = dict(step_losses=[(0, 1.0, 0.0)], metrics={}, accuracy_matrix=np.array([[0.5]]), task_names=["a"], adapter_dir=adapter,
+                tree_text=None, tree_structure=None, tree_version=None, choices=None, prev_task_names=[], method="seq-lora")
+    first = tracker.log_task(0, "a", **args)
+    again = tracker.log_task(0, "a", **args)
+    assert first == again and [v.version for v in tracker.versions()] == ["1"]

@@ -91,6 +91,9 @@ class StreamTracker:
         ``choices`` is [N_prev, L]: how often the bandit picked previous task i at LoRA module l.
         """
         parent = self._parent()
+        logged = self._logged_version(task_name, task_index, parent)
+        if logged is not None:  # a driver that died after logging this task and before recording it
+            return logged
         pulls = _pulls_per_task(choices, prev_task_names)
         tags = {MLFLOW_PARENT_RUN_ID: parent, "stream": self.stream_name or "", "task": task_name,
                 "task_index": str(task_index), "method": method, "config_hash": self.config_hash,
@@ -143,6 +146,20 @@ class StreamTracker:
         return list_versions(self.client, self.registered_model)
 
     # -- helpers -----------------------------------------------------------------------------
+    def _logged_version(self, task_name: str, task_index: int, parent: str) -> tuple[str, str] | None:
+        """(run id, version) of this phase's registered version under this parent run, if any."""
+        if "'" in task_name or "'" in parent:
+            return None  # not expressible in MLflow's filter syntax; log again rather than guess
+        try:
+            found = self.client.search_model_versions(
+                f"name = '{self.registered_model}' and tags.task = '{task_name}' and tags.task_index = '{task_index}'"
+                f" and tags.parent_run_id = '{parent}'"
+                f" and tags.config_hash = '{self.config_hash}'")
+        except Exception:  # noqa: BLE001 - a registry without the model yet, or without tag search
+            return None
+        return (found[0].run_id, str(found[0].version)) if found else None
+
+
     def _parent(self) -> str:
         if self.parent_run_id is None:
             raise RuntimeError("start_stream() first: there is no parent run for this stream")
