@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -83,7 +82,6 @@ def cmd_tree_show(args) -> int:
 def cmd_add_task(args) -> int:
     """Validate a task spec and drop it into a stream's inbox (the running stream trains it next)."""
     from .data.streams import load_task_spec
-    from .train.inbox import Inbox
     from .train.setup import split_sizes
     from .train.stream import StreamPaths
 

@@ -60,10 +60,6 @@ class StreamJob:
     def run_config(self) -> RunConfig:
         return RunConfig.from_dict(self.config)
 
-    @property
-    def next_index(self) -> int:
-        return self.pending[0].index if self.pending else -1
-
     def to_dict(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
