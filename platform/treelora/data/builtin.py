@@ -10,7 +10,8 @@ evaluates in minutes on 2 CPU cores.
 
 ``trace-gen`` (instructions for a causal LM, data from TRACE's LLM-CL-Benchmark_500,
 Apache-2.0), in this order: C-STANCE -> FOMC -> ScienceQA -> NumGLUE-cm -> NumGLUE-ds, with
-TRACE's metric per task: accuracy of the answer letter (C-STANCE, FOMC), the option letter the
+TRACE's metric per task: accuracy of the answer letter (C-STANCE, FOMC: the first standalone
+letter of the answer, so an instruct model's "A." counts as "A"), the option letter the
 answer starts with (ScienceQA, whose references are "B\\n<reasoning>"), and numeric-aware exact
 match (NumGLUE). Default sizes per task: train 64, eval 16, test 32.
 
@@ -73,8 +74,8 @@ BUILTIN_STREAMS: dict[str, BuiltinStream] = {
         "trace-gen",
         "instruction tasks for a causal LM, TRACE LLM-CL-Benchmark_500 (Apache-2.0)",
         (
-            BuiltinTask("C-STANCE", "trace/C-STANCE", "accuracy"),
-            BuiltinTask("FOMC", "trace/FOMC", "accuracy"),
+            BuiltinTask("C-STANCE", "trace/C-STANCE", "option_accuracy"),
+            BuiltinTask("FOMC", "trace/FOMC", "option_accuracy"),
             BuiltinTask("ScienceQA", "trace/ScienceQA", "option_accuracy"),
             BuiltinTask("NumGLUE-cm", "trace/NumGLUE-cm", "exact_match"),
             BuiltinTask("NumGLUE-ds", "trace/NumGLUE-ds", "exact_match"),

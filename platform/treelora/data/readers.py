@@ -48,8 +48,8 @@ log = logging.getLogger(__name__)
 # TRACE scores stance tasks by the answer letter, ScienceQA by the option its answer starts
 # with (the rest is reasoning), and NumGLUE by the exact number.
 TRACE_METRICS: dict[str, Metric] = {
-    "C-STANCE": "accuracy",
-    "FOMC": "accuracy",
+    "C-STANCE": "option_accuracy",  # the answer letter: "A." is "A"
+    "FOMC": "option_accuracy",
     "ScienceQA": "option_accuracy",
     "NumGLUE-cm": "exact_match",
     "NumGLUE-ds": "exact_match",
