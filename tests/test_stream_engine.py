@@ -101,3 +101,11 @@ def test_the_inbox_refuses_any_bad_spec_and_keeps_the_good_ones(tmp_path):
     assert [p.name.split("-", 1)[1] for p in accepted] == ["SST-2-extra.yaml"] and len(errors) == 4
     assert inbox.waiting() == [] and len(list(inbox.rejected_dir.glob("*.error.txt"))) == 4
     assert any("non-empty string" in e for e in errors) and any("already in the stream" in e for e in errors)
+
+
+def test_the_tree_of_each_phase_is_read_at_its_own_version(finished):
+    cfg, result = finished
+    recipe = _recipe(cfg, result)
+    first, latest = recipe.tree.describe(result.tree_stream, 1), recipe.tree.describe(result.tree_stream)
+    assert first["version"] == 1 and [t["task_id"] for t in first["tasks"]] == ["agnews"]
+    assert latest["version"] == 2 and latest["num_tasks"] == 2 and "amazon" in latest["tree_text"]

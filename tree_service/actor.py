@@ -48,8 +48,8 @@ class RemoteTree:
     def snapshot(self, stream: str, version: int | None = None) -> dict:
         return ray.get(self.handle.snapshot.remote(stream, version))
 
-    def describe(self, stream: str) -> dict:
-        return ray.get(self.handle.describe.remote(stream))
+    def describe(self, stream: str, version: int | None = None) -> dict:
+        return ray.get(self.handle.describe.remote(stream, version))
 
     def add_task(self, stream: str, task_id: str, signature, expected_version: int, **kwargs) -> int:
         return ray.get(self.handle.add_task.remote(stream, task_id, signature, expected_version, **kwargs))

@@ -55,6 +55,16 @@ class TreeRegistry:
     def list_streams(self) -> list[str]:
         return sorted(set(self.streams) | set(self.broken))
 
+    def _at(self, stream: str, version: int | None) -> tuple[StreamSnapshot | None, TaskTree | None]:
+        """The stream's snapshot and tree: the latest, or an older immutable version from storage."""
+        snap = self._get(stream)
+        if version is None or (snap is not None and version == snap.version):
+            return snap, (self._tree(snap) if snap is not None else None)
+        if version == 0:
+            return None, None
+        old = self.store.read(stream, version)
+        return old, old.tree()
+
     def snapshot(self, stream: str, version: int | None = None) -> dict:
         """Version, task ids, signatures [N, L, D] (one numpy array) and the tree structure.
 
@@ -62,15 +72,7 @@ class TreeRegistry:
         ``version`` reads an older, immutable version (a phase retried after it added its task
         trains against the tree it started from).
         """
-        snap = self._get(stream)
-        if version is not None and (snap is None or version != snap.version):
-            if version == 0:
-                snap = None
-            else:
-                old = self.store.read(stream, version)
-                return {"stream": stream, "version": old.version, "task_ids": old.task_ids, "signatures": old.signatures.numpy(),
-                        "space": old.space.to_dict(), "leaf_size": old.leaf_size, "built_from": old.built_from,
-                        "tree": old.tree().structure()}
+        snap, tree = self._at(stream, version)
         if snap is None:
             return {"stream": stream, "version": 0, "task_ids": [], "signatures": None, "space": None,
                     "leaf_size": 1, "built_from": 0, "tree": {"nodes": []}}
@@ -82,14 +84,13 @@ class TreeRegistry:
             "space": snap.space.to_dict(),
             "leaf_size": snap.leaf_size,
             "built_from": snap.built_from,
-            "tree": self._tree(snap).structure(),
+            "tree": tree.structure(),
         }
 
-    def describe(self, stream: str) -> dict:
-        snap = self._get(stream)
+    def describe(self, stream: str, version: int | None = None) -> dict:
+        snap, tree = self._at(stream, version)
         if snap is None:
             raise UnknownStream(f"no stream {stream!r}; known: {self.list_streams()}")
-        tree = self._tree(snap)
         return {
             "stream": stream,
             "version": snap.version,

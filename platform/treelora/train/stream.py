@@ -134,7 +134,7 @@ class StreamLedger:
         names, R = self.matrix()
         tree_text = structure = None
         if self.uses_tree:
-            info = self.tree.describe(self.tree_stream)
+            info = self.tree.describe(self.tree_stream, outcome.tree_version)  # the tree this phase made
             tree_text, structure = info["tree_text"], info["tree"]
         metrics = {f"test/{n}": v for n, v in zip(outcome.stream_tasks, outcome.accuracy_column)}
         metrics.update(train_seconds=outcome.train_seconds, eval_seconds=outcome.eval_seconds, setup_seconds=outcome.setup_seconds,
