@@ -153,7 +153,7 @@ class ContinualModel(torch.nn.Module):
         if as_prompt and self.use_chat_template:
             enc = [tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=True)
                    for t in todo]
-            enc = [e["input_ids"] if isinstance(e, dict) or hasattr(e, "keys") else e for e in enc]
+            enc = [e["input_ids"] if hasattr(e, "keys") else e for e in enc]  # ids, or an encoding (transformers 5)
         else:
             enc = tok(todo, add_special_tokens=not self.is_causal).input_ids  # BERT: [CLS] ... [SEP], uncut
         self._ids.update(((as_prompt, t), list(e)) for t, e in zip(todo, enc))

@@ -88,6 +88,7 @@ class TreeLoRA:
         D = self.space.width
         self.padded_index = torch.cat([torch.arange(n, device=device) + d * D for d, n in enumerate(sizes)])
         self.size_tensor = torch.tensor(sizes, device=device, dtype=torch.float32)
+        self.module_index = torch.arange(len(sizes), device=device)
         # sketched signatures: modules of one size share a projection matrix, so each size group
         # projects (and back-projects) with one matmul: (rows of the group, flat index [n, size])
         offsets = [0, *torch.tensor(sizes).cumsum(0).tolist()]
@@ -145,11 +146,10 @@ class TreeLoRA:
         self.last_choice = tasks
         self.choice_counts[tasks, np.arange(len(tasks))] += 1
         device = self.signatures.device
-        modules = torch.arange(len(tasks), device=device)
         picked = torch.from_numpy(np.ascontiguousarray(tasks, dtype=np.int64))
         if device.type == "cuda":  # a plain host-to-device copy would wait for the queued forward pass
             picked = picked.pin_memory().to(device, non_blocking=True)
-        chosen = self.signatures[picked, modules]
+        chosen = self.signatures[picked, self.module_index]
         gaps = self.space.distance(running_sig, chosen)
         if gaps.device.type == "cuda":
             host = torch.empty(gaps.shape, dtype=gaps.dtype, pin_memory=True)

@@ -96,6 +96,6 @@ def check_new_task(task: Task, known: list[str], kind: str) -> None:
         raise ValueError(f"task name {task.name!r} may hold only letters, digits, '_', '-' and '.'")
 
 
-def load_accepted(inbox: Inbox, sizes: dict, seed: int) -> list[Task]:
-    """The tasks that joined the stream through its inbox, in the order they joined."""
-    return [load_task_spec(p, sizes=sizes, seed=seed)[0] for p in inbox.accepted()]
+def load_specs(paths, sizes: dict, seed: int) -> list[Task]:
+    """The tasks of accepted spec files (``Inbox.accepted()``: in the order they joined)."""
+    return [load_task_spec(p, sizes=sizes, seed=seed)[0] for p in paths]

@@ -59,10 +59,12 @@ class TorchStepper:
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
+    def __post_init__(self) -> None:
+        self._params = [p for g in self.optimizer.param_groups for p in g["params"]]
+
     def step(self) -> None:
-        if self.grad_clip > 0:  # on the device, no host sync (foreach norm)
-            params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
-            torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+        if self.grad_clip > 0:  # on the device, no host sync (foreach norm; parameters without a grad are skipped)
+            torch.nn.utils.clip_grad_norm_(self._params, self.grad_clip)
         self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()

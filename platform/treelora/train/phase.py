@@ -96,3 +96,15 @@ OUTCOME_FILE, ADAPTER_DIR = "outcome.json", "adapter"
 def read_outcome(phase_dir: str | Path) -> PhaseOutcome:
     path = Path(phase_dir) / OUTCOME_FILE
     return PhaseOutcome.from_json(path.read_text(), where=str(path))
+
+
+def published_phases(phases_dir: Path, skip_key=lambda key: False) -> dict[int, tuple[Path, PhaseOutcome]]:
+    """{phase index: (folder, outcome)} of every complete phase folder (``NN-<key>``); folders
+    being written start with a dot, and ``skip_key`` spares reading ones the caller has."""
+    found = {}
+    for folder in sorted(phases_dir.iterdir()) if phases_dir.is_dir() else []:
+        if folder.name.startswith(".") or skip_key(folder.name.split("-", 1)[-1]) or not (folder / OUTCOME_FILE).is_file():
+            continue
+        outcome = read_outcome(folder)
+        found[outcome.index] = (folder, outcome)
+    return found

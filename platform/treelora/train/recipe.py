@@ -2,7 +2,7 @@
 
 ``StreamRecipe`` is built from a ``StreamJob`` (the typed run config plus what the stream
 decided: pending phases, where to start from) and run by an executor: in this process
-(``executors.run_in_process``) or on every rank of one long-lived Ray Train worker group
+(``executors.InProcess``) or on every rank of one long-lived Ray Train worker group
 (``ray_executor``). It follows torchtune's recipe shape:
 
 * ``setup`` loads the base model once (bf16 straight onto the GPU when there is one), the
@@ -28,16 +28,17 @@ from typing import Callable, Protocol
 
 import torch
 
+from tree_service.errors import UnknownStream
+
 from ..adapters import restore_adapter_folder, save_adapter_folder
 from ..config import RunConfig
 from ..data.tasks import Task
 from ..evaluate import evaluate_tasks
 from ..methods import make_method
 from ..methods.base import TaskContext
-from ..data.streams import load_task_spec
-from .inbox import Inbox
+from .inbox import Inbox, load_specs
 from .loop import DEFAULT_LR, epoch_batches, seed_everything, train_task
-from .phase import ADAPTER_DIR, OUTCOME_FILE, SEAM_VERSION, PhaseJob, PhaseOutcome
+from .phase import ADAPTER_DIR, OUTCOME_FILE, SEAM_VERSION, PhaseJob, PhaseOutcome, published_phases
 from .setup import build_model, build_stream, phase_parameters, split_sizes, steps_per_epoch, stream_kind
 
 
@@ -152,7 +153,7 @@ class StreamRecipe:
         self.sizes = split_sizes(cfg)
         # rank 0 reads which inbox tasks joined, so every rank starts from the same task list
         accepted = self.comm.broadcast([str(p) for p in self.inbox.accepted()] if self.is_main else None)
-        self.tasks: list[Task] = list(stream.tasks) + [load_task_spec(p, sizes=self.sizes, seed=cfg.stream.seed)[0] for p in accepted]
+        self.tasks: list[Task] = list(stream.tasks) + load_specs(accepted, self.sizes, cfg.stream.seed)
         self.model = build_model(cfg, self.kind, torch.bfloat16 if self.use_bf16 else torch.float32, self.device)
         self.method = make_method(cfg.method)
         for i, t in enumerate(self.tasks):  # every head from the start (seeded per task), so every cell of R is measured
@@ -193,18 +194,6 @@ class StreamRecipe:
             if queue:  # tasks dropped in meanwhile join the stream now (they are trained after its own)
                 queue += self._take_inbox()
 
-    def _published(self) -> dict[int, tuple[str, tuple[str, ...]]]:
-        """{phase index: (folder, adapters)} of every phase folder already in the run's storage."""
-        from .phase import read_outcome
-
-        found = {}
-        folder = self.stream_dir / "phases"
-        for d in sorted(folder.iterdir()) if folder.is_dir() else []:
-            if not d.name.startswith(".") and (d / OUTCOME_FILE).is_file():
-                o = read_outcome(d)
-                found[o.index] = (str(d), o.adapters)
-        return found
-
     def _resume_point(self, mid: MidPhase | None) -> tuple[int, MidPhase | None]:
         """(the last phase whose result stands, the checkpoint to resume inside the next one).
 
@@ -213,7 +202,8 @@ class StreamRecipe:
         trained again; a checkpoint counts only if it is of these settings and of the phase
         right after the last published one, else the group starts from that phase's adapter.
         """
-        published = self.comm.broadcast(self._published() if self.is_main else None)
+        published = self.comm.broadcast({i: (str(folder), o.adapters) for i, (folder, o) in
+                                          published_phases(self.stream_dir / "phases").items()} if self.is_main else None)
         last = self.job.done_count - 1
         while last + 1 in published:
             last += 1
@@ -250,8 +240,7 @@ class StreamRecipe:
             accepted = [str(p) for p in paths]
         accepted = self.comm.broadcast(accepted)
         jobs = []
-        for path in accepted:
-            task, _ = load_task_spec(path, sizes=self.sizes, seed=self.cfg.stream.seed)
+        for path, task in zip(accepted, load_specs(accepted, self.sizes, self.cfg.stream.seed)):
             self.tasks.append(task)
             self.model.add_head(task, seed=self.cfg.train.seed + len(self.tasks) - 1)
             self._report_truncation(self.model.prepare([task]))
@@ -288,7 +277,7 @@ class StreamRecipe:
         pending_losses: list = []  # device tensors not read yet (reading one waits for the device)
         step_times: list[float] = []
         checkpoint_times: list[float] = []
-        bar = self._progress_bar(phase, spe, start)
+        bar = self._progress_bar(phase, spe, total_steps, start)
         last = [time.perf_counter()]
 
         def read_losses() -> None:
@@ -343,10 +332,11 @@ class StreamRecipe:
 
     def _added_in(self, task: str) -> int | None:
         """The tree version that added ``task``, when a try of this phase already added it."""
-        snap = self.tree.snapshot(self.job.tree_stream)
-        if task not in snap["task_ids"]:
+        try:
+            tasks = self.tree.describe(self.job.tree_stream)["tasks"]
+        except UnknownStream:  # the stream's first task: no tree yet
             return None
-        return next(t["added_in_version"] for t in self.tree.describe(self.job.tree_stream)["tasks"] if t["task_id"] == task)
+        return next((t["added_in_version"] for t in tasks if t["task_id"] == task), None)
 
     def _phase_snapshot(self, phase: PhaseJob) -> dict:
         """The tree the phase trains against: as it was before this task joined it (a retry of a
@@ -359,14 +349,11 @@ class StreamRecipe:
         epochs_done = len(records) / max(steps_per_epoch(phase_tasks, self.cfg.train.batch_size, comm.world_size), 1)
         return int(per_epoch * epochs_done)
 
-    def _progress_bar(self, phase: PhaseJob, spe: int, start: tuple[int, int]):
+    def _progress_bar(self, phase: PhaseJob, spe: int, total: int, start: tuple[int, int]):
         if not self.is_main:
             return None
         from tqdm import tqdm
 
-        total = spe * self.cfg.train.epochs
-        if self.cfg.train.max_steps_per_task is not None:
-            total = min(total, self.cfg.train.max_steps_per_task)
         return tqdm(total=total, initial=start[0] * spe + start[1], desc=f"task {phase.index}: {phase.key}", unit="step", mininterval=2.0)
 
     def finish_phase(self, phase, ctx, snapshot, losses, choices, timing: dict) -> PhaseOutcome:
@@ -374,11 +361,11 @@ class StreamRecipe:
         result = method.end_task(ctx)
         tree_version = None
         if self.is_main and result.signature is not None:
-            expected = snapshot["version"] if snapshot else 0
             tree_version = self._added_in(phase.task_names[-1])  # a retry: the tree has this task already
-        if self.is_main and result.signature is not None and tree_version is None:
-            tree_version = self.tree.add_task(self.job.tree_stream, phase.task_names[-1], result.signature.numpy(), expected,
-                                              run_id=cfg.name, space=result.signature_space, leaf_size=cfg.tree.leaf_size)
+            if tree_version is None:
+                tree_version = self.tree.add_task(self.job.tree_stream, phase.task_names[-1], result.signature.numpy(),
+                                                  snapshot["version"] if snapshot else 0, run_id=cfg.name,
+                                                  space=result.signature_space, leaf_size=cfg.tree.leaf_size)
         t_eval = time.perf_counter()
         mine = {i: s for i, s in zip(range(comm.rank, len(self.tasks), comm.world_size),
                                      evaluate_tasks(self.model, self.tasks[comm.rank :: comm.world_size], "test", cfg.eval.batch_size))}

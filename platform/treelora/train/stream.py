@@ -21,8 +21,8 @@ import numpy as np
 
 from ..config import RunConfig
 from ..evaluate import summary
-from .inbox import Inbox, load_accepted
-from .phase import ADAPTER_DIR, OUTCOME_FILE, PhaseJob, PhaseOutcome, read_outcome
+from .inbox import Inbox, load_specs
+from .phase import ADAPTER_DIR, PhaseJob, PhaseOutcome, published_phases
 from .progress import StreamProgress
 from .recipe import StreamJob
 from .setup import split_sizes, tree_stream_id
@@ -115,19 +115,11 @@ class StreamLedger:
 
     def poll(self) -> None:
         """Handle every phase folder that appeared since the last look, in phase order."""
-        if not self.paths.phases_dir.is_dir():
-            return
-        found = []
-        for folder in self.paths.phases_dir.iterdir():
-            if folder.name.startswith(".") or self.progress.done(folder.name.split("-", 1)[-1]) is not None:
-                continue  # a folder being written, or a phase already recorded
-            if not (folder / OUTCOME_FILE).is_file():
-                continue
-            outcome = read_outcome(folder)
+        found = published_phases(self.paths.phases_dir, skip_key=lambda key: self.progress.done(key) is not None)
+        for index in sorted(found):
+            folder, outcome = found[index]
             if self.progress.done(outcome.key) is None:
-                found.append((outcome.index, outcome, folder))
-        for _, outcome, folder in sorted(found, key=lambda x: x[0]):
-            self.handle(outcome, folder / ADAPTER_DIR)
+                self.handle(outcome, folder / ADAPTER_DIR)
 
     def handle(self, outcome: PhaseOutcome, adapter_dir: Path) -> None:
         self.outcomes[outcome.index] = outcome
@@ -186,7 +178,7 @@ def run_stream(cfg: RunConfig, *, executor: str = "ray", address: str | None = N
     model_name = cfg.tracking.registered_model or f"treelora-{tree_stream}"
     tracker = StreamTracker(tracking_uri, cfg.tracking.experiment, model_name, cfg)
     progress = StreamProgress.load(paths.stream_dir / "progress.json")
-    tasks = list(stream.tasks) + load_accepted(paths.inbox, split_sizes(cfg), cfg.stream.seed)
+    tasks = list(stream.tasks) + load_specs(paths.inbox.accepted(), split_sizes(cfg), cfg.stream.seed)
     names = [t.name for t in tasks]
     try:
         progress.parent_run_id = tracker.start_stream(stream.name, names, resume_run_id=progress.parent_run_id)
