@@ -2,6 +2,8 @@
 
     .venv/bin/python benchmarks/bench_quality.py --stream olora-cls --seeds 3
     .venv/bin/python benchmarks/bench_quality.py --stream olora-cls --quick     # under 15 min on 2 cores
+    python benchmarks/bench_quality.py --stream trace-gen --jobs 8 --save a.json   # GPU machine
+    python benchmarks/bench_quality.py --merge a.json b.json                       # tables of saved runs
 
 Same stream, same data subsample, same epochs per task and batch size for every method; only
 the training seed varies between repeats. Classification uses the task's head (argmax);
@@ -14,26 +16,41 @@ score right after training it and the final score (seq-lora); then each method's
 matrix (mean over seeds). ``tasks_learned=<fraction>`` is the share of tasks whose score right
 after training them beats their baseline by >= 5 points (seq-lora, mean over seeds). The last
 line is ``treelora_minus_seqlora_op=<mean OP difference in points>``.
+
+``--jobs N`` trains N streams at once in separate processes (on one GPU they share the device:
+a 135M-parameter model leaves it mostly idle, the host is the bottleneck); every stream is
+still the same single-process run, so results do not depend on N. ``--save`` writes every
+stream's matrix and wall time as JSON and ``--merge`` prints the tables of several saved runs
+(seeds split over several calls of a time-limited machine).
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import json
 import logging
+import multiprocessing
 import os
 import statistics
 import sys
 import tempfile
 import warnings
+from pathlib import Path
 
 import numpy as np
-
 from treelora.config import load_config
 from treelora.evaluate import evaluate_tasks, summary
 from treelora.methods import METHODS
 from treelora.train.stream import run_stream
 
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}  # by degrees of freedom
+ORDER = ["seq-lora", "l2-anchor", "o-lora", "treelora", "treelora-reference", "joint"]
+
+
+def quiet() -> None:
+    warnings.filterwarnings("ignore")
+    logging.disable(logging.WARNING)
 
 
 def zero_shot_and_baseline(cfg) -> tuple[list[float], list[float]]:
@@ -43,7 +60,6 @@ def zero_shot_and_baseline(cfg) -> tuple[list[float], list[float]]:
     import collections
 
     import torch
-
     from treelora.train.setup import build_model, build_stream, stream_kind
 
     stream = build_stream(cfg)
@@ -60,6 +76,31 @@ def zero_shot_and_baseline(cfg) -> tuple[list[float], list[float]]:
     return zero, majority
 
 
+def run_job(job: tuple) -> dict:
+    """One unit of work, in its own process under --jobs: ("zero", seed, overrides) or
+    ("stream", seed, method, overrides, workdir). Returns plain JSON-able values."""
+    quiet()
+    if job[0] == "zero":
+        _, seed, overrides, config = job
+        zero, base = zero_shot_and_baseline(load_config(config, overrides + [f"train.seed={seed}"]))
+        return {"kind": "zero", "seed": seed, "zero_shot": zero, "baseline": base}
+    _, seed, method, overrides, config, workdir = job
+    cfg = load_config(config, overrides + [f"method.name={method}", f"train.seed={seed}", f"workdir={workdir}"])
+    res = run_stream(cfg, executor="local", log=lambda *_: None)
+    return {"kind": "stream", "seed": seed, "method": method, "task_names": list(res.task_names),
+            "accuracy": np.asarray(res.accuracy, dtype=float).tolist(), "op": res.metrics["op"],
+            "bwt": res.metrics.get("bwt", float("nan")), "wall_seconds": res.wall_seconds,
+            "epochs": cfg.train.epochs, "model": cfg.model.name}
+
+
+def run_all(jobs: list[tuple], workers: int, on_done) -> list[dict]:
+    if workers <= 1:
+        return [on_done(run_job(j)) for j in jobs]
+    # spawn: a forked CUDA context is unusable in the child
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return [on_done(f.result()) for f in concurrent.futures.as_completed([pool.submit(run_job, j) for j in jobs])]
+
+
 def interval(diffs: list[float]) -> str:
     """Mean and 95% t-interval of paired differences, in points."""
     d = [x * 100 for x in diffs]
@@ -68,11 +109,9 @@ def interval(diffs: list[float]) -> str:
     half = T_975.get(len(d) - 1, 1.96) * statistics.stdev(d) / len(d) ** 0.5
     return f"{statistics.mean(d):+.1f} [{statistics.mean(d) - half:+.1f}, {statistics.mean(d) + half:+.1f}]"
 
-ORDER = ["seq-lora", "l2-anchor", "o-lora", "treelora", "treelora-reference", "joint"]
-
 
 def fmt(values: list[float], scale: float = 100.0) -> str:
-    vals = [v * scale for v in values if v == v]
+    vals = [v * scale for v in values if not np.isnan(v)]
     if not vals:
         return "n/a"
     if len(vals) == 1:
@@ -80,74 +119,99 @@ def fmt(values: list[float], scale: float = 100.0) -> str:
     return f"{statistics.mean(vals):.1f} +- {statistics.stdev(vals):.1f}"
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--stream", default="olora-cls")
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--quick", action="store_true", help="40 test rows per task and at most 2 seeds (under 15 minutes on 2 cores)")
-    ap.add_argument("--methods", default=",".join(ORDER))
-    ap.add_argument("--epochs", type=int, default=None)
-    ap.add_argument("--config", default=None, help="a run config YAML to start from")
-    ap.add_argument("overrides", nargs="*", help="section.field=value overrides applied to every run")
-    args = ap.parse_args(argv)
-    warnings.filterwarnings("ignore")
-    logging.disable(logging.WARNING)
-    methods = [m for m in args.methods.split(",") if m]
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        ap.error(f"unknown methods {unknown}; known: {sorted(METHODS)}")
-    seeds = min(args.seeds, 2) if args.quick else args.seeds
-    overrides = [f"stream.spec={args.stream}", *args.overrides]
-    if args.quick:
-        overrides += ["stream.test_size=40"]
-    if args.epochs:
-        overrides.append(f"train.epochs={args.epochs}")
-    results: dict[str, list] = {m: [] for m in methods}
-    zero_shot, baselines = {}, {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for seed in range(seeds):
-            zero_shot[seed], baselines[seed] = zero_shot_and_baseline(load_config(args.config, overrides + [f"train.seed={seed}"]))
-            for method in methods:
-                cfg = load_config(args.config, overrides + [f"method.name={method}", f"train.seed={seed}", f"workdir={os.path.join(tmp, f'{method}-{seed}')}"])
-                res = run_stream(cfg, executor="local", log=lambda *_: None)
-                results[method].append(res)
-                print(f"seed {seed} {method:<19} OP {res.metrics['op'] * 100:5.1f}  BWT {res.metrics.get('bwt', float('nan')) * 100:6.1f}  "
-                      f"wall {res.wall_seconds:6.1f} s", flush=True)
-    first = results[methods[0]][0]
-    print(f"\n## {args.stream}: {len(first.task_names)} tasks ({' -> '.join(first.task_names)}), "
-          f"{cfg.train.epochs} epoch(s) per task, {seeds} seed(s), model {cfg.model.name}")
+def report(stream: str, records: list[dict]) -> None:
+    """The tables, from run_job's records (of this run or of --merge'd files)."""
+    zero = {r["seed"]: r for r in records if r["kind"] == "zero"}
+    runs = sorted((r for r in records if r["kind"] == "stream"), key=lambda r: r["seed"])
+    methods = [m for m in ORDER if any(r["method"] == m for r in runs)]
+    methods += sorted({r["method"] for r in runs} - set(methods))
+    seeds = sorted({r["seed"] for r in runs} & set(zero))
+    by = {m: [r for r in runs if r["method"] == m and r["seed"] in seeds] for m in methods}
+    first = by[methods[0]][0]
+    names = first["task_names"]
+    print(f"\n## {stream}: {len(names)} tasks ({' -> '.join(names)}), {first['epochs']} epoch(s) per task, "
+          f"{len(seeds)} seed(s) {seeds}, model {first['model']}")
     print("| method | OP (%) | BWT (%) | FWT (%) | OP - seq-lora, paired (points, 95% interval) | wall time per stream (s) |")
     print("|---|---:|---:|---:|---:|---:|")
     for m in methods:
-        rs = results[m]
-        fwt = [summary(r.accuracy, np.array(zero_shot[s]))["fwt"] if r.accuracy.shape[1] > 1 else float("nan") for s, r in enumerate(rs)]
-        paired = interval([r.metrics["op"] - q.metrics["op"] for r, q in zip(rs, results["seq-lora"])]) if "seq-lora" in results and m != "seq-lora" else ""
-        print(f"| {m} | {fmt([r.metrics['op'] for r in rs])} | {fmt([r.metrics.get('bwt', float('nan')) for r in rs])} | "
-              f"{fmt(fwt)} | {paired} | {fmt([r.wall_seconds for r in rs], 1.0)} |")
-    reference = "seq-lora" if "seq-lora" in results else methods[0]
-    names = first.task_names
+        rs = by[m]
+        fwt = [summary(np.array(r["accuracy"]), np.array(zero[r["seed"]]["zero_shot"]))["fwt"] if len(r["accuracy"][0]) > 1
+               else float("nan") for r in rs]
+        paired = ""
+        if "seq-lora" in by and m != "seq-lora":
+            base = {r["seed"]: r["op"] for r in by["seq-lora"]}
+            paired = interval([r["op"] - base[r["seed"]] for r in rs if r["seed"] in base])
+        print(f"| {m} | {fmt([r['op'] for r in rs])} | {fmt([r['bwt'] for r in rs])} | {fmt(fwt)} | {paired} | "
+              f"{fmt([r['wall_seconds'] for r in rs], 1.0)} |")
+    reference = "seq-lora" if "seq-lora" in by else methods[0]
     learned = []
     print(f"\n### per task, {reference} (mean over seeds, %)")
     print("| task | baseline | zero-shot | right after training it | final |\n|---|---:|---:|---:|---:|")
     for i, name in enumerate(names):
-        after = [r.accuracy[i, i] if r.accuracy.shape[1] > 1 else r.accuracy[i, 0] for r in results[reference]]
-        base = [baselines[s][i] for s in range(seeds)]
+        after = [r["accuracy"][i][i] if len(r["accuracy"][0]) > 1 else r["accuracy"][i][0] for r in by[reference]]
+        base = [zero[r["seed"]]["baseline"][i] for r in by[reference]]
         learned += [a >= b + 0.05 for a, b in zip(after, base)]
-        print(f"| {name} | {fmt(base)} | {fmt([zero_shot[s][i] for s in range(seeds)])} | {fmt(after)} | "
-              f"{fmt([r.accuracy[i, -1] for r in results[reference]])} |")
+        print(f"| {name} | {fmt(base)} | {fmt([zero[r['seed']]['zero_shot'][i] for r in by[reference]])} | {fmt(after)} | "
+              f"{fmt([r['accuracy'][i][-1] for r in by[reference]])} |")
     for m in methods:
-        R = np.nanmean(np.stack([r.accuracy for r in results[m]]), axis=0) * 100
+        R = np.nanmean(np.stack([np.array(r["accuracy"], dtype=float) for r in by[m]]), axis=0) * 100
         print(f"\n### accuracy matrix, {m} (rows: task, columns: after training phase; mean over seeds, %)")
-        names = results[m][0].task_names
         cols = ["joint"] if R.shape[1] == 1 else names
         print("| task | " + " | ".join(cols) + " |")
         print("|---|" + "---:|" * len(cols))
         for i, name in enumerate(names):
             print(f"| {name} | " + " | ".join("" if np.isnan(v) else f"{v:.1f}" for v in R[i]) + " |")
     print(f"\ntasks_learned={sum(learned) / len(learned):.2f}")
-    if "treelora" in results and "seq-lora" in results:
-        diff = statistics.mean(r.metrics["op"] for r in results["treelora"]) - statistics.mean(r.metrics["op"] for r in results["seq-lora"])
+    if "treelora" in by and "seq-lora" in by:
+        diff = statistics.mean(r["op"] for r in by["treelora"]) - statistics.mean(r["op"] for r in by["seq-lora"])
         print(f"\ntreelora_minus_seqlora_op={diff * 100:.2f}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--stream", default="olora-cls")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--first-seed", type=int, default=0, help="seeds are first-seed, first-seed+1, ...")
+    ap.add_argument("--quick", action="store_true",
+                    help="640 train / 100 test rows per task and at most 2 seeds (under 15 minutes on 2 cores)")
+    ap.add_argument("--methods", default=",".join(ORDER))
+    ap.add_argument("--epochs", type=int, default=None)
+    ap.add_argument("--jobs", type=int, default=1, help="streams trained at once, each in its own process")
+    ap.add_argument("--save", default=None, help="write every stream's results to this JSON file")
+    ap.add_argument("--merge", nargs="+", default=None, help="print the tables of these --save files and train nothing")
+    ap.add_argument("--config", default=None, help="a run config YAML to start from")
+    ap.add_argument("overrides", nargs="*", help="section.field=value overrides applied to every run")
+    args = ap.parse_args(argv)
+    quiet()
+    if args.merge:
+        saved = [json.loads(Path(path).read_text()) for path in args.merge]
+        report(saved[0]["stream"], [r for s in saved for r in s["records"]])
+        return 0
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        ap.error(f"unknown methods {unknown}; known: {sorted(METHODS)}")
+    seeds = range(args.first_seed, args.first_seed + (min(args.seeds, 2) if args.quick else args.seeds))
+    overrides = [f"stream.spec={args.stream}"]
+    if args.quick:
+        overrides += ["stream.train_size=640", "stream.test_size=100"]
+    if args.epochs:
+        overrides.append(f"train.epochs={args.epochs}")
+    overrides += args.overrides  # the user's overrides win over --quick's sizes
+
+    def done(r: dict) -> dict:
+        if r["kind"] == "stream":
+            print(f"seed {r['seed']} {r['method']:<19} OP {r['op'] * 100:5.1f}  BWT {r['bwt'] * 100:6.1f}  "
+                  f"wall {r['wall_seconds']:6.1f} s", flush=True)
+        return r
+
+    with tempfile.TemporaryDirectory() as tmp:
+        jobs = [("zero", s, overrides, args.config) for s in seeds]
+        jobs += [("stream", s, m, overrides, args.config, os.path.join(tmp, f"{m}-{s}")) for s in seeds for m in methods]
+        records = run_all(jobs, args.jobs, done)
+    if args.save:
+        Path(args.save).write_text(json.dumps({"stream": args.stream, "overrides": overrides, "records": records}))
+    report(args.stream, records)
     return 0
 
 

@@ -235,3 +235,44 @@ def test_max_length_and_new_tokens_come_from_the_data_when_not_set():
              (Example("q", "x"),), "tests")
     gen.prepare([g])
     assert gen.new_tokens_for(g) == len(gen.tokenizer("one two three", add_special_tokens=False).input_ids) + 1
+    # an option answer with its reasoning: only the budget that holds the leading letter is decoded
+    o = Task("o", "generation", (), "option_accuracy", tuple(Example(f"q {i}", "B\n" + "because " * 80) for i in range(8)), (),
+             (Example("q", "B"),), "tests")
+    opt = ContinualModel(tiny_backbone("tiny-llama"), max_length=None, max_new_tokens=None)
+    opt.prepare([o])
+    assert opt.max_length // 2 > ContinualModel.OPTION_ANSWER_TOKENS
+    assert opt.new_tokens_for(o) == ContinualModel.OPTION_ANSWER_TOKENS
+
+
+def test_gradient_accumulation_equals_one_larger_batch():
+    """Two micro-batches of 4 summed into one optimizer step train exactly as batches of 8 do
+    (no dropout; the shuffled order is cut the same way, so a batch of 8 is two batches of 4)."""
+    task = make_task("a", 24)
+    model, method, ctx, optimizer = setup_run(task, 8, 2, no_dropout=True)
+    start = trained_state(model)
+    train_task(model, method, ctx, TorchStepper(optimizer), batches_of(task, 8))
+    want = trained_state(model)
+
+    model, method, ctx, optimizer = setup_run(task, 4, 2, no_dropout=True)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n in start:
+                p.copy_(start[n])
+    ctx.grad_accum = 2
+    assert ctx.optimizer_steps() == 6 and [ctx.ends_group(s) for s in range(6)] == [False, True] * 3
+    stepped = []
+    real_step = optimizer.step
+    optimizer.step = lambda *a, **k: (stepped.append(1), real_step(*a, **k))[1]
+    records = train_task(model, method, ctx, TorchStepper(optimizer, grad_accum=2), batches_of(task, 4))
+    assert len(records) == 12 and len(stepped) == 6
+    assert [r.boundary for r in records] == [False, True] * 6
+    for name, value in trained_state(model).items():
+        assert torch.allclose(value, want[name], atol=1e-6), name
+
+
+def test_an_epochs_short_last_group_still_steps():
+    task = make_task("a", 20)  # batch 4: 5 batches per epoch, groups of 2 -> 2 + 2 + 1
+    model, method, ctx, optimizer = setup_run(task, 4, 2)
+    ctx.grad_accum = 2
+    assert [ctx.ends_group(s) for s in range(10)] == [False, True, False, True, True] * 2
+    assert ctx.optimizer_steps() == 6 and ctx.optimizer_steps(max_steps=7) == 4

@@ -199,16 +199,18 @@ def test_a_running_stream_takes_new_tasks_from_its_inbox(ray_session, tmp_path, 
     assert again.task_names == result.task_names and sum("already done" in line for line in logs) == 3
 
 
-@pytest.mark.parametrize("method", ["treelora", "o-lora"])
-def test_both_executors_run_the_same_recipe_to_the_same_result(ray_session, tmp_path, method):
+@pytest.mark.parametrize(("method", "accum"), [("treelora", 2), ("o-lora", 1)])
+def test_both_executors_run_the_same_recipe_to_the_same_result(ray_session, tmp_path, method, accum):
     """One recipe: the in-process executor and a 1-worker Ray Train group (DeepSpeed ZeRO-0,
     fp32, torch AdamW) train the same stream to the same matrix, tree and adapters (o-lora: its
-    frozen old adapters travel between phases of the long-lived group)."""
+    frozen old adapters travel between phases of the long-lived group; treelora under gradient
+    accumulation: DeepSpeed's engine and the torch stepper step at the same micro-batches)."""
     from safetensors.torch import load_file
 
     from treelora.train.stream import run_stream
 
-    common = ["stream.tasks=[agnews, amazon]", "scaling.num_workers=1", "scaling.zero_stage=0", f"method.name={method}"]
+    common = ["stream.tasks=[agnews, amazon]", "scaling.num_workers=1", "scaling.zero_stage=0", f"method.name={method}",
+              f"train.grad_accum={accum}"]
     local = run_stream(_cfg(tmp_path / "local", *common), executor="local", log=lambda *_: None)
     ray_run = run_stream(_cfg(tmp_path / "ray", *common), executor="ray", log=lambda *_: None)
     assert local.task_names == ray_run.task_names and local.tree_stream == ray_run.tree_stream

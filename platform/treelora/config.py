@@ -77,6 +77,9 @@ class TrainConfig:
     schedule: str = "linear"  # constant | linear | cosine: the decay over a task's steps, after the warmup
     warmup_ratio: float = 0.06  # share of a task's steps with a linear warmup from ~0
     grad_clip: float = 1.0  # global gradient-norm clip (0 = off)
+    # micro-batches of batch_size summed into one optimizer step (effective batch = batch_size x this);
+    # the schedule, checkpoints and TreeLoRA's bandit count optimizer steps
+    grad_accum: int = 1
     weight_decay: float = 0.0
     seed: int = 0
     max_steps_per_task: int | None = None  # cap, for smoke runs

@@ -1,8 +1,9 @@
 """The small interface every continual-learning method implements (plugins, not a hierarchy).
 
-Per task: ``begin_task`` (returns the parameters this task trains), then per step
-``penalty`` (a term added to the task loss before backward, or None) and ``after_backward``
-(read gradients before the optimizer step), then ``end_task`` (what the task leaves behind:
+Per task: ``begin_task`` (returns the parameters this task trains), then per batch
+``penalty`` (a term added to the task loss before backward, or None), and per optimizer step
+``after_backward`` (read the step's summed gradients before the optimizer steps; under gradient
+accumulation only after the group's last micro-batch), then ``end_task`` (what the task leaves behind:
 a tree signature, the bandit's choices). ``state_dict``/``load_state_dict`` hold plain tensors
 and arrays for checkpoints.
 """
@@ -24,9 +25,10 @@ class TaskContext:
     model: ContinualModel
     task: Task
     task_index: int  # position of the task in the stream
-    steps_per_epoch: int
+    steps_per_epoch: int  # batches (micro-batches under gradient accumulation) per epoch
     epochs: int
     seed: int
+    grad_accum: int = 1  # micro-batches per optimizer step
     tree_snapshot: dict | None = None  # the tree service's snapshot() answer for methods that use it
     grad_of: Callable[[torch.nn.Parameter], torch.Tensor | None] = lambda p: p.grad  # DeepSpeed passes its own
     # the full gradients of several parameters at once (DeepSpeed: one all-reduce for all of them)
@@ -40,6 +42,24 @@ class TaskContext:
     @property
     def total_steps(self) -> int:
         return self.steps_per_epoch * self.epochs
+
+    def starts_group(self, step: int) -> bool:
+        """Whether batch ``step`` is the first of an optimizer step's micro-batches."""
+        return (step % self.steps_per_epoch) % self.grad_accum == 0
+
+    def ends_group(self, step: int) -> bool:
+        """Whether the optimizer steps after batch ``step`` (the last group of an epoch may be short)."""
+        index = step % self.steps_per_epoch
+        return index % self.grad_accum == self.grad_accum - 1 or index == self.steps_per_epoch - 1
+
+    def optimizer_steps(self, max_steps: int | None = None) -> int:
+        """Optimizer steps in the task (``max_steps`` caps the batches)."""
+        per_epoch = -(-self.steps_per_epoch // self.grad_accum)
+        total = per_epoch * self.epochs
+        if max_steps is not None:
+            full, rest = divmod(max_steps, self.steps_per_epoch)
+            total = min(total, full * per_epoch + -(-rest // self.grad_accum))
+        return total
 
 
 @dataclasses.dataclass

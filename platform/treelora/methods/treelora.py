@@ -137,9 +137,14 @@ class TreeLoRA:
         self._pending = None
 
     def penalty(self, ctx: TaskContext, step: int, task_loss: torch.Tensor):
-        self.step_direction = None
         if self.bandit is None:
+            self.step_direction = None
             return None
+        if not ctx.starts_group(step) and self.step_direction is not None:
+            # one bandit choice per optimizer step: every micro-batch of the group pulls the same
+            # way, so after_backward can take the direction back out of the summed gradient
+            theta = torch.cat([p.reshape(-1) for p in self.params])
+            return (theta * self.step_direction.to(theta.dtype)).sum()
         self._flush()
         running_sig = self._projected_running()
         tasks = self.bandit.select()

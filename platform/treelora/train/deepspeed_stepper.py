@@ -16,7 +16,7 @@ from ..config import RunConfig
 def deepspeed_config(cfg: RunConfig, micro_batch: int, use_bf16: bool) -> dict:
     return {
         "train_micro_batch_size_per_gpu": micro_batch,
-        "gradient_accumulation_steps": 1,
+        "gradient_accumulation_steps": cfg.train.grad_accum,
         "zero_optimization": {"stage": cfg.scaling.zero_stage},
         "bf16": {"enabled": use_bf16},
         "gradient_clipping": cfg.train.grad_clip,
@@ -42,10 +42,13 @@ class DeepSpeedStepper:
                                                     config=deepspeed_config(cfg, micro, use_bf16))
         self.world_size = world_size
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def backward(self, loss: torch.Tensor, boundary: bool = True) -> None:
+        # the loop decides the boundary (an epoch's last group may be short); the engine then
+        # reduces gradients and steps exactly there
+        self.engine.set_gradient_accumulation_boundary(boundary)
         self.engine.backward(loss)
 
-    def step(self) -> None:
+    def step(self, boundary: bool = True) -> None:
         self.engine.step()
 
     def grad_of(self, p: torch.nn.Parameter) -> torch.Tensor | None:

@@ -36,7 +36,7 @@ class InProcess:
         def make_stepper(model, params, lr, total_steps):
             optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.train.weight_decay)
             return TorchStepper(optimizer, lr_scheduler(optimizer, total_steps, cfg.train.schedule, cfg.train.warmup_ratio),
-                                cfg.train.grad_clip)
+                                cfg.train.grad_clip, cfg.train.grad_accum)
 
         # the ledger takes each phase as soon as its folder is written
         recipe = StreamRecipe(job, comm=SingleProcess(), device=self.device, use_bf16=self.use_bf16, make_stepper=make_stepper,

@@ -22,9 +22,10 @@ Batch = tuple[Task, Sequence[Example]]
 
 
 class Stepper(Protocol):
-    def backward(self, loss: torch.Tensor) -> None: ...
+    # ``boundary``: this micro-batch ends its optimizer step's group (always true without accumulation)
+    def backward(self, loss: torch.Tensor, boundary: bool = True) -> None: ...
 
-    def step(self) -> None: ...
+    def step(self, boundary: bool = True) -> None: ...
 
     def grad_of(self, p: torch.nn.Parameter) -> torch.Tensor | None: ...
 
@@ -55,14 +56,18 @@ class TorchStepper:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
     grad_clip: float = 0.0
+    grad_accum: int = 1
 
-    def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
+    def backward(self, loss: torch.Tensor, boundary: bool = True) -> None:
+        # scaled like DeepSpeed's engine (by the configured count, also for a short last group)
+        (loss / self.grad_accum if self.grad_accum > 1 else loss).backward()
 
     def __post_init__(self) -> None:
         self._params = [p for g in self.optimizer.param_groups for p in g["params"]]
 
-    def step(self) -> None:
+    def step(self, boundary: bool = True) -> None:
+        if not boundary:
+            return
         if self.grad_clip > 0:  # on the device, no host sync (foreach norm; parameters without a grad are skipped)
             torch.nn.utils.clip_grad_norm_(self._params, self.grad_clip)
         self.optimizer.step()
@@ -129,6 +134,7 @@ class StepRecord:
     step: int  # global step inside the task
     loss_tensor: torch.Tensor
     penalty_tensor: torch.Tensor | None
+    boundary: bool = True  # the optimizer stepped after this batch (a checkpoint may be taken here)
 
     @property
     def loss(self) -> float:
@@ -166,10 +172,13 @@ def train_task(
             batch = model.batch(task, list(examples)[rank::world_size])
             loss = model.loss(task, batch)
             extra = method.penalty(ctx, step, loss)
-            stepper.backward(loss if extra is None else loss + extra)
-            method.after_backward(ctx, step)
-            stepper.step()
-            record = StepRecord(epoch, index, step, loss.detach(), extra.detach() if isinstance(extra, torch.Tensor) else None)
+            boundary = ctx.ends_group(step) or (max_steps is not None and step == max_steps - 1)
+            stepper.backward(loss if extra is None else loss + extra, boundary)
+            if boundary:
+                method.after_backward(ctx, step)
+            stepper.step(boundary)
+            record = StepRecord(epoch, index, step, loss.detach(), extra.detach() if isinstance(extra, torch.Tensor) else None,
+                                boundary)
             records.append(record)
             if on_step is not None:
                 on_step(record)

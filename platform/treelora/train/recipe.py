@@ -258,12 +258,12 @@ class StreamRecipe:
         phase_tasks = [t for t in self.tasks if t.name in phase.task_names]
         spe = steps_per_epoch(phase_tasks, cfg.train.batch_size, comm.world_size)
         ctx = TaskContext(model=model, task=phase_tasks[-1], task_index=phase.index, steps_per_epoch=spe,
-                          epochs=cfg.train.epochs, seed=cfg.train.seed, tree_snapshot=snapshot)
+                          epochs=cfg.train.epochs, seed=cfg.train.seed, grad_accum=cfg.train.grad_accum, tree_snapshot=snapshot)
         trainable = phase_parameters(model, method, ctx, phase_tasks)
         total_steps = spe * cfg.train.epochs
         if cfg.train.max_steps_per_task is not None:
             total_steps = min(total_steps, cfg.train.max_steps_per_task)
-        stepper = self.make_stepper(model, trainable, self.lr, total_steps)
+        stepper = self.make_stepper(model, trainable, self.lr, ctx.optimizer_steps(cfg.train.max_steps_per_task))
         ctx.grad_of, ctx.grads_of_many = stepper.grad_of, stepper.grads_of
         start, losses, choices = (0, 0), [], []
         if mid is not None:
@@ -300,7 +300,8 @@ class StreamRecipe:
                     bar.set_postfix(loss=f"{losses[-1][1]:.3f}", refresh=False)
             if bar is not None:
                 bar.update(1)
-            if self.checkpointer is not None and (rec.step + 1) % cfg.scaling.checkpoint_every == 0:
+            # accumulated gradients are not checkpointed: a checkpoint waits for the group's end
+            if self.checkpointer is not None and rec.boundary and (rec.step + 1) % cfg.scaling.checkpoint_every < cfg.train.grad_accum:
                 read_losses()
                 nxt = (rec.epoch + 1, 0) if rec.index == spe - 1 else (rec.epoch, rec.index + 1)
                 t_ckpt = time.perf_counter()

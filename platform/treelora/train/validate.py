@@ -44,6 +44,8 @@ def validate_config(cfg: RunConfig, cluster_gpus: float | None = None) -> None:
         raise ConfigError(f"train.schedule must be one of {sorted(SCHEDULES)}, got {cfg.train.schedule!r}")
     if not 0 <= cfg.train.warmup_ratio < 1:
         raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {cfg.train.warmup_ratio}")
+    if cfg.train.grad_accum < 1:
+        raise ConfigError(f"train.grad_accum must be >= 1 (micro-batches per optimizer step), got {cfg.train.grad_accum}")
     if cfg.train.grad_clip < 0:
         raise ConfigError(f"train.grad_clip must be >= 0 (0 = off), got {cfg.train.grad_clip}")
     if cfg.adapter.r < 1 or not cfg.adapter.targets:
