@@ -53,10 +53,10 @@ def quiet() -> None:
     logging.disable(logging.WARNING)
 
 
-def zero_shot_and_baseline(cfg) -> tuple[list[float], list[float]]:
+def zero_shot_and_baseline(cfg) -> tuple[list[float], list[float], list[float]]:
     """Every task's test score before any training (the fresh adapter, heads seeded as the stream
-    seeds them), and the baseline a task must beat: the majority class's share of the test split
-    (classification) or the zero-shot score (generation)."""
+    seeds them), the baseline a task must beat (the majority class's share of the test split for
+    classification, the zero-shot score for generation), and the majority answer's share."""
     import collections
 
     import torch
@@ -70,10 +70,11 @@ def zero_shot_and_baseline(cfg) -> tuple[list[float], list[float]]:
         model.add_head(t, seed=cfg.train.seed + i)
     model.prepare(stream.tasks)
     zero = evaluate_tasks(model, stream.tasks, "test", cfg.eval.batch_size)
-    if kind == "generation":
-        return zero, zero
-    majority = [max(collections.Counter(e.target for e in t.test).values()) / len(t.test) for t in stream.tasks]
-    return zero, majority
+    # the most frequent test answer's share: what always answering one label scores (for an
+    # option-letter task too, where beating zero-shot may only mean learning the label prior)
+    majority = [max(collections.Counter(e.target.strip()[:1] if t.metric == "option_accuracy" else e.target.strip()
+                                        for e in t.test).values()) / len(t.test) for t in stream.tasks]
+    return zero, (zero if kind == "generation" else majority), majority
 
 
 def run_job(job: tuple) -> dict:
@@ -82,15 +83,17 @@ def run_job(job: tuple) -> dict:
     quiet()
     if job[0] == "zero":
         _, seed, overrides, config = job
-        zero, base = zero_shot_and_baseline(load_config(config, overrides + [f"train.seed={seed}"]))
-        return {"kind": "zero", "seed": seed, "zero_shot": zero, "baseline": base}
+        zero, base, majority = zero_shot_and_baseline(load_config(config, overrides + [f"train.seed={seed}"]))
+        return {"kind": "zero", "seed": seed, "zero_shot": zero, "baseline": base, "majority": majority}
     _, seed, method, overrides, config, workdir = job
     cfg = load_config(config, overrides + [f"method.name={method}", f"train.seed={seed}", f"workdir={workdir}"])
     res = run_stream(cfg, executor="local", log=lambda *_: None)
     return {"kind": "stream", "seed": seed, "method": method, "task_names": list(res.task_names),
             "accuracy": np.asarray(res.accuracy, dtype=float).tolist(), "op": res.metrics["op"],
             "bwt": res.metrics.get("bwt", float("nan")), "wall_seconds": res.wall_seconds,
-            "epochs": cfg.train.epochs, "model": cfg.model.name}
+            "epochs": cfg.train.epochs, "model": cfg.model.name,
+            # what the tree methods' bandit pulled: per phase, [previous task][module] counts
+            "choices": [o.choices for o in res.outcomes], "previous": [list(o.previous_tasks) for o in res.outcomes]}
 
 
 def run_all(jobs: list[tuple], workers: int, on_done) -> list[dict]:
@@ -146,12 +149,13 @@ def report(stream: str, records: list[dict]) -> None:
     reference = "seq-lora" if "seq-lora" in by else methods[0]
     learned = []
     print(f"\n### per task, {reference} (mean over seeds, %)")
-    print("| task | baseline | zero-shot | right after training it | final |\n|---|---:|---:|---:|---:|")
+    print("| task | baseline | majority answer | zero-shot | right after training it | final |\n|---|---:|---:|---:|---:|---:|")
     for i, name in enumerate(names):
         after = [r["accuracy"][i][i] if len(r["accuracy"][0]) > 1 else r["accuracy"][i][0] for r in by[reference]]
         base = [zero[r["seed"]]["baseline"][i] for r in by[reference]]
         learned += [a >= b + 0.05 for a, b in zip(after, base)]
-        print(f"| {name} | {fmt(base)} | {fmt([zero[r['seed']]['zero_shot'][i] for r in by[reference]])} | {fmt(after)} | "
+        print(f"| {name} | {fmt(base)} | {fmt([zero[r['seed']]['majority'][i] for r in by[reference]])} | "
+              f"{fmt([zero[r['seed']]['zero_shot'][i] for r in by[reference]])} | {fmt(after)} | "
               f"{fmt([r['accuracy'][i][-1] for r in by[reference]])} |")
     for m in methods:
         R = np.nanmean(np.stack([np.array(r["accuracy"], dtype=float) for r in by[m]]), axis=0) * 100
@@ -161,6 +165,17 @@ def report(stream: str, records: list[dict]) -> None:
         print("|---|" + "---:|" * len(cols))
         for i, name in enumerate(names):
             print(f"| {name} | " + " | ".join("" if np.isnan(v) else f"{v:.1f}" for v in R[i]) + " |")
+    for m in methods:
+        picks = [r for r in by[m] if any(c for c in r.get("choices") or [])]
+        if picks:
+            print(f"\n### bandit pulls, {m}: share of (step, module) pulls per previous task, by phase (mean over seeds, %)")
+            print("| phase | " + " | ".join(names[:-1]) + " |\n|---|" + "---:|" * (len(names) - 1))
+            for j, name in enumerate(names[1:], start=1):
+                shares = np.zeros(len(names) - 1)
+                for r in picks:
+                    counts = np.asarray(r["choices"][j], dtype=float).sum(axis=1)
+                    shares[: len(counts)] += counts / max(counts.sum(), 1) / len(picks)
+                print(f"| {name} | " + " | ".join(f"{v * 100:.0f}" if i < j else "" for i, v in enumerate(shares)) + " |")
     print(f"\ntasks_learned={sum(learned) / len(learned):.2f}")
     if "treelora" in by and "seq-lora" in by:
         diff = statistics.mean(r["op"] for r in by["treelora"]) - statistics.mean(r["op"] for r in by["seq-lora"])
