@@ -214,7 +214,12 @@ def main(argv=None) -> int:
         overrides.append(f"train.epochs={args.epochs}")
     overrides += args.overrides  # the user's overrides win over --quick's sizes
 
+    finished: list[dict] = []
+
     def done(r: dict) -> dict:
+        finished.append(r)
+        if args.save:  # after every stream, so a run cut short keeps what it finished
+            Path(args.save).write_text(json.dumps({"stream": args.stream, "overrides": overrides, "records": finished}))
         if r["kind"] == "stream":
             print(f"seed {r['seed']} {r['method']:<19} OP {r['op'] * 100:5.1f}  BWT {r['bwt'] * 100:6.1f}  "
                   f"wall {r['wall_seconds']:6.1f} s", flush=True)
@@ -224,8 +229,6 @@ def main(argv=None) -> int:
         jobs = [("zero", s, overrides, args.config) for s in seeds]
         jobs += [("stream", s, m, overrides, args.config, os.path.join(tmp, f"{m}-{s}")) for s in seeds for m in methods]
         records = run_all(jobs, args.jobs, done)
-    if args.save:
-        Path(args.save).write_text(json.dumps({"stream": args.stream, "overrides": overrides, "records": records}))
     report(args.stream, records)
     return 0
 
