@@ -276,3 +276,15 @@ def test_an_epochs_short_last_group_still_steps():
     ctx.grad_accum = 2
     assert [ctx.ends_group(s) for s in range(10)] == [False, True, False, True, True] * 2
     assert ctx.optimizer_steps() == 6 and ctx.optimizer_steps(max_steps=7) == 4
+
+
+def test_a_joint_phase_of_generation_tasks_trains_the_adapter_alone():
+    from treelora.adapters import ContinualModel, tiny_backbone
+    from treelora.methods.seq_lora import Joint
+    from treelora.train.setup import phase_parameters
+
+    model = ContinualModel(tiny_backbone("tiny-llama"))
+    tasks = [Task(n, "generation", (), "exact_match", (Example(f"{n} q", "a"),), (), (Example("q", "a"),), "tests") for n in "gh"]
+    ctx = TaskContext(model, tasks[-1], 0, 1, 1, seed=0)
+    trainable = phase_parameters(model, Joint(load_config(None, ["method.name=joint"]).method), ctx, tasks)
+    assert trainable and {id(p) for p in trainable} == {id(p) for p in model.lora_parameters()}

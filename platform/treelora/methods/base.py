@@ -28,11 +28,11 @@ class TaskContext:
     steps_per_epoch: int  # batches (micro-batches under gradient accumulation) per epoch
     epochs: int
     seed: int
-    grad_accum: int = 1  # micro-batches per optimizer step
     tree_snapshot: dict | None = None  # the tree service's snapshot() answer for methods that use it
     grad_of: Callable[[torch.nn.Parameter], torch.Tensor | None] = lambda p: p.grad  # DeepSpeed passes its own
     # the full gradients of several parameters at once (DeepSpeed: one all-reduce for all of them)
     grads_of_many: Callable[[list], list] | None = None
+    grad_accum: int = 1  # micro-batches per optimizer step
 
     def grads_of(self, params: list[torch.nn.Parameter]) -> list[torch.Tensor | None]:
         if self.grads_of_many is not None:

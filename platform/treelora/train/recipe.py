@@ -362,6 +362,10 @@ class StreamRecipe:
         result = method.end_task(ctx)
         tree_version = None
         if self.is_main and result.signature is not None:
+            if not torch.isfinite(result.signature).all():
+                raise FloatingPointError(
+                    f"task {phase.task_names[-1]!r}: training diverged (its gradient signature holds NaN or inf); "
+                    f"nothing of this phase was published: lower train.lr (now {self.lr:g}) and run again to resume")
             tree_version = self._added_in(phase.task_names[-1])  # a retry: the tree has this task already
             if tree_version is None:
                 tree_version = self.tree.add_task(self.job.tree_stream, phase.task_names[-1], result.signature.numpy(),
