@@ -159,6 +159,23 @@ def test_wrong_configs_fail_before_any_worker_starts(ray_session, tmp_path, over
     assert not (tmp_path / "ray_train").exists()  # no trainer was started
 
 
+def test_a_gpu_stream_waits_for_an_autoscaler_then_says_why_it_gave_up(ray_session, tmp_path, capsys):
+    """With scaling.gpu_wait_s the GPU request is placed (the demand an autoscaler acts on) and
+    waited for; when no GPU node comes the error names the fields, and the demand is withdrawn."""
+    import time
+
+    from ray.util import placement_group_table
+
+    from treelora.train.stream import run_stream
+
+    t0 = time.monotonic()
+    with pytest.raises(ConfigError, match=r"gpu_wait_s \(now 3\)"):
+        run_stream(_cfg(tmp_path, "scaling.use_gpu=true", "scaling.gpu_wait_s=3"))
+    assert time.monotonic() - t0 >= 3
+    assert "waiting up to 3 s (scaling.gpu_wait_s) for the autoscaler to add GPU nodes" in capsys.readouterr().out
+    assert all(pg["state"] == "REMOVED" for pg in placement_group_table().values() if pg["bundles"].get(0, {}).get("GPU"))
+
+
 def test_a_running_stream_takes_new_tasks_from_its_inbox(ray_session, tmp_path, capsys):
     """Task specs dropped while the stream runs: a good one is trained after the stream's tasks by
     the same worker group (no second Ray Train run), a bad one is refused and the stream goes on."""
@@ -221,3 +238,37 @@ def test_both_executors_run_the_same_recipe_to_the_same_result(ray_session, tmp_
     for a, b in zip(local.tasks, ray_run.tasks, strict=True):
         ta, tb = load_file(str(Path(a.adapter_dir) / "adapter_model.safetensors")), load_file(str(Path(b.adapter_dir) / "adapter_model.safetensors"))
         assert sorted(ta) == sorted(tb) and all(torch.allclose(ta[k], tb[k], atol=1e-5) for k in ta)
+
+
+def test_a_stream_on_s3_keeps_everything_a_resume_needs_there(ray_session, s3_server, tmp_path, monkeypatch):
+    """workdir on S3 (moto, credentials and endpoint in the URI's query): phases, adapters,
+    progress, trees and checkpoints all land in the bucket; with this machine's cache wiped, a
+    rerun finds every task done from the storage alone."""
+    import shutil
+
+    from treelora.storage import cache_root
+    from treelora.train.stream import run_stream
+
+    monkeypatch.setenv("TREELORA_CACHE", str(tmp_path / "cache"))
+    root = s3_server("treelora-runs", "runs/one")
+    cfg = _cfg(tmp_path, "stream.tasks=[agnews, SST-2]", f"workdir={root}", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}")
+    first = run_stream(cfg, log=lambda *_: None)
+    keys = [o["Key"] for page in s3_server.client.get_paginator("list_objects_v2").paginate(Bucket="treelora-runs")
+            for o in page.get("Contents", [])]
+    stream = f"runs/one/streams/{first.tree_stream}"
+    for key in (f"{stream}/progress.json", f"{stream}/phases/00-agnews/outcome.json", f"{stream}/phases/01-SST-2/outcome.json",
+                f"{stream}/phases/01-SST-2/adapter/adapter_model.safetensors"):
+        assert key in keys, key
+    assert any(k.startswith("runs/one/trees/") for k in keys) and any(k.startswith("runs/one/ray_train/") for k in keys)
+    assert not any("?" in k or "endpoint_override" in k for k in keys)  # the query string stays a query string
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=first.tracking_uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert runs and all("test:test@" not in v for r in runs for v in r.data.params.values())  # credentials stay out
+    assert any(v.startswith("s3://***@treelora-runs/runs/one") for r in runs for v in r.data.params.values())
+    shutil.rmtree(cache_root(root))
+    logs = []
+    again = run_stream(cfg, log=logs.append)
+    assert sum("already done" in line for line in logs) == 2
+    np.testing.assert_allclose(again.accuracy, first.accuracy)

@@ -61,11 +61,13 @@ def cmd_tree_show(args) -> int:
     from tree_service import TreeRegistry
 
     cfg = load_config(args.config, args.set)
-    root = cfg.workdir if "://" in cfg.workdir else str(Path(cfg.workdir).resolve())
-    registry = TreeRegistry(args.storage or cfg.tree.storage_uri or f"{root}/trees")
+    from .storage import join_uri, redact
+    from .train.stream import storage_root
+
+    registry = TreeRegistry(args.storage or cfg.tree.storage_uri or join_uri(storage_root(cfg), "trees"))
     streams = registry.list_streams()
     if args.stream not in streams:
-        print(f"no tree stream {args.stream!r} in {registry.store.uri}; known: {streams}", file=sys.stderr)
+        print(f"no tree stream {args.stream!r} in {redact(registry.store.uri)}; known: {streams}", file=sys.stderr)
         return 2
     info = registry.describe(args.stream)
     print(f"stream {args.stream}: version {info['version']}, {info['num_tasks']} tasks, depth {info['depth']}, "
@@ -92,33 +94,44 @@ def cmd_add_task(args) -> int:
         print(f"treelora: task spec refused: {exc}", file=sys.stderr)
         return 2
     paths = StreamPaths.of(cfg, args.stream)
+    paths.mirror.pull_file(f"{paths.rel}/progress.json")  # a remote workdir: is the stream there?
     if not paths.stream_dir.is_dir():
         print(f"treelora: no stream {args.stream!r} under {paths.local_root / 'streams'} (the stream id is printed by `treelora run`)",
               file=sys.stderr)
         return 2
     dropped = paths.inbox.drop(spec)
+    paths.mirror.push_file(str(dropped.relative_to(paths.local_root)))
     print(f"task {task.name!r} ({task.kind}, {len(task.train)} train / {len(task.test)} test rows) is in the inbox: {dropped}\n"
           f"a running stream trains it after its current tasks; otherwise the next `treelora run` of this stream does")
     return 0
 
 
 def cmd_submit(args) -> int:
-    from ray.job_submission import JobSubmissionClient
+    from . import ray_jobs
 
-    cfg_path = Path(args.config)
-    load_config(cfg_path, args.set)  # refuse a broken config here, not on the cluster
-    client = JobSubmissionClient(args.address)
-    rel = os.path.relpath(cfg_path.resolve(), REPO_ROOT)
-    entrypoint = " ".join(["python", "jobs/continual_train.py", rel, *[f"--set {s}" for s in args.set]])
-    job_id = client.submit_job(
-        entrypoint=entrypoint,
-        runtime_env={
-            "working_dir": str(REPO_ROOT),
-            "excludes": [".venv", ".git", "treelora_runs", "mlruns", "mlartifacts", ".whl", "*.db"],
-            "env_vars": {"PYTHONPATH": "platform:.", "HF_HUB_OFFLINE": "1"},
-        },
-    )
-    print(f"submitted {job_id}: {entrypoint}\nfollow it with: ray job logs --follow --address {args.address} {job_id}")
+    cfg = load_config(args.config, args.set)  # refuse a broken config here, not on the cluster
+    job_id, entrypoint = ray_jobs.submit(cfg, args.config, args.set, args.address, args.submission_id)
+    print(f"submitted job {job_id}: {entrypoint}", flush=True)
+    if args.no_wait:
+        print(job_id)  # alone on its line, for scripts
+        return 0
+    final = ray_jobs.follow(job_id, args.address, sys.stdout)
+    print(f"job {job_id}: {final}")
+    return 0 if final == "SUCCEEDED" else 1
+
+
+def cmd_job(args) -> int:
+    from . import ray_jobs
+
+    if args.command == "status":
+        print(ray_jobs.status(args.job_id, args.address))
+    elif args.command == "logs":
+        if args.follow:
+            final = ray_jobs.follow(args.job_id, args.address, sys.stdout)
+            return 0 if final == "SUCCEEDED" else 1
+        print(ray_jobs.logs(args.job_id, args.address), end="")
+    else:
+        print(f"{args.job_id}: {'stop requested' if ray_jobs.stop(args.job_id, args.address) else 'already ended'}")
     return 0
 
 
@@ -146,11 +159,21 @@ def main(argv=None) -> int:
     add.add_argument("--config", help="the stream's run config (for its workdir and subsample sizes)")
     add.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override a config field")
     add.set_defaults(fn=cmd_add_task)
-    submit = sub.add_parser("submit", help="submit jobs/continual_train.py with CONFIG as a Ray job")
-    submit.add_argument("config")
-    submit.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://127.0.0.1:8265")
-    submit.add_argument("--set", action="append", default=[])
+    address_help = "Ray dashboard address (default: $RAY_ADDRESS, else http://127.0.0.1:8265)"
+    submit = sub.add_parser("submit", help="run a stream as a Ray Job on a cluster and follow its logs")
+    submit.add_argument("config", nargs="?", help="run config YAML (workdir must be storage every node reaches, e.g. s3://)")
+    submit.add_argument("--address", help=address_help)
+    submit.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override a config field")
+    submit.add_argument("--no-wait", action="store_true", help="print the job id and return at once")
+    submit.add_argument("--submission-id", help="the job id to use (default: Ray chooses one)")
     submit.set_defaults(fn=cmd_submit)
+    for name, text in (("status", "a job's status"), ("logs", "a job's logs"), ("stop", "stop a job")):
+        job = sub.add_parser(name, help=text)
+        job.add_argument("job_id")
+        job.add_argument("--address", help=address_help)
+        if name == "logs":
+            job.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
+        job.set_defaults(fn=cmd_job)
     args = ap.parse_args(argv)
     _quiet()
     try:

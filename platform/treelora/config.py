@@ -101,6 +101,9 @@ class ScalingConfig:
     checkpoint_every: int = 50  # steps between mid-task checkpoints (one more at every task's end)
     keep_checkpoints: int = 2  # Ray Train keeps this many of the newest checkpoints
     max_failures: int = 3  # Ray Train FailureConfig: worker-group restarts over the whole stream
+    # seconds to wait for the GPUs a stream needs to join the cluster (an autoscaler adding GPU
+    # nodes from zero); 0 = refuse at once when the cluster has too few
+    gpu_wait_s: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -166,7 +166,11 @@ class StreamTracker:
         return self.parent_run_id
 
     def _log_config(self, run_id: str) -> None:
-        params = [Param(backend.clip(k, backend.MAX_KEY), backend.clip(v, backend.MAX_PARAM_VALUE)) for k, v in self.config.flat().items()]
+        from ..storage import redact
+
+        # a storage URI may carry credentials (s3://KEY:SECRET@bucket): never into the tracking store
+        params = [Param(backend.clip(k, backend.MAX_KEY), backend.clip(redact(str(v)), backend.MAX_PARAM_VALUE))
+                  for k, v in self.config.flat().items()]
         for i in range(0, len(params), PARAMS_PER_BATCH):
             self.client.log_batch(run_id, params=params[i : i + PARAMS_PER_BATCH])
 

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 from pathlib import Path
+from typing import Callable
 
 
 @dataclasses.dataclass
@@ -13,6 +14,7 @@ class StreamProgress:
     path: Path
     parent_run_id: str | None = None
     tasks: dict[str, dict] = dataclasses.field(default_factory=dict)  # task name -> record
+    after_save: Callable[[], None] | None = None  # e.g. copy the file to a remote run storage
 
     @classmethod
     def load(cls, path: str | Path) -> "StreamProgress":
@@ -37,3 +39,5 @@ class StreamProgress:
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"parent_run_id": self.parent_run_id, "tasks": self.tasks}, indent=1))
         os.replace(tmp, self.path)  # atomic: a crash leaves the old or the new file, never half of one
+        if self.after_save is not None:
+            self.after_save()

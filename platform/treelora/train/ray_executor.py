@@ -28,17 +28,37 @@ POSITION_FILE = "position.json"
 ADAPTER, ENGINE, STATE = "adapter", "engine", "state"
 
 
+def worker_env(cfg: RunConfig) -> dict[str, str]:
+    """What every Ray worker of a stream needs in its environment."""
+    return {"DS_ACCELERATOR": "cuda" if cfg.scaling.use_gpu else "cpu", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false"}
+
+
+def _job_env_vars() -> dict[str, str]:
+    """The env vars of the Ray Job this driver runs in (none outside a job). Ray refuses a
+    ``ray.init`` runtime env that names a variable the job's runtime env names already."""
+    import json
+
+    from ray.job_config import JobConfig
+
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")  # set by Ray's job supervisor for the job's driver
+    if not raw:
+        return {}
+    return dict((JobConfig.from_json(json.loads(raw)).runtime_env or {}).get("env_vars") or {})
+
+
 def ensure_ray(cfg: RunConfig, address: str | None = None):
     import ray
 
     if not ray.is_initialized():
-        env = {"DS_ACCELERATOR": "cuda" if cfg.scaling.use_gpu else "cpu", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-               "TOKENIZERS_PARALLELISM": "false"}
+        job_env = _job_env_vars()
+        env = {k: v for k, v in worker_env(cfg).items() if k not in job_env}
+        runtime_env = {"env_vars": env} if env else None
         if address is None and "RAY_ADDRESS" not in os.environ:
             ray.init(num_cpus=max(os.cpu_count() or 2, int(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker)),
-                     include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=True)
+                     include_dashboard=False, runtime_env=runtime_env, log_to_driver=True)
         else:
-            ray.init(address=address or os.environ.get("RAY_ADDRESS"), runtime_env={"env_vars": env})
+            ray.init(address=address or os.environ.get("RAY_ADDRESS"), runtime_env=runtime_env)
     return ray
 
 
@@ -46,13 +66,37 @@ class RayTrain:
     def __init__(self, cfg: RunConfig, address: str | None = None):
         self.cfg = cfg
         self.ray = ensure_ray(cfg, address)
-        validate_config(cfg, cluster_gpus=self.ray.cluster_resources().get("GPU", 0.0))
+        validate_config(cfg, cluster_gpus=self._wait_for_gpus())
         nodes = [n for n in self.ray.nodes() if n.get("Alive")]
         if len(nodes) > 1 and "://" not in cfg.workdir:
             from ..config import ConfigError
 
             raise ConfigError(f"workdir {cfg.workdir!r} is a local folder but the Ray cluster has {len(nodes)} nodes: the workers "
                               "write each task's adapter and outcome there, so set workdir to storage every node shares (s3://...)")
+
+    def _wait_for_gpus(self) -> float:
+        """The cluster's GPUs, after waiting up to ``scaling.gpu_wait_s`` for enough of them: a
+        TorchTrainer's pending GPU bundles are the demand an autoscaler starts GPU nodes for, so
+        the request is placed first and the count polled until the nodes have joined."""
+        import time
+
+        cfg = self.cfg.scaling
+        gpus = lambda: self.ray.cluster_resources().get("GPU", 0.0)  # noqa: E731
+        if not cfg.use_gpu or gpus() >= cfg.num_workers or cfg.gpu_wait_s <= 0:
+            return gpus()
+        from ray.util.placement_group import placement_group, remove_placement_group
+
+        demand = placement_group([{"GPU": 1}] * cfg.num_workers)  # what the autoscaler scales for
+        print(f"[treelora] the cluster has {gpus():g} GPU(s), the stream needs {cfg.num_workers}: waiting up to "
+              f"{cfg.gpu_wait_s:g} s (scaling.gpu_wait_s) for the autoscaler to add GPU nodes", flush=True)
+        try:
+            demand.wait(timeout_seconds=cfg.gpu_wait_s)
+        finally:
+            remove_placement_group(demand)
+        deadline = time.monotonic() + 10
+        while gpus() < cfg.num_workers and time.monotonic() < deadline:  # resources show up shortly after placement
+            time.sleep(0.5)
+        return gpus()
 
     def tree(self, uri: str):
         from tree_service.actor import RemoteTree, get_tree_service
@@ -65,6 +109,7 @@ class RayTrain:
         from ray.train import RunConfig as TrainRunConfig
         from ray.train.torch import TorchTrainer
 
+        from ..storage import join_uri
         from .stream import storage_root
 
         cfg = self.cfg
@@ -74,7 +119,7 @@ class RayTrain:
             scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                          resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
             # one run name per stream: a rerun finds the latest checkpoint of the last attempt
-            run_config=TrainRunConfig(name=job.tree_stream, storage_path=f"{storage_root(cfg)}/ray_train",
+            run_config=TrainRunConfig(name=job.tree_stream, storage_path=join_uri(storage_root(cfg), "ray_train"),
                                       checkpoint_config=CheckpointConfig(num_to_keep=cfg.scaling.keep_checkpoints),
                                       failure_config=FailureConfig(max_failures=cfg.scaling.max_failures)),
         )

@@ -36,6 +36,7 @@ from ..data.tasks import Task
 from ..evaluate import evaluate_tasks
 from ..methods import make_method
 from ..methods.base import TaskContext
+from ..storage import Mirror, cache_root
 from .inbox import Inbox, load_specs
 from .loop import DEFAULT_LR, epoch_batches, seed_everything, train_task
 from .phase import ADAPTER_DIR, OUTCOME_FILE, SEAM_VERSION, PhaseJob, PhaseOutcome, published_phases
@@ -48,13 +49,15 @@ class StreamJob:
 
     config: dict  # RunConfig.to_dict()
     tree_stream: str
-    stream_dir: str  # <run storage>/streams/<tree_stream>: phases/, inbox/, progress.json
+    stream_dir: str  # the driver's copy of <run storage>/streams/<tree_stream>: phases/, inbox/, progress.json
     tree_uri: str
     pending: tuple[PhaseJob, ...]  # phases not done yet, in stream order
     start_adapter_dir: str | None  # the adapter folder of the last done phase (None: a fresh adapter)
     start_adapters: tuple[str, ...] = ("default",)
     done_count: int = 0  # phases done before this job: tasks from this index on that are not pending joined later
     joint: bool = False
+    storage_uri: str | None = None  # a remote run storage (each worker node mirrors the stream folder into its cache)
+    stream_rel: str = ""  # the stream folder relative to the run storage
     version: int = SEAM_VERSION
 
     @property
@@ -137,7 +140,18 @@ class StreamRecipe:
         self.after_phase = after_phase
         self.restarted = False  # set by an executor whose worker group came back from a failure
         self.stream_dir = Path(job.stream_dir)
+        self.mirror = Mirror(None, self.stream_dir)
+        if job.storage_uri is not None:  # this node's cache of the remote stream folder
+            self.mirror = Mirror(job.storage_uri, cache_root(job.storage_uri))
+            self.stream_dir = self.mirror.local / job.stream_rel
         self.inbox = Inbox(self.stream_dir / "inbox")
+
+    def _here(self, path: str) -> str:
+        """A path under the driver's stream folder, as it is on this node."""
+        try:
+            return str(self.stream_dir / Path(path).relative_to(self.job.stream_dir))
+        except ValueError:
+            return path
 
     @property
     def is_main(self) -> bool:
@@ -148,6 +162,9 @@ class StreamRecipe:
         cfg = self.cfg
         t0 = time.perf_counter()
         seed_everything(cfg.train.seed)
+        rel = self.job.stream_rel
+        self.mirror.pull_folder(f"{rel}/phases", OUTCOME_FILE)  # every rank: adapters are read on every node
+        self.mirror.pull_folder(f"{rel}/inbox/accepted")
         stream = build_stream(cfg)
         self.kind = stream_kind(stream)
         self.sizes = split_sizes(cfg)
@@ -161,7 +178,7 @@ class StreamRecipe:
         self._report_truncation(self.model.prepare(self.tasks))
         self.lr = cfg.train.lr if cfg.train.lr is not None else DEFAULT_LR[self.kind]
         if self.job.start_adapter_dir:
-            self.restore(self.job.start_adapter_dir, self.job.start_adapters)
+            self.restore(self._here(self.job.start_adapter_dir), self.job.start_adapters)
         self.load_seconds = time.perf_counter() - t0
 
     def _report_truncation(self, cut: dict[str, tuple[int, int]]) -> None:
@@ -234,7 +251,9 @@ class StreamRecipe:
         accepted = None
         if self.is_main:
             refuse = "the joint method trains all tasks in one phase; it takes no new tasks" if self.job.joint else None
+            fetched = self.mirror.pull_folder(f"{self.job.stream_rel}/inbox")
             paths, errors = self.inbox.take([t.name for t in self.tasks], self.kind, self.sizes, self.cfg.stream.seed, refuse)
+            self.mirror.push_moves(f"{self.job.stream_rel}/inbox", fetched)
             for message in errors:
                 self.log(f"[treelora] {message}; the stream goes on")
             accepted = [str(p) for p in paths]
@@ -425,3 +444,4 @@ class StreamRecipe:
             os.replace(final, aside)
         os.replace(tmp, final)
         shutil.rmtree(aside, ignore_errors=True)
+        self.mirror.push_folder(f"{self.job.stream_rel}/phases/{phase.folder_name}", OUTCOME_FILE)

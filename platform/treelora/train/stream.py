@@ -21,8 +21,9 @@ import numpy as np
 
 from ..config import RunConfig
 from ..evaluate import summary
+from ..storage import Mirror, cache_root, is_remote, join_uri
 from .inbox import Inbox, load_specs
-from .phase import ADAPTER_DIR, PhaseJob, PhaseOutcome, published_phases
+from .phase import OUTCOME_FILE, ADAPTER_DIR, PhaseJob, PhaseOutcome, published_phases
 from .progress import StreamProgress
 from .recipe import StreamJob
 from .setup import split_sizes, tree_stream_id
@@ -68,8 +69,17 @@ class StreamPaths:
     @classmethod
     def of(cls, cfg: RunConfig, tree_stream: str) -> "StreamPaths":
         root = storage_root(cfg)
-        local_root = Path(root) if "://" not in root else Path(".treelora_local").resolve()
-        return cls(root, local_root, local_root / "streams" / tree_stream, cfg.tree.storage_uri or f"{root}/trees")
+        local_root = cache_root(root) if is_remote(root) else Path(root)
+        return cls(root, local_root, local_root / "streams" / tree_stream, cfg.tree.storage_uri or join_uri(root, "trees"))
+
+    @property
+    def rel(self) -> str:
+        """The stream's folder relative to the run storage (the same in the storage and in every cache)."""
+        return str(self.stream_dir.relative_to(self.local_root))
+
+    @property
+    def mirror(self) -> Mirror:
+        return Mirror(self.root, self.local_root)
 
     @property
     def phases_dir(self) -> Path:
@@ -91,6 +101,7 @@ class StreamLedger:
                  log: Callable[[str], None]):
         self.cfg, self.paths, self.tree_stream, self.tracker, self.progress = cfg, paths, tree_stream, tracker, progress
         self.tree, self.uses_tree, self.log = tree, uses_tree, log
+        self.mirror = paths.mirror
         self.outcomes: dict[int, PhaseOutcome] = {}
         self.reports: dict[int, TaskReport] = {}
         for key, record in progress.tasks.items():
@@ -115,7 +126,9 @@ class StreamLedger:
 
     def poll(self) -> None:
         """Handle every phase folder that appeared since the last look, in phase order."""
-        found = published_phases(self.paths.phases_dir, skip_key=lambda key: self.progress.done(key) is not None)
+        done = lambda key: self.progress.done(key) is not None  # noqa: E731
+        self.mirror.pull_folder(f"{self.paths.rel}/phases", OUTCOME_FILE, skip=lambda name: done(name.split("-", 1)[-1]))
+        found = published_phases(self.paths.phases_dir, skip_key=done)
         for index in sorted(found):
             folder, outcome = found[index]
             if self.progress.done(outcome.key) is None:
@@ -177,7 +190,12 @@ def run_stream(cfg: RunConfig, *, executor: str = "ray", address: str | None = N
     tracking_uri = cfg.tracking.tracking_uri or default_tracking_uri(paths.local_root)
     model_name = cfg.tracking.registered_model or f"treelora-{tree_stream}"
     tracker = StreamTracker(tracking_uri, cfg.tracking.experiment, model_name, cfg)
+    mirror = paths.mirror  # a remote workdir: the storage is the truth, this machine's copy a cache
+    mirror.pull_file(f"{paths.rel}/progress.json")
+    mirror.pull_folder(f"{paths.rel}/inbox")
+    mirror.pull_folder(f"{paths.rel}/inbox/accepted")
     progress = StreamProgress.load(paths.stream_dir / "progress.json")
+    progress.after_save = lambda: mirror.push_file(f"{paths.rel}/progress.json")
     tasks = list(stream.tasks) + load_specs(paths.inbox.accepted(), split_sizes(cfg), cfg.stream.seed)
     names = [t.name for t in tasks]
     try:
@@ -196,6 +214,7 @@ def run_stream(cfg: RunConfig, *, executor: str = "ray", address: str | None = N
     pending = tuple(dataclasses.replace(p, fail_at_step=(fail_at or {}).get(p.key)) for p in phases if not progress.done(p.key))
     last = ledger.reports[max(ledger.reports)] if ledger.reports else None
     job = StreamJob(config=cfg.to_dict(), tree_stream=tree_stream, stream_dir=str(paths.stream_dir), tree_uri=paths.tree_uri,
+                    storage_uri=paths.root if is_remote(paths.root) else None, stream_rel=paths.rel,
                     pending=pending, start_adapter_dir=last.adapter_dir if last else None,
                     start_adapters=ledger.outcomes[max(ledger.outcomes)].adapters if last else ("default",),
                     done_count=len(done), joint=joint)

@@ -28,13 +28,16 @@ def validate_config(cfg: RunConfig, cluster_gpus: float | None = None) -> None:
     if cfg.scaling.use_gpu and cluster_gpus is not None and cluster_gpus < cfg.scaling.num_workers:
         raise ConfigError(
             f"scaling.use_gpu asks for {cfg.scaling.num_workers} GPU worker(s) but the Ray cluster has {cluster_gpus:g} GPU(s): "
-            "set scaling.use_gpu: false, lower scaling.num_workers, or add GPU nodes (cluster.yaml)"
+            "set scaling.use_gpu: false, lower scaling.num_workers, add GPU nodes (cluster.yaml), or let an autoscaler "
+            f"add them by setting scaling.gpu_wait_s (now {cfg.scaling.gpu_wait_s:g})"
         )
     if cfg.train.batch_size < cfg.scaling.num_workers:
         raise ConfigError(f"train.batch_size {cfg.train.batch_size} is smaller than scaling.num_workers {cfg.scaling.num_workers}")
     for field in ("epochs", "batch_size"):
         if getattr(cfg.train, field) < 1:
             raise ConfigError(f"train.{field} must be >= 1")
+    if cfg.scaling.gpu_wait_s < 0:
+        raise ConfigError(f"scaling.gpu_wait_s must be >= 0 (0 = do not wait), got {cfg.scaling.gpu_wait_s}")
     for field in ("checkpoint_every", "keep_checkpoints"):
         if getattr(cfg.scaling, field) < 1:
             raise ConfigError(f"scaling.{field} must be >= 1, got {getattr(cfg.scaling, field)}")

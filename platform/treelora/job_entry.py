@@ -1,0 +1,36 @@
+"""The Ray Job entrypoint: run (or resume) one stream on the cluster it was submitted to.
+
+``treelora submit`` ships this package (``py_modules``) and runs ``python -m treelora.job_entry
+CONFIG --set ...`` as the job, so it works the same from a wheel or a checkout, and every Ray
+Train worker of the job imports the submitted code, not whatever a node has installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def main(argv=None) -> int:
+    from .cli import _quiet, format_result
+    from .config import ConfigError, load_config
+    from .train.stream import run_stream
+
+    ap = argparse.ArgumentParser(prog="python -m treelora.job_entry", description="run a treelora stream as a Ray job")
+    ap.add_argument("config", nargs="?")
+    ap.add_argument("--set", action="append", default=[])
+    args = ap.parse_args(argv)
+    _quiet()
+    try:
+        cfg = load_config(args.config, args.set)
+    except ConfigError as exc:
+        print(f"treelora: config error: {exc}", file=sys.stderr)
+        return 2
+    result = run_stream(cfg, address=os.environ.get("RAY_ADDRESS", "auto"))
+    print(format_result(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""A run's storage: a local folder, or any pyarrow.fs URI (s3://bucket/prefix?endpoint_override=...).
+
+The stream's files (phase folders, the inbox, progress.json) are read and written in a local
+folder by every process that needs them. With a local workdir that folder *is* the storage, so
+nothing moves. With a remote workdir each process keeps a cache of the stream's folder
+(``cache_root``) and mirrors it: a phase folder is uploaded with its ``outcome.json`` last (the
+marker that it is complete) and downloaded only when that marker is there, progress.json is
+one object written whole, and inbox files move by copy-then-delete. So everything a resume
+needs lives in the storage; the cache can be wiped at any time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import pyarrow.fs as pafs
+
+
+def is_remote(uri: str) -> bool:
+    return "://" in uri and not uri.startswith("file://")
+
+
+def join_uri(uri: str, *parts: str) -> str:
+    """``uri`` with path ``parts`` appended before its query string (s3://b/p?x=1 + a -> s3://b/p/a?x=1)."""
+    if not is_remote(uri):
+        return str(Path(uri.removeprefix("file://"), *parts))
+    split = urlsplit(uri)
+    path = "/".join([split.path.rstrip("/"), *[p.strip("/") for p in parts]])
+    return urlunsplit((split.scheme, split.netloc, path, split.query, split.fragment))
+
+
+def redact(uri: str) -> str:
+    """``uri`` without credentials (s3://KEY:SECRET@bucket -> s3://***@bucket), for logs and params."""
+    split = urlsplit(uri) if "://" in uri else None
+    if split is None or "@" not in split.netloc:
+        return uri
+    return urlunsplit((split.scheme, "***@" + split.netloc.rsplit("@", 1)[1], split.path, split.query, split.fragment))
+
+
+def cache_root(uri: str) -> Path:
+    """Where this machine caches the files of a remote run storage: stable across processes and
+    jobs on one machine (never a job's temporary working directory)."""
+    base = Path(os.environ.get("TREELORA_CACHE") or Path.home() / ".cache" / "treelora")
+    return base / hashlib.sha256(uri.encode()).hexdigest()[:16]
+
+
+class Mirror:
+    """Keeps a local folder and its place in a remote storage in step (no-op for local storage)."""
+
+    def __init__(self, uri: str | None, local: str | Path):
+        self.local = Path(local)
+        self.remote = uri if uri is not None and is_remote(uri) else None
+        if self.remote is not None:
+            self.fs, self.root = pafs.FileSystem.from_uri(self.remote)
+            self.root = self.root.rstrip("/")
+
+    def _path(self, rel: str) -> str:
+        return f"{self.root}/{rel}".rstrip("/") if rel else self.root
+
+    def _list(self, rel: str, recursive: bool = False) -> list[pafs.FileInfo]:
+        infos = self.fs.get_file_info(pafs.FileSelector(self._path(rel), allow_not_found=True, recursive=recursive))
+        return [i for i in infos if i.type != pafs.FileType.NotFound]
+
+    def _download(self, rel: str) -> None:
+        target = self.local / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.part")  # ranks of one node may fetch the same file
+        with self.fs.open_input_stream(self._path(rel)) as src, open(tmp, "wb") as dst:
+            dst.write(src.read())
+        os.replace(tmp, target)
+
+    def _upload(self, rel: str) -> None:
+        with open(self.local / rel, "rb") as src, self.fs.open_output_stream(self._path(rel)) as dst:
+            dst.write(src.read())
+
+    # -- whole files -----------------------------------------------------------------------
+    def pull_file(self, rel: str) -> None:
+        if self.remote is None:
+            return
+        if self.fs.get_file_info(self._path(rel)).type == pafs.FileType.File:
+            self._download(rel)
+
+    def push_file(self, rel: str) -> None:
+        if self.remote is not None:
+            self._upload(rel)
+
+    def delete_file(self, rel: str) -> None:
+        if self.remote is not None and self.fs.get_file_info(self._path(rel)).type == pafs.FileType.File:
+            self.fs.delete_file(self._path(rel))
+
+    # -- folders ---------------------------------------------------------------------------
+    def pull_folder(self, rel: str, marker: str | None = None, skip=lambda name: False) -> set[str]:
+        """Download the sub-folders of ``rel`` (each one only when its ``marker`` file is there,
+        and the marker last) and its plain files; existing complete local copies are kept.
+        Returns the plain files of ``rel`` itself that were fetched."""
+        fetched: set[str] = set()
+        if self.remote is None:
+            return fetched
+        for info in self._list(rel):
+            name = info.base_name
+            if name.startswith(".") or skip(name):
+                continue
+            sub = f"{rel}/{name}"
+            if info.type == pafs.FileType.File:
+                self._download(sub)
+                fetched.add(sub)
+                continue
+            if marker is not None and (self.local / sub / marker).is_file():
+                continue
+            if marker is not None and self.fs.get_file_info(self._path(f"{sub}/{marker}")).type != pafs.FileType.File:
+                continue  # still being uploaded
+            files = [i.path[len(self.root) + 1:] for i in self._list(sub, recursive=True) if i.type == pafs.FileType.File]
+            for f in sorted(files, key=lambda f: f.endswith(f"/{marker}") if marker else False):
+                self._download(f)
+        return fetched
+
+    def push_moves(self, rel: str, fetched: set[str]) -> None:
+        """After a local reader moved files out of ``rel``: upload what is under ``rel`` and not
+        in the storage yet, then delete there the fetched files that left (a file dropped since
+        the fetch is not touched)."""
+        if self.remote is None:
+            return
+        for p in sorted(q for q in (self.local / rel).rglob("*") if q.is_file() and not q.name.startswith(".")):
+            sub = str(p.relative_to(self.local))
+            if self.fs.get_file_info(self._path(sub)).type != pafs.FileType.File:
+                self._upload(sub)
+        for sub in fetched:
+            if not (self.local / sub).exists():
+                self.delete_file(sub)
+
+    def push_folder(self, rel: str, marker: str | None = None) -> None:
+        """Upload a local folder, its ``marker`` file last (readers take the folder as complete then)."""
+        if self.remote is None:
+            return
+        if marker is not None:
+            self.delete_file(f"{rel}/{marker}")  # a re-published phase: not complete until the new marker lands
+        files = sorted((p for p in (self.local / rel).rglob("*") if p.is_file()), key=lambda p: p.name == marker)
+        for p in files:
+            self._upload(str(p.relative_to(self.local)))
