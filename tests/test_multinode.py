@@ -5,8 +5,11 @@ starts, naming the field; with the workdir on S3 (moto) the two Ray Train worker
 different nodes and the stream finishes with its state in the bucket."""
 
 import json
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -52,8 +55,14 @@ def test_a_stream_on_two_nodes_needs_shared_storage_and_runs_on_it(s3_server, tm
                  "scaling.num_workers=2", "scaling.zero_stage=0", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"]
     args = {"overrides": overrides, "local": str(tmp_path / "local"), "s3": s3_server("treelora-nodes", "runs")}
     env_path = str(Path(__file__).resolve().parents[1] / "platform")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(args)], capture_output=True, text=True, timeout=600,
-                          env={**__import__("os").environ, "PYTHONPATH": env_path, "TREELORA_CACHE": str(tmp_path / "cache")})
+    # its own Ray temp dir (short: Ray's socket paths must fit 107 bytes), so no other `ray.init()`
+    # on this machine finds the simulated cluster as "the current one"
+    ray_tmp = tempfile.mkdtemp(prefix="tlmn", dir="/tmp")
+    try:
+        proc = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(args)], capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "PYTHONPATH": env_path, "TREELORA_CACHE": str(tmp_path / "cache"), "RAY_TMPDIR": ray_tmp})
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
     out = json.loads(lines[-1].removeprefix("RESULT "))

@@ -132,8 +132,9 @@ def test_killed_worker_resumes_from_checkpoint_and_task_completes(ray_session, t
     # checkpoints: a bounded number, holding only what trains (no frozen base weight, no pickled model)
     ckpts = sorted(p for p in (tmp_path / "ray_train" / result.tree_stream).glob("checkpoint_*") if p.is_dir())
     # bounded: 6 steps + 2 task ends were checkpointed (every step here); Ray Train keeps the newest
-    # scaling.keep_checkpoints, and may still hold the one the restarted attempt started from
-    assert 1 <= len(ckpts) <= cfg.scaling.keep_checkpoints + 1
+    # scaling.keep_checkpoints of the attempt it is in; the ones the killed attempt kept are no
+    # longer tracked after the restart and stay on disk (Ray Train 2.60; seen on a fresh clone)
+    assert 1 <= len(ckpts) <= 2 * cfg.scaling.keep_checkpoints < 8
     for ckpt in ckpts:
         names = {p.name for p in ckpt.rglob("*") if p.is_file()}
         assert "adapter_model.safetensors" in names and "position.json" in names
@@ -184,22 +185,25 @@ def test_a_running_stream_takes_new_tasks_from_its_inbox(ray_session, tmp_path, 
     from treelora.cli import main
     from treelora.train.stream import run_stream
 
+    from treelora.train.setup import build_stream, tree_stream_id
+
     cfg = _cfg(tmp_path, "stream.tasks=[agnews, amazon]")
+    run_id = tree_stream_id(cfg, build_stream(cfg))
     cfg_path = tmp_path / "run.yaml"
     cfg_path.write_text(json.dumps(cfg.to_dict()))
     good, bad = tmp_path / "good.yaml", tmp_path / "bad.yaml"
     good.write_text(yaml.safe_dump({"name": "SST-2-extra", "path": str(SAMPLE_ROOT / "olora" / "SC" / "SST-2")}))
     bad.write_text(yaml.safe_dump({"name": "broken", "path": str(tmp_path / "no-such-task")}))
-    assert main(["add-task", "olora-cls.treelora.tiny-bert", str(bad), "--config", str(cfg_path)]) == 2  # checked up front
+    assert main(["add-task", run_id, str(bad), "--config", str(cfg_path)]) == 2  # checked up front
     dropped = []
 
     def log(line):
         if "agnews: model version" in line and not dropped:  # the worker group is on amazon now
             from treelora.train.stream import StreamPaths
 
-            inbox = StreamPaths.of(cfg, "olora-cls.treelora.tiny-bert").inbox
+            inbox = StreamPaths.of(cfg, run_id).inbox
             dropped.append(inbox.drop({"name": "broken", "path": str(tmp_path / "no-such-task")}))
-            assert main(["add-task", "olora-cls.treelora.tiny-bert", str(good), "--config", str(cfg_path)]) == 0
+            assert main(["add-task", run_id, str(good), "--config", str(cfg_path)]) == 0
 
     result = run_stream(cfg, log=log)
     assert dropped and result.task_names == ["agnews", "amazon", "SST-2-extra"]

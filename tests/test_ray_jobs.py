@@ -93,7 +93,8 @@ def test_a_submitted_stream_succeeds_and_is_in_mlflow(ray_head, tmp_path, capsys
     assert "python -m treelora.job_entry config.yaml --set 'stream.tasks=[agnews, SST-2]'" in out
     assert f"job tl-ok-{service}: SUCCEEDED" in out and "OP" in out
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
-    versions = client.search_model_versions("name='treelora-olora-cls.treelora.tiny-bert'")
+    run_id = next(line.split()[2] for line in out.splitlines() if line.startswith("run id: "))
+    versions = client.search_model_versions(f"name='treelora-{run_id}'")
     assert len(versions) == 2  # one registered adapter version per task, written by the job on the cluster
     assert main(["status", f"tl-ok-{service}", "--address", ray_head]) == 0
     assert "SUCCEEDED" in capsys.readouterr().out

@@ -109,3 +109,26 @@ def test_the_tree_of_each_phase_is_read_at_its_own_version(finished):
     first, latest = recipe.tree.describe(result.tree_stream, 1), recipe.tree.describe(result.tree_stream)
     assert first["version"] == 1 and [t["task_id"] for t in first["tasks"]] == ["agnews"]
     assert latest["version"] == 2 and latest["num_tasks"] == 2 and "amazon" in latest["tree_text"]
+
+
+def test_changed_settings_make_another_run_and_resuming_with_them_names_the_fields(finished):
+    from treelora.config import ConfigError
+
+    cfg, result = finished
+    assert result.tree_stream.startswith("olora-cls.treelora.tiny-bert.") and result.tree_stream.endswith(cfg.identity_digest())
+    # what does not change results keeps the identity: a rerun resumes
+    same = load_config(None, [f"{k}={v}" for k, v in {"scaling.num_workers": 1, "train.log_every": 3, "eval.batch_size": 5}.items()])
+    assert same.identity_digest() == load_config(None).identity_digest()
+    logs = []
+    again = run_stream(dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, batch_size=3)), executor="local", log=logs.append)
+    assert again.tree_stream == result.tree_stream and sum("already done" in line for line in logs) == 2
+    # a new learning rate is a new run: its own id, progress, tree stream and registered model; nothing skipped
+    changed = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=0.05))
+    with pytest.raises(ConfigError, match=r"fields that differ: train\.lr \(None -> 0\.05\)"):
+        run_stream(changed, executor="local", resume=result.tree_stream, log=lambda *_: None)
+    logs.clear()
+    other = run_stream(changed, executor="local", log=logs.append)
+    assert other.tree_stream != result.tree_stream and other.registered_model != result.registered_model
+    assert not any("already done" in line for line in logs) and len(other.versions) == 2
+    with pytest.raises(ConfigError, match="no run 'nope'"):
+        run_stream(cfg, executor="local", resume="nope", log=lambda *_: None)

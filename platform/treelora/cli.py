@@ -29,6 +29,8 @@ def format_result(result) -> str:
     if "bwt" in m:
         lines.append(f"BWT {m['bwt'] * 100:6.2f}   (backward transfer, unclipped; negative = forgetting)")
     lines.append(f"wall time {result.wall_seconds / 60:.1f} min")
+    if result.tree_stream:
+        lines.append(f"run id: {result.tree_stream}  (for `treelora tree show`, `add-task`, `run --resume`)")
     if result.registered_model:
         lines.append(f"registered model: {result.registered_model} (MLflow {result.tracking_uri})")
         for v in result.versions or []:
@@ -50,7 +52,7 @@ def cmd_run(args) -> int:
     from .train.stream import run_stream
 
     cfg = load_config(args.config, args.set)
-    result = run_stream(cfg, executor="local" if args.local else "ray", address=args.address)
+    result = run_stream(cfg, executor="local" if args.local else "ray", address=args.address, resume=args.resume)
     print(format_result(result))
     if result.tracking_uri:
         print(f"\nMLflow UI: .venv/bin/mlflow ui --backend-store-uri {result.tracking_uri}  (then open http://127.0.0.1:5000)")
@@ -142,19 +144,21 @@ def main(argv=None) -> int:
     run.add_argument("config", nargs="?", help="run config YAML (see jobs/configs/)")
     run.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override a config field")
     run.add_argument("--address", help="Ray address of an existing cluster (default: start or join a local one)")
+    run.add_argument("--resume", metavar="RUN_ID", help="continue this run (its id is printed by `treelora run`); "
+                     "refused, naming the fields, when the config's settings make another run")
     run.add_argument("--local", action="store_true", help="one process, no Ray or DeepSpeed (the reference runner; uses the GPU if there is one)")
     run.set_defaults(fn=cmd_run)
     tree = sub.add_parser("tree", help="the gradient-similarity tree")
     tree_sub = tree.add_subparsers(dest="tree_command", required=True)
     show = tree_sub.add_parser("show", help="print a stream's tree (and draw it as PNG)")
-    show.add_argument("stream", help="tree stream id (printed by `treelora run`; <stream>.<method>.<model>)")
+    show.add_argument("stream", help="tree stream id (the run id printed by `treelora run`: <stream>.<method>.<model>.<hash>)")
     show.add_argument("--config", help="run config whose tree.storage_uri / workdir to read")
     show.add_argument("--storage", help="tree storage URI (overrides the config)")
     show.add_argument("--png", help="write the tree as a PNG here")
     show.add_argument("--set", action="append", default=[])
     show.set_defaults(fn=cmd_tree_show)
     add = sub.add_parser("add-task", help="add a task to a stream (running or not): it is validated and trained after the stream's tasks")
-    add.add_argument("stream", help="the stream id (printed by `treelora run`; <stream>.<method>.<model>)")
+    add.add_argument("stream", help="the stream id (the run id printed by `treelora run`: <stream>.<method>.<model>.<hash>)")
     add.add_argument("task_spec", help="YAML task spec: one stream-manifest entry (name, path or splits, kind, metric, ...)")
     add.add_argument("--config", help="the stream's run config (for its workdir and subsample sizes)")
     add.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override a config field")

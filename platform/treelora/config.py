@@ -160,6 +160,20 @@ class RunConfig:
             node[parts[-1]] = yaml.safe_load(raw)
         return RunConfig.from_dict(data, where="overrides")
 
+    # what does not change a run's results: where it is stored and tracked, how it is spread
+    # over workers (the global batch and its order stay the same), logging cadence
+    NOT_IDENTITY = ("name", "workdir", "stream.data_root", "eval.", "scaling.num_workers", "scaling.cpus_per_worker",
+                    "scaling.use_gpu", "scaling.zero_stage", "scaling.checkpoint_every", "scaling.keep_checkpoints",
+                    "scaling.max_failures", "scaling.gpu_wait_s", "tree.storage_uri", "tree.service_name", "tree.namespace",
+                    "tree.detached", "tracking.", "train.log_every")
+
+    def identity(self) -> dict[str, str]:
+        """The fields that define a run's results, flat: a run of other values is another run."""
+        return {k: v for k, v in self.flat().items() if not any(k == n or (n.endswith(".") and k.startswith(n)) for n in self.NOT_IDENTITY)}
+
+    def identity_digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:8]
+
     def digest(self) -> str:
         """A short hash of everything that defines the run (logged on every adapter version)."""
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]

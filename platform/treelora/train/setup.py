@@ -50,9 +50,11 @@ def build_model(cfg: RunConfig, kind: str, dtype: torch.dtype = torch.float32, d
 
 
 def tree_stream_id(cfg: RunConfig, stream: Stream) -> str:
-    """The tree service stream of a run: tasks share a tree only with the same stream, method and model."""
+    """A run's identity: ``<stream>.<method>.<model>.<hash of every result-defining setting>``.
+    It names the run's tree stream, its folder (progress, phases), its MLflow parent run and
+    registered model, so runs of other settings never share any of them."""
     raw = f"{stream.name}.{cfg.method.name}.{cfg.model.name}"
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", raw).strip("-.")[:128]
+    return f"{re.sub(r'[^A-Za-z0-9._-]+', '-', raw).strip('-.')[:119]}.{cfg.identity_digest()}"
 
 
 def steps_per_epoch(tasks, batch_size: int, world_size: int = 1) -> int:

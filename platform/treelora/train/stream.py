@@ -13,13 +13,14 @@ skips it, even when the driver died before hearing of it.
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from ..config import RunConfig
+from ..config import ConfigError, RunConfig
 from ..evaluate import summary
 from ..storage import Mirror, cache_root, is_remote, join_uri
 from .inbox import Inbox, load_specs
@@ -161,10 +162,30 @@ def _report(outcome: PhaseOutcome, adapter_dir: str, seconds: float) -> TaskRepo
                       len(outcome.losses), outcome.final_loss, seconds)
 
 
+IDENTITY_FILE = "identity.json"
+
+
+def check_resume(cfg: RunConfig, paths: StreamPaths, run_id: str, resume: str) -> None:
+    """``resume`` names the run to continue: refuse when this config is another run, naming
+    every field whose value differs from the one that run was started with."""
+    if resume == run_id:
+        return
+    other = StreamPaths(paths.root, paths.local_root, paths.local_root / "streams" / resume, paths.tree_uri)
+    other.mirror.pull_file(f"{other.rel}/{IDENTITY_FILE}")
+    path = other.stream_dir / IDENTITY_FILE
+    if not path.is_file():
+        raise ConfigError(f"no run {resume!r} in workdir {paths.root} to resume (the run id is printed by `treelora run`)")
+    then, now = json.loads(path.read_text()), cfg.identity()
+    changed = sorted(k for k in then.keys() | now.keys() if then.get(k) != now.get(k))
+    raise ConfigError(f"cannot resume run {resume!r} with these settings: they make run {run_id!r}; fields that differ: "
+                      + ", ".join(f"{k} ({then.get(k, 'unset')} -> {now.get(k, 'unset')})" for k in changed))
+
+
 def run_stream(cfg: RunConfig, *, executor: str = "ray", address: str | None = None, log=print,
-               fail_at: dict[str, int] | None = None) -> StreamResult:
+               fail_at: dict[str, int] | None = None, resume: str | None = None) -> StreamResult:
     """Run (or resume) a whole stream. ``executor``: "ray" (Ray Train + DeepSpeed) or "local"
-    (this process); ``fail_at`` {task: step} kills a worker there once (tests)."""
+    (this process); ``resume``: the id of the run this config must continue (refused, naming the
+    fields, when the settings differ); ``fail_at`` {task: step} kills a worker there once (tests)."""
     t0, started_at = time.perf_counter(), time.time()
     validate_config(cfg)
     stream = validate_stream(cfg)  # every record checked before anything trains
@@ -184,6 +205,8 @@ def run_stream(cfg: RunConfig, *, executor: str = "ray", address: str | None = N
 
     tree_stream = tree_stream_id(cfg, stream)
     paths = StreamPaths.of(cfg, tree_stream)
+    if resume is not None:
+        check_resume(cfg, paths, tree_stream, resume)
     method_cls = METHODS[cfg.method.name]
     joint = getattr(method_cls, "trains_jointly", False)
     tree = runner.tree(paths.tree_uri)
@@ -194,6 +217,9 @@ def run_stream(cfg: RunConfig, *, executor: str = "ray", address: str | None = N
     mirror.pull_file(f"{paths.rel}/progress.json")
     mirror.pull_folder(f"{paths.rel}/inbox")
     mirror.pull_folder(f"{paths.rel}/inbox/accepted")
+    paths.stream_dir.mkdir(parents=True, exist_ok=True)
+    (paths.stream_dir / IDENTITY_FILE).write_text(json.dumps(cfg.identity(), indent=1, sort_keys=True))
+    mirror.push_file(f"{paths.rel}/{IDENTITY_FILE}")
     progress = StreamProgress.load(paths.stream_dir / "progress.json")
     progress.after_save = lambda: mirror.push_file(f"{paths.rel}/progress.json")
     tasks = list(stream.tasks) + load_specs(paths.inbox.accepted(), split_sizes(cfg), cfg.stream.seed)
