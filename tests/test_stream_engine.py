@@ -96,11 +96,14 @@ def test_the_inbox_refuses_any_bad_spec_and_keeps_the_good_ones(tmp_path):
     inbox.drop({"name": "gone", "path": str(tmp_path / "missing")})
     inbox.drop({"name": "agnews", "path": sst2})  # a name the stream has
     inbox.drop({"name": "SST-2-extra", "path": sst2})
+    inbox.drop({"name": "../../01-escape", "path": sst2})  # a name is a folder and a checkpoint path
+    inbox.drop({"name": "v1.2", "path": sst2})  # ... and a head's module key
     (tmp_path / "inbox" / "notes.yml").write_text("name: [unclosed\n")
     accepted, errors = inbox.take(["agnews"], "classification", {"train": 8, "test": 4}, 0)
-    assert [p.name.split("-", 1)[1] for p in accepted] == ["SST-2-extra.yaml"] and len(errors) == 4
-    assert inbox.waiting() == [] and len(list(inbox.rejected_dir.glob("*.error.txt"))) == 4
-    assert any("non-empty string" in e for e in errors) and any("already in the stream" in e for e in errors)
+    assert [p.name.split("-", 1)[1] for p in accepted] == ["SST-2-extra.yaml"] and len(errors) == 6
+    assert inbox.waiting() == [] and len(list(inbox.rejected_dir.glob("*.error.txt"))) == 6
+    assert sum("must be 1-64 letters, digits" in e for e in errors) == 3 and any("already in the stream" in e for e in errors)
+    assert not (tmp_path / "01-escape").exists() and not (tmp_path.parent / "01-escape").exists()
 
 
 def test_the_tree_of_each_phase_is_read_at_its_own_version(finished):
@@ -132,3 +135,18 @@ def test_changed_settings_make_another_run_and_resuming_with_them_names_the_fiel
     assert not any("already done" in line for line in logs) and len(other.versions) == 2
     with pytest.raises(ConfigError, match="no run 'nope'"):
         run_stream(cfg, executor="local", resume="nope", log=lambda *_: None)
+
+
+@pytest.mark.parametrize("name", ["../../01-foo", "foo/../../victim", "v1.2", ".."])
+def test_a_manifest_task_name_that_is_not_a_plain_name_is_refused_before_anything_runs(tmp_path, name):
+    """A task's name becomes a folder, a checkpoint path and a head's module key."""
+    import yaml
+
+    from treelora.config import ConfigError
+    from treelora.train.validate import validate_stream
+
+    manifest = tmp_path / "stream.yaml"
+    manifest.write_text(yaml.safe_dump({"name": "evil", "tasks": [{"name": name, "path": str(SAMPLE_ROOT / "olora" / "SC" / "SST-2")}]}))
+    with pytest.raises(ConfigError, match=rf"{manifest}.*task name"):
+        validate_stream(load_config(None, ["model.name=tiny-bert", f"stream.spec={manifest}", f"workdir={tmp_path / 'runs'}"]))
+    assert list(tmp_path.iterdir()) == [manifest]  # nothing written

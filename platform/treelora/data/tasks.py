@@ -6,6 +6,7 @@ Tasks are immutable values: the readers build them once, validated, and everythi
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -18,6 +19,9 @@ SPLITS = ("train", "eval", "test")
 class Example:
     text: str  # the sentence (classification) or the prompt (generation)
     target: str  # the label string (classification) or the reference answer (generation)
+
+
+TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 
 
 @dataclass(frozen=True)
@@ -40,8 +44,10 @@ class Task:
     source: str  # where it was read from: a folder, a manifest entry or a file list
 
     def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not self.name:
-            raise ValueError(f"a task's name must be a non-empty string, got {self.name!r}")
+        if not isinstance(self.name, str) or not TASK_NAME.fullmatch(self.name):
+            # the name becomes a folder, a checkpoint path and a head's module key: nothing that
+            # leaves a folder ('/', '..') or splits a module path ('.')
+            raise ValueError(f"task name {self.name!r} must be 1-64 letters, digits, '_' or '-', starting with a letter or digit")
         if self.kind not in get_args(TaskKind):
             raise ValueError(f"task {self.name!r}: kind {self.kind!r} is not one of {get_args(TaskKind)}")
         if self.metric not in get_args(Metric):
