@@ -215,8 +215,7 @@ def run_stream(cfg: RunConfig, *, executor: str = "ray", address: str | None = N
     tracker = StreamTracker(tracking_uri, cfg.tracking.experiment, model_name, cfg)
     mirror = paths.mirror  # a remote workdir: the storage is the truth, this machine's copy a cache
     mirror.pull_file(f"{paths.rel}/progress.json")
-    mirror.pull_folder(f"{paths.rel}/inbox")
-    mirror.pull_folder(f"{paths.rel}/inbox/accepted")
+    mirror.pull_folder(f"{paths.rel}/inbox")  # with accepted/ and rejected/
     paths.stream_dir.mkdir(parents=True, exist_ok=True)
     (paths.stream_dir / IDENTITY_FILE).write_text(json.dumps(cfg.identity(), indent=1, sort_keys=True))
     mirror.push_file(f"{paths.rel}/{IDENTITY_FILE}")
