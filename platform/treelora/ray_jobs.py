@@ -84,19 +84,23 @@ def follow(job_id: str, address: str | None, out) -> str:
     return wait(job_id, address, timeout_s=60)
 
 
+def _name(status) -> str:
+    return str(status).split(".")[-1]  # JobStatus.SUCCEEDED -> SUCCEEDED
+
+
 def wait(job_id: str, address: str | None, timeout_s: float) -> str:
     jobs = client(address)
     deadline = time.monotonic() + timeout_s
-    status = str(jobs.get_job_status(job_id))
-    while status.split(".")[-1] not in TERMINAL and time.monotonic() < deadline:
+    status = _name(jobs.get_job_status(job_id))
+    while status not in TERMINAL and time.monotonic() < deadline:
         time.sleep(1)
-        status = str(jobs.get_job_status(job_id))
-    return status.split(".")[-1]
+        status = _name(jobs.get_job_status(job_id))
+    return status
 
 
 def status(job_id: str, address: str | None) -> str:
     info = client(address).get_job_info(job_id)
-    return f"{job_id}: {str(info.status).split('.')[-1]}" + (f" ({info.message})" if info.message else "")
+    return f"{job_id}: {_name(info.status)}" + (f" ({info.message})" if info.message else "")
 
 
 def logs(job_id: str, address: str | None) -> str:

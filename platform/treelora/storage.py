@@ -18,6 +18,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pyarrow.fs as pafs
 
+from tree_service.store import open_filesystem
+
 
 def is_remote(uri: str) -> bool:
     return "://" in uri and not uri.startswith("file://")
@@ -54,8 +56,7 @@ class Mirror:
         self.local = Path(local)
         self.remote = uri if uri is not None and is_remote(uri) else None
         if self.remote is not None:
-            self.fs, self.root = pafs.FileSystem.from_uri(self.remote)
-            self.root = self.root.rstrip("/")
+            self.fs, self.root = open_filesystem(self.remote)
 
     def _path(self, rel: str) -> str:
         return f"{self.root}/{rel}".rstrip("/") if rel else self.root

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ..config import RunConfig
+from ..storage import is_remote
 from .recipe import MidPhase, StreamJob, StreamRecipe
 from .validate import validate_config
 
@@ -68,7 +69,7 @@ class RayTrain:
         self.ray = ensure_ray(cfg, address)
         validate_config(cfg, cluster_gpus=self._wait_for_gpus())
         nodes = [n for n in self.ray.nodes() if n.get("Alive")]
-        if len(nodes) > 1 and "://" not in cfg.workdir:
+        if len(nodes) > 1 and not is_remote(cfg.workdir):  # file:// is one machine's disk too
             from ..config import ConfigError
 
             raise ConfigError(f"workdir {cfg.workdir!r} is a local folder but the Ray cluster has {len(nodes)} nodes: the workers "
