@@ -8,7 +8,6 @@ config FAILS on the cluster with the config error in the job's logs; status/logs
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,23 +17,17 @@ import uuid
 from pathlib import Path
 
 import pytest
-
+from conftest import free_port
 from treelora.data import SAMPLE_ROOT
 
 pytestmark = pytest.mark.integration
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
     temp = Path(tempfile_dir := tmp_path_factory.mktemp("rayhead"))
     # every port of its own: the test session's Ray holds the defaults (e.g. the agent's 52365)
-    gcs, dash, agent, client = _free_port(), _free_port(), _free_port(), _free_port()
+    gcs, dash, agent, client = free_port(), free_port(), free_port(), free_port()
     ray_bin = Path(sys.executable).with_name("ray")
     # no token auth on this 127.0.0.1-only head (Ray 2.60 turns it on when ~/.ray/auth_token exists)
     # and `python` on its PATH is the project's environment, as on a node built from the image
@@ -81,7 +74,6 @@ def _config(tmp_path: Path) -> Path:
 
 def test_a_submitted_stream_succeeds_and_is_in_mlflow(ray_head, tmp_path, capsys):
     from mlflow import MlflowClient
-
     from treelora.cli import main
 
     cfg = _config(tmp_path)
