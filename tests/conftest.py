@@ -34,7 +34,9 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, object_store_memory=256 * 1024**2, include_dashboard=False, log_to_driver=False)
+        # the dashboard serves the State API that Ray Train V2's placement-group cleaner needs
+        ray.init(num_cpus=2, object_store_memory=256 * 1024**2, include_dashboard=True, dashboard_host="127.0.0.1",
+                 log_to_driver=False)
     yield ray
     ray.shutdown()
 

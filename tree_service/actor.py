@@ -31,7 +31,13 @@ def get_tree_service(
     A non-detached actor lives as long as a handle to it does (Ray garbage-collects it with the
     last one); pass ``detached=True`` for a service that outlives the job that created it.
     """
-    options = dict(name=name, namespace=namespace, get_if_exists=True, num_cpus=num_cpus)
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    # placement_group=None: never inside the placement group of whoever asks first. A Tune trial
+    # captures its children in its own group, and removing that group when the trial ends (or
+    # ASHA stops it) would kill the service every other trial and job is using.
+    options = dict(name=name, namespace=namespace, get_if_exists=True, num_cpus=num_cpus,
+                   scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))
     if detached:
         options["lifetime"] = "detached"
     handle = TreeService.options(**options).remote(storage_uri)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -122,6 +123,24 @@ def cmd_submit(args) -> int:
     return 0 if final == "SUCCEEDED" else 1
 
 
+def cmd_tune(args) -> int:
+    from .tune import SweepSpec, run_sweep
+
+    cfg = load_config(args.config, args.set)
+    spec = SweepSpec.load(args.space, cfg)
+    result = run_sweep(cfg, spec, args.name, address=args.address)
+    print(f"\nsweep {args.name}: {len(result.trials)} trials, {result.stopped_early} stopped early")
+    sign = -1 if spec.mode == "max" else 1
+    for t in sorted(result.trials, key=lambda t: (not t["complete"], sign * (t["op"] or 0))):  # whole-stream trials first
+        op = "n/a" if t["op"] is None else f"{t['op'] * 100:.2f}"
+        state = "stopped early" if t["stopped_early"] else ("error: " + t["error"][:80] if t["error"] else "complete")
+        print(f"  {spec.metric} {op:>6}  after {t['tasks_done']} task(s)  {state}  {json.dumps(t['params'])}")
+    print(f"best: {spec.metric} {result.best_metric * 100:.2f} with {json.dumps(result.best_params)}")
+    print(f"best config: {result.best_yaml}  (run it: treelora run {result.best_yaml})")
+    print(f"trials_stopped_early={result.stopped_early}")
+    return 0
+
+
 def cmd_job(args) -> int:
     from . import ray_jobs
 
@@ -163,6 +182,14 @@ def main(argv=None) -> int:
     add.add_argument("--config", help="the stream's run config (for its workdir and subsample sizes)")
     add.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override a config field")
     add.set_defaults(fn=cmd_add_task)
+    tune = sub.add_parser("tune", help="sweep config fields with Ray Tune (tasks are iterations; ASHA stops poor trials early)")
+    tune.add_argument("config", nargs="?", help="the run config every trial starts from")
+    tune.add_argument("--space", required=True, help="sweep YAML: space (field -> {choice|grid|uniform|loguniform|randint: [...]}), "
+                      "metric, mode, num_samples, max_concurrent, scheduler, grace_tasks, reduction_factor")
+    tune.add_argument("--name", default="sweep", help="the sweep's name; running the same name again resumes it")
+    tune.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override a config field")
+    tune.add_argument("--address", help="Ray address of an existing cluster (default: start or join a local one)")
+    tune.set_defaults(fn=cmd_tune)
     address_help = "Ray dashboard address (default: $RAY_ADDRESS, else http://127.0.0.1:8265)"
     submit = sub.add_parser("submit", help="run a stream as a Ray Job on a cluster and follow its logs")
     submit.add_argument("config", nargs="?", help="run config YAML (workdir must be storage every node reaches, e.g. s3://)")

@@ -96,6 +96,7 @@ class ScalingConfig:
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0  # with use_gpu; a fraction packs several small runs (Tune trials) on one GPU
     zero_stage: int = 2  # DeepSpeed ZeRO stage: 0, 1 or 2 (3 is refused up front: see train/)
     precision: str = "auto"  # auto = bf16 on GPU, fp32 on CPU; or "bf16" / "fp32"
     checkpoint_every: int = 50  # steps between mid-task checkpoints (one more at every task's end)
@@ -163,7 +164,7 @@ class RunConfig:
     # what does not change a run's results: where it is stored and tracked, how it is spread
     # over workers (the global batch and its order stay the same), logging cadence
     NOT_IDENTITY = ("name", "workdir", "stream.data_root", "eval.", "scaling.num_workers", "scaling.cpus_per_worker",
-                    "scaling.use_gpu", "scaling.zero_stage", "scaling.checkpoint_every", "scaling.keep_checkpoints",
+                    "scaling.use_gpu", "scaling.gpus_per_worker", "scaling.zero_stage", "scaling.checkpoint_every", "scaling.keep_checkpoints",
                     "scaling.max_failures", "scaling.gpu_wait_s", "tree.storage_uri", "tree.service_name", "tree.namespace",
                     "tree.detached", "tracking.", "train.log_every")
 

@@ -45,7 +45,8 @@ class StreamTracker:
         return cls(backend.tracking_uri_for(config), config.tracking.experiment, backend.registered_model_for(config), config)
 
     # -- the stream's parent run ------------------------------------------------------------
-    def start_stream(self, stream_name: str, task_names: Sequence[str], resume_run_id: str | None = None) -> str:
+    def start_stream(self, stream_name: str, task_names: Sequence[str], resume_run_id: str | None = None,
+                     sweep_run_id: str | None = None) -> str:
         """The parent run's id: a new run, or ``resume_run_id`` continued (a restarted stream)."""
         if resume_run_id is not None:
             run = self.client.get_run(resume_run_id)
@@ -61,6 +62,8 @@ class StreamTracker:
         tags = {"stream": stream_name, "method": self.config.method.name, "config_hash": self.config_hash,
                 "treelora.kind": "stream", "treelora.tasks": backend.clip(json.dumps(list(task_names)), backend.MAX_TAG_VALUE),
                 "registered_model": self.registered_model}
+        if sweep_run_id is not None:  # a Tune trial: its stream run is a child of the sweep's run
+            tags.update({"mlflow.parentRunId": sweep_run_id, "treelora.sweep_run": sweep_run_id})
         run = self.client.create_run(self.experiment_id, run_name=f"{stream_name}-{self.config.method.name}", tags=tags)
         self.parent_run_id, self.stream_name = run.info.run_id, stream_name
         self._log_config(self.parent_run_id)

@@ -56,8 +56,12 @@ def ensure_ray(cfg: RunConfig, address: str | None = None):
         env = {k: v for k, v in worker_env(cfg).items() if k not in job_env}
         runtime_env = {"env_vars": env} if env else None
         if address is None and "RAY_ADDRESS" not in os.environ:
+            # the dashboard as Ray decides (ray[default] is a dependency, so with it): Ray Train V2
+            # frees a stopped run's worker placement group only after its cleaner sees the
+            # controller dead through the State API the dashboard serves; without it every Tune
+            # trial that ASHA stops keeps its workers' CPUs for good
             ray.init(num_cpus=max(os.cpu_count() or 2, int(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker)),
-                     include_dashboard=False, runtime_env=runtime_env, log_to_driver=True)
+                     runtime_env=runtime_env, log_to_driver=True)
         else:
             ray.init(address=address or os.environ.get("RAY_ADDRESS"), runtime_env=runtime_env)
     return ray
@@ -83,19 +87,20 @@ class RayTrain:
 
         cfg = self.cfg.scaling
         gpus = lambda: self.ray.cluster_resources().get("GPU", 0.0)  # noqa: E731
-        if not cfg.use_gpu or gpus() >= cfg.num_workers or cfg.gpu_wait_s <= 0:
+        need = cfg.num_workers * cfg.gpus_per_worker
+        if not cfg.use_gpu or gpus() >= need or cfg.gpu_wait_s <= 0:
             return gpus()
         from ray.util.placement_group import placement_group, remove_placement_group
 
-        demand = placement_group([{"GPU": 1}] * cfg.num_workers)  # what the autoscaler scales for
-        print(f"[treelora] the cluster has {gpus():g} GPU(s), the stream needs {cfg.num_workers}: waiting up to "
+        demand = placement_group([{"GPU": cfg.gpus_per_worker}] * cfg.num_workers)  # what the autoscaler scales for
+        print(f"[treelora] the cluster has {gpus():g} GPU(s), the stream needs {need:g}: waiting up to "
               f"{cfg.gpu_wait_s:g} s (scaling.gpu_wait_s) for the autoscaler to add GPU nodes", flush=True)
         try:
             demand.wait(timeout_seconds=cfg.gpu_wait_s)
         finally:
             remove_placement_group(demand)
         deadline = time.monotonic() + 10
-        while gpus() < cfg.num_workers and time.monotonic() < deadline:  # resources show up shortly after placement
+        while gpus() < need and time.monotonic() < deadline:  # resources show up shortly after placement
             time.sleep(0.5)
         return gpus()
 
@@ -118,7 +123,8 @@ class RayTrain:
             stream_worker,
             train_loop_config={"job": job.to_dict()},
             scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
-                                         resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
+                                         resources_per_worker={"CPU": cfg.scaling.cpus_per_worker,
+                                                               **({"GPU": cfg.scaling.gpus_per_worker} if cfg.scaling.use_gpu else {})}),
             # one run name per stream: a rerun finds the latest checkpoint of the last attempt
             run_config=TrainRunConfig(name=job.tree_stream, storage_path=join_uri(storage_root(cfg), "ray_train"),
                                       checkpoint_config=CheckpointConfig(num_to_keep=cfg.scaling.keep_checkpoints),

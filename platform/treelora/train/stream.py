@@ -99,10 +99,11 @@ class StreamLedger:
     """The driver's side of a running stream: every finished phase, once, in order."""
 
     def __init__(self, cfg: RunConfig, paths: StreamPaths, tree_stream: str, tracker, progress: StreamProgress, tree, uses_tree: bool,
-                 log: Callable[[str], None]):
+                 log: Callable[[str], None], on_phase: Callable | None = None):
         self.cfg, self.paths, self.tree_stream, self.tracker, self.progress = cfg, paths, tree_stream, tracker, progress
         self.tree, self.uses_tree, self.log = tree, uses_tree, log
         self.mirror = paths.mirror
+        self.on_phase = on_phase
         self.outcomes: dict[int, PhaseOutcome] = {}
         self.reports: dict[int, TaskReport] = {}
         for key, record in progress.tasks.items():
@@ -153,6 +154,8 @@ class StreamLedger:
         self.progress.mark(outcome.key, {"outcome": outcome.to_dict(), "adapter_dir": str(adapter_dir), "model_version": version})
         seconds = outcome.setup_seconds + outcome.train_seconds + outcome.eval_seconds
         self.reports[outcome.index] = _report(outcome, str(adapter_dir), seconds)
+        if self.on_phase is not None:
+            self.on_phase(outcome, names, R)
         self.log(f"[treelora] {outcome.key}: model version {version}, tree version {outcome.tree_version}, "
                  f"test {', '.join(f'{n}={v:.3f}' for n, v in zip(outcome.stream_tasks, outcome.accuracy_column))}")
 
@@ -182,10 +185,14 @@ def check_resume(cfg: RunConfig, paths: StreamPaths, run_id: str, resume: str) -
 
 
 def run_stream(cfg: RunConfig, *, executor: str = "ray", address: str | None = None, log=print,
-               fail_at: dict[str, int] | None = None, resume: str | None = None) -> StreamResult:
+               fail_at: dict[str, int] | None = None, resume: str | None = None,
+               on_phase: Callable[[PhaseOutcome, list[str], np.ndarray], None] | None = None,
+               sweep_run_id: str | None = None) -> StreamResult:
     """Run (or resume) a whole stream. ``executor``: "ray" (Ray Train + DeepSpeed) or "local"
     (this process); ``resume``: the id of the run this config must continue (refused, naming the
-    fields, when the settings differ); ``fail_at`` {task: step} kills a worker there once (tests)."""
+    fields, when the settings differ); ``on_phase(outcome, task names, R so far)`` is called as
+    each phase is recorded (a Tune trial reports from it); ``sweep_run_id`` nests the stream's
+    MLflow run under a sweep's; ``fail_at`` {task: step} kills a worker there once (tests)."""
     t0, started_at = time.perf_counter(), time.time()
     validate_config(cfg)
     stream = validate_stream(cfg)  # every record checked before anything trains
@@ -224,12 +231,13 @@ def run_stream(cfg: RunConfig, *, executor: str = "ray", address: str | None = N
     tasks = list(stream.tasks) + load_specs(paths.inbox.accepted(), split_sizes(cfg), cfg.stream.seed)
     names = [t.name for t in tasks]
     try:
-        progress.parent_run_id = tracker.start_stream(stream.name, names, resume_run_id=progress.parent_run_id)
+        progress.parent_run_id = tracker.start_stream(stream.name, names, resume_run_id=progress.parent_run_id,
+                                                      sweep_run_id=sweep_run_id)
     except ValueError as exc:  # the config changed since the first run: MLflow params are immutable
         log(f"[treelora] {exc}")
-        progress.parent_run_id = tracker.start_stream(stream.name, names)
+        progress.parent_run_id = tracker.start_stream(stream.name, names, sweep_run_id=sweep_run_id)
     progress.save()
-    ledger = StreamLedger(cfg, paths, tree_stream, tracker, progress, tree, method_cls.uses_tree, log)
+    ledger = StreamLedger(cfg, paths, tree_stream, tracker, progress, tree, method_cls.uses_tree, log, on_phase)
     ledger.poll()  # phases that finished while no driver was listening
 
     phases = [PhaseJob(0, "joint", tuple(names))] if joint else [PhaseJob(i, n, (n,)) for i, n in enumerate(names)]

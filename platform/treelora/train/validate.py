@@ -25,9 +25,10 @@ def validate_config(cfg: RunConfig, cluster_gpus: float | None = None) -> None:
         raise ConfigError(f"scaling.precision must be auto, bf16 or fp32, got {cfg.scaling.precision!r}")
     if cfg.scaling.precision == "bf16" and not cfg.scaling.use_gpu:
         raise ConfigError("scaling.precision bf16 needs scaling.use_gpu: true (CPU workers train in fp32)")
-    if cfg.scaling.use_gpu and cluster_gpus is not None and cluster_gpus < cfg.scaling.num_workers:
+    need = cfg.scaling.num_workers * cfg.scaling.gpus_per_worker
+    if cfg.scaling.use_gpu and cluster_gpus is not None and cluster_gpus < need:
         raise ConfigError(
-            f"scaling.use_gpu asks for {cfg.scaling.num_workers} GPU worker(s) but the Ray cluster has {cluster_gpus:g} GPU(s): "
+            f"scaling.use_gpu asks for {need:g} GPU(s) ({cfg.scaling.num_workers} worker(s)) but the Ray cluster has {cluster_gpus:g}: "
             "set scaling.use_gpu: false, lower scaling.num_workers, add GPU nodes (cluster.yaml), or let an autoscaler "
             f"add them by setting scaling.gpu_wait_s (now {cfg.scaling.gpu_wait_s:g})"
         )
@@ -36,6 +37,8 @@ def validate_config(cfg: RunConfig, cluster_gpus: float | None = None) -> None:
     for field in ("epochs", "batch_size"):
         if getattr(cfg.train, field) < 1:
             raise ConfigError(f"train.{field} must be >= 1")
+    if cfg.scaling.gpus_per_worker <= 0 or (cfg.scaling.gpus_per_worker > 1 and cfg.scaling.gpus_per_worker != int(cfg.scaling.gpus_per_worker)):
+        raise ConfigError(f"scaling.gpus_per_worker must be a fraction in (0, 1] or a whole number, got {cfg.scaling.gpus_per_worker}")
     if cfg.scaling.gpu_wait_s < 0:
         raise ConfigError(f"scaling.gpu_wait_s must be >= 0 (0 = do not wait), got {cfg.scaling.gpu_wait_s}")
     for field in ("checkpoint_every", "keep_checkpoints"):

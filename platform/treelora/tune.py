@@ -1,0 +1,211 @@
+"""Hyperparameter sweeps over whole streams with Ray Tune (Ray Train V2's pattern).
+
+Each trial is a function trainable that builds and runs the stream's TorchTrainer through
+``run_stream`` (``Tuner(trainer)`` is gone in Train V2) and reports after every task, so a
+scheduler treats tasks as iterations: ASHA stops a trial that is poor after task k. Trials get
+their own run identity from their settings (tree stream, progress, MLflow run, registered
+model), so they never share state; their MLflow stream runs are children of one sweep run.
+
+A space file holds the search space over any config field and the sweep's settings::
+
+    space:                         # dotted config field -> {sampler: arguments}
+      train.lr: {loguniform: [1.0e-4, 1.0e-2]}
+      method.strength: {choice: [0.05, 0.1, 0.2]}
+    metric: op                     # op = mean accuracy over the tasks seen so far (or any reported key)
+    mode: max
+    num_samples: 4
+    max_concurrent: 2
+    scheduler: asha                # asha | fifo
+    grace_tasks: 1                 # ASHA: tasks every trial runs before it can be stopped
+    reduction_factor: 2
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from .config import ConfigError, RunConfig
+from .storage import join_uri
+
+SAMPLERS = ("choice", "grid", "uniform", "loguniform", "randint")
+# The trial function only drives its stream; the stream's Ray Train workers ask for their own CPUs
+# and (fractional) GPUs. Tune refuses an empty request, and any CPU share here would be taken
+# from the workers (two trials of one worker each on 2 CPUs would deadlock at 2.02 CPUs), so a
+# trial asks only for the driver's memory, a logical resource the workers do not request.
+TRIAL_RESOURCES = {"cpu": 0, "memory": 256 * 1024**2}
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepSpec:
+    space: dict[str, tuple[str, list]]
+    metric: str = "op"
+    mode: str = "max"
+    num_samples: int = 4
+    max_concurrent: int = 2
+    scheduler: str = "asha"
+    grace_tasks: int = 1
+    reduction_factor: int = 2
+
+    @classmethod
+    def load(cls, path: str | Path, base: RunConfig) -> SweepSpec:
+        where = str(path)
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"{where}: cannot read the sweep space ({exc})") from exc
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"{where}: unknown keys {unknown}; known: {sorted(known)}")
+        space = {}
+        for field, sampler in (data.get("space") or {}).items():
+            if not isinstance(sampler, dict) or len(sampler) != 1 or next(iter(sampler)) not in SAMPLERS:
+                raise ConfigError(f"{where}: space.{field} must be one of {{{', '.join(SAMPLERS)}: [...]}}, got {sampler!r}")
+            kind, args = next(iter(sampler.items()))
+            args = list(args) if isinstance(args, (list, tuple)) else [args]
+            for value in (args if kind in ("choice", "grid") else args[:2]):
+                with_overrides(base, {field: value}, where=f"{where}: space.{field}")  # a real field, a valid value
+            space[field] = (kind, args)
+        if not space:
+            raise ConfigError(f"{where}: the space is empty")
+        spec = cls(space, **{k: v for k, v in data.items() if k != "space"})
+        if spec.mode not in ("min", "max") or spec.scheduler not in ("asha", "fifo"):
+            raise ConfigError(f"{where}: mode must be min or max and scheduler asha or fifo")
+        return spec
+
+    def param_space(self) -> dict[str, Any]:
+        from ray import tune
+
+        make = {"choice": tune.choice, "grid": tune.grid_search, "uniform": tune.uniform, "loguniform": tune.loguniform,
+                "randint": tune.randint}
+        return {field: make[kind](args) if kind in ("choice", "grid") else make[kind](*args) for field, (kind, args) in self.space.items()}
+
+
+def with_overrides(cfg: RunConfig, values: dict[str, Any], where: str = "sweep") -> RunConfig:
+    """``cfg`` with dotted fields replaced, checked the way the config file is."""
+    data = cfg.to_dict()
+    for field, value in values.items():
+        node = data
+        *parents, leaf = field.split(".")
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                raise ConfigError(f"{where}: {field!r} is not a config field")
+            node = node[part]
+        if leaf not in node:
+            raise ConfigError(f"{where}: {field!r} is not a config field")
+        node[leaf] = value
+    return RunConfig.from_dict(data, where=where)
+
+
+def seen_so_far_op(R: np.ndarray) -> float:
+    """Mean accuracy, after the latest phase, over the tasks trained so far (rows are in stream order)."""
+    return float(np.nanmean(R[: R.shape[1], -1]))
+
+
+def trial(params: dict, *, base: dict, sweep_run_id: str | None) -> None:
+    """One Tune trial: a whole stream with ``params`` applied, reporting after every task."""
+    from ray import tune
+
+    from .train.stream import run_stream
+
+    cfg = with_overrides(RunConfig.from_dict(base), params, where="trial")
+
+    def report(outcome, names, R) -> None:
+        tune.report({"op": seen_so_far_op(R), "tasks_done": R.shape[1], "task": outcome.key})
+
+    result = run_stream(cfg, on_phase=report, log=lambda *_: None, sweep_run_id=sweep_run_id)
+    tune.report({"op": float(result.metrics["op"]), "tasks_done": result.accuracy.shape[1] + 1,
+                 "final_op": float(result.metrics["op"]), "bwt": float(result.metrics.get("bwt", float("nan"))),
+                 "run_id": result.tree_stream})
+
+
+@dataclasses.dataclass
+class SweepResult:
+    best_config: RunConfig
+    best_params: dict
+    best_metric: float
+    best_yaml: str
+    trials: list[dict]  # params, last metrics, status per trial
+    stopped_early: int
+    sweep_run_id: str | None
+
+
+def run_sweep(cfg: RunConfig, spec: SweepSpec, name: str, *, address: str | None = None, log=print) -> SweepResult:
+    """Run (or resume: the same ``name`` in the same workdir) a sweep; the best config goes to a
+    YAML that ``treelora run`` takes as is."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from .storage import cache_root, is_remote
+    from .tracking import StreamTracker, default_tracking_uri
+    from .train.ray_executor import ensure_ray
+    from .train.stream import storage_root
+    from .train.validate import validate_config
+
+    validate_config(cfg)
+    # one tree service for all trials, outliving each of them (a trial that ASHA stops must not
+    # take the service of the others down with it); trials use their own streams in it
+    cfg = with_overrides(cfg, {"tree.detached": True})
+    ensure_ray(cfg, address)
+    from .train.setup import build_stream
+
+    num_tasks = len(build_stream(cfg).tasks)
+    local_root = cache_root(storage_root(cfg)) if is_remote(storage_root(cfg)) else Path(storage_root(cfg))
+    tracking_uri = cfg.tracking.tracking_uri or default_tracking_uri(local_root)  # where run_stream logs the trials
+    tracker = StreamTracker(tracking_uri, cfg.tracking.experiment, f"treelora-sweep-{name}", cfg)
+    sweep_run = tracker.client.create_run(tracker.experiment_id, run_name=f"sweep-{name}",
+                                          tags={"treelora.kind": "sweep", "treelora.sweep": name})
+    sweep_run_id = sweep_run.info.run_id
+    tracker.client.log_param(sweep_run_id, "space", json.dumps({k: [s, a] for k, (s, a) in spec.space.items()})[:6000])
+    # tasks are the iterations; the final report counts one more, so ASHA never stops a trial
+    # between its last task and its end of stream
+    scheduler = (ASHAScheduler(time_attr="tasks_done", max_t=num_tasks + 1, grace_period=spec.grace_tasks,
+                               reduction_factor=spec.reduction_factor) if spec.scheduler == "asha" else FIFOScheduler())
+    trainable = tune.with_resources(functools.partial(trial, base=cfg.to_dict(), sweep_run_id=sweep_run_id), TRIAL_RESOURCES)
+    storage = join_uri(storage_root(cfg), "tune")
+    path = join_uri(storage, name)
+    if tune.Tuner.can_restore(path):
+        log(f"[treelora] resuming sweep {name} from {path}")
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True,
+                                   param_space=spec.param_space())
+    else:
+        tuner = tune.Tuner(trainable, param_space=spec.param_space(),
+                           tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, scheduler=scheduler,
+                                                       num_samples=spec.num_samples, max_concurrent_trials=spec.max_concurrent),
+                           run_config=tune.RunConfig(name=name, storage_path=storage, verbose=0))
+    grid = tuner.fit()
+    trials = []
+    for r in grid:
+        metrics = r.metrics or {}
+        done = metrics.get("tasks_done", 0)
+        complete = done > num_tasks  # the end-of-stream report came in
+        trials.append({"params": {k: r.config.get(k) for k in spec.space}, "op": metrics.get(spec.metric),
+                       "tasks_done": min(done, num_tasks), "stopped_early": not complete and r.error is None,
+                       "error": str(r.error) if r.error else None, "complete": complete})
+    stopped = sum(t["stopped_early"] for t in trials)
+    # OP is defined over the whole stream: a trial stopped after task k reported an OP over k tasks
+    # (one easy task can score higher than three), so only complete trials compete for best
+    finished = [t for t in trials if t["complete"] and t["op"] is not None]
+    if not finished:
+        errors = "; ".join(t["error"][:200] for t in trials if t["error"]) or "none finished"
+        raise RuntimeError(f"sweep {name}: no trial ran its whole stream ({errors})")
+    best = (max if spec.mode == "max" else min)(finished, key=lambda t: t["op"])
+    best_params, best_metric = best["params"], float(best["op"])
+    best_cfg = with_overrides(cfg, best_params)
+    out = Path(f"{name}-best.yaml").resolve() if "://" in storage else Path(storage_root(cfg)) / "tune" / name / "best.yaml"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(f"# best of sweep {name}: {spec.metric} {best_metric:.4f} ({spec.mode}); params {json.dumps(best_params)}\n"
+                   + yaml.safe_dump(best_cfg.to_dict(), sort_keys=False))
+    client = tracker.client
+    client.log_metric(sweep_run_id, f"best_{spec.metric}", best_metric)
+    client.log_metric(sweep_run_id, "trials_stopped_early", stopped)
+    client.log_text(sweep_run_id, out.read_text(), "best.yaml")
+    client.set_terminated(sweep_run_id)
+    return SweepResult(best_cfg, best_params, best_metric, str(out), trials, stopped, sweep_run_id)
