@@ -21,6 +21,7 @@ from tree_service import (
     TreeServiceError,
     VersionConflict,
 )
+from tree_service.errors import VersionExists
 from tree_service.snapshot import StreamSnapshot, TaskRecord, content_hash
 
 pytestmark = pytest.mark.unit
@@ -53,7 +54,7 @@ def test_versions_are_immutable_and_no_temporary_files_remain(tmp_path):
     store = SnapshotStore(str(tmp_path))
     snap = _snapshot(np.ones((2, 2, 3), np.float32))
     store.write(snap)
-    with pytest.raises(TreeServiceError, match="already exists"):
+    with pytest.raises(VersionExists, match="already exists"):
         store.write(snap)
     assert sorted(os.listdir(tmp_path / "s1")) == ["v00000002.arrow"]
 
@@ -193,3 +194,56 @@ def test_s3_round_trip_through_a_local_server(s3_server):
     keys = [o["Key"] for o in s3_server.client.list_objects_v2(Bucket="treelora-store")["Contents"]]
     # pyarrow also writes folder markers ("trees/", ...); the only object with content is the version
     assert [k for k in keys if not k.endswith("/")] == ["trees/s3stream/v00000001.arrow"]
+
+
+def _racer(root: str, task: str, barrier, results) -> None:
+    reg = TreeRegistry(root)  # its own registry, as another process or actor would have
+    barrier.wait()
+    try:
+        results[task] = reg.add_task("race", task, np.full((3, 4), float(len(task)), np.float32), expected_version=1)
+    except VersionConflict as exc:
+        results[task] = f"conflict: current {exc.current}"
+
+
+def test_writers_in_separate_processes_never_lose_an_update(tmp_path):
+    """Of several registries in separate processes writing version 2 of one stream at the same
+    moment, exactly one is told it wrote it, and storage holds exactly that task."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    for trial in range(8):
+        root = str(tmp_path / f"t{trial}")
+        TreeRegistry(root).add_task("race", "seed", np.zeros((3, 4), np.float32), expected_version=0)
+        with ctx.Manager() as manager:
+            barrier, results = manager.Barrier(3), manager.dict()
+            procs = [ctx.Process(target=_racer, args=(root, f"task{'x' * i}", barrier, results)) for i in range(3)]
+            for p in procs:
+                p.start()
+            for p in procs:
+                p.join(60)
+            outcome = dict(results)
+        winners = [t for t, r in outcome.items() if r == 2]
+        assert len(outcome) == 3 and len(winners) == 1, outcome
+        assert all(r == "conflict: current 2" for t, r in outcome.items() if t not in winners)
+        assert TreeRegistry(root).snapshot("race")["task_ids"] == ["seed", winners[0]]
+
+
+def test_a_registry_sees_writes_of_another_registry_on_the_same_root(tmp_path):
+    first, second = TreeRegistry(str(tmp_path)), TreeRegistry(str(tmp_path))  # e.g. two actors
+    a = np.ones((3, 4), np.float32)
+    assert first.add_task("s", "a", a, expected_version=0) == 1
+    assert second.snapshot("s")["task_ids"] == ["a"]  # reads the latest from storage
+    assert second.add_task("s", "b", a * 2, expected_version=1) == 2
+    with pytest.raises(VersionConflict, match="current version is 2"):
+        first.add_task("s", "c", a * 3, expected_version=1)
+    assert first.add_task("s", "b", a * 2, expected_version=1) == 2  # a retry of the other's write: same answer
+
+
+def test_stray_entries_in_the_storage_root_are_ignored(tmp_path):
+    TreeRegistry(str(tmp_path)).add_task("s", "a", np.ones((3, 4), np.float32), expected_version=0)
+    (tmp_path / ".ipynb_checkpoints").mkdir()
+    (tmp_path / ".ipynb_checkpoints" / "v00000001.arrow").write_bytes(b"junk")
+    (tmp_path / "notes.txt").write_text("not a stream")
+    (tmp_path / "empty-folder").mkdir()
+    reg = TreeRegistry(str(tmp_path))
+    assert reg.list_streams() == ["s"] and reg.snapshot("s")["task_ids"] == ["a"]

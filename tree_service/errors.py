@@ -19,6 +19,10 @@ class VersionConflict(TreeServiceError):
         return (type(self), (self.stream, self.expected, self.current))
 
 
+class VersionExists(TreeServiceError):
+    """Storage already holds this version: another writer created it first."""
+
+
 class TaskConflict(TreeServiceError):
     """A task id already exists in the stream with different content."""
 

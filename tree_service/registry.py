@@ -2,7 +2,10 @@
 
 ``TreeService`` (actor.py) is this class behind a Ray actor. Every write is persisted before the
 in-memory state moves, so a refused or failed write changes nothing, and an actor restarted
-from storage is exactly where it was. Writes are idempotent: re-sending a task that is already
+from storage is exactly where it was. Before a write the registry re-reads the stream's latest
+version from storage, and storage creates a version only if it is absent, so registries in other
+processes or actors on the same root never overwrite each other: the slower writer gets
+``VersionConflict``. Writes are idempotent: re-sending a task that is already
 stored with the same content answers the version it was stored in (a retried call after a lost
 reply or an actor restart does not insert twice).
 """
@@ -15,7 +18,15 @@ import time
 import numpy as np
 import torch
 
-from .errors import InvalidSignature, SnapshotFormatError, TaskConflict, TreeServiceError, UnknownStream, VersionConflict
+from .errors import (
+    InvalidSignature,
+    SnapshotFormatError,
+    TaskConflict,
+    TreeServiceError,
+    UnknownStream,
+    VersionConflict,
+    VersionExists,
+)
 from .signatures import SignatureSpace
 from .snapshot import StreamSnapshot, TaskRecord, check_stream_name, content_hash
 from .store import SnapshotStore
@@ -44,6 +55,15 @@ class TreeRegistry:
             raise SnapshotFormatError(f"stream {stream!r} could not be restored: {self.broken[stream]}")
         return self.streams.get(stream)
 
+    def _latest(self, stream: str) -> StreamSnapshot | None:
+        """The stream as storage holds it now (another registry on the same root may have written)."""
+        snap = self._get(stream)
+        versions = self.store.versions(stream)
+        if versions and (snap is None or versions[-1] > snap.version):
+            snap = self.store.read(stream, versions[-1])
+            self.streams[stream] = snap
+        return snap
+
     def _tree(self, snap: StreamSnapshot) -> TaskTree:
         cached = self._trees.get(snap.stream)
         if cached is None or cached[0] != snap.version:
@@ -57,7 +77,7 @@ class TreeRegistry:
 
     def _at(self, stream: str, version: int | None) -> tuple[StreamSnapshot | None, TaskTree | None]:
         """The stream's snapshot and tree: the latest, or an older immutable version from storage."""
-        snap = self._get(stream)
+        snap = self._latest(stream)
         if version is None or (snap is not None and version == snap.version):
             return snap, (self._tree(snap) if snap is not None else None)
         if version == 0:
@@ -125,46 +145,56 @@ class TreeRegistry:
         ``space`` and ``leaf_size`` only matter when the call creates the stream; by default the
         stream takes exact L1 signatures of the given shape.
         """
-        snap = self._get(stream)
         if not isinstance(task_id, str) or not task_id:
             raise TreeServiceError(f"task_id must be a non-empty string, got {task_id!r}")
-        if snap is None:
-            shape = tuple(getattr(signature, "shape", ()))
-            if space is None:
-                if len(shape) != 2:
-                    raise InvalidSignature(f"signature must be a 2-D float32 array [L, D], got shape {list(shape)}")
-                space_obj = SignatureSpace(num_modules=shape[0], width=shape[1])
-            else:
-                space_obj = SignatureSpace(**space)
-            snap = StreamSnapshot.empty(stream, space_obj, leaf_size)
-        sig = snap.space.check(signature, where=f"stream {stream!r}, task {task_id!r}: signature")
-        digest = content_hash(task_id, sig)
-        existing = snap.index_of(task_id)
-        if existing is not None:
-            record = snap.tasks[existing]
-            if record.content_hash == digest:
-                return record.added_in_version
-            raise TaskConflict(
-                f"stream {stream!r}: task {task_id!r} is already stored (version {record.added_in_version}) "
-                "with a different signature; use a new task id"
-            )
-        if expected_version != snap.version:
-            raise VersionConflict(stream, expected_version, snap.version)
-        record = TaskRecord(task_id, time.time_ns() // 1000, run_id, snap.version + 1, digest)
-        new = snap.with_task(record, sig)
-        self.store.write(new)  # persist first: on failure nothing in memory changed
-        self.streams[stream] = new
-        return new.version
+        for attempt in range(2):  # a second pass only after another writer took the version
+            snap = self._latest(stream)
+            if snap is None:
+                shape = tuple(getattr(signature, "shape", ()))
+                if space is None:
+                    if len(shape) != 2:
+                        raise InvalidSignature(f"signature must be a 2-D float32 array [L, D], got shape {list(shape)}")
+                    space_obj = SignatureSpace(num_modules=shape[0], width=shape[1])
+                else:
+                    space_obj = SignatureSpace(**space)
+                snap = StreamSnapshot.empty(stream, space_obj, leaf_size)
+            sig = snap.space.check(signature, where=f"stream {stream!r}, task {task_id!r}: signature")
+            digest = content_hash(task_id, sig)
+            existing = snap.index_of(task_id)
+            if existing is not None:
+                record = snap.tasks[existing]
+                if record.content_hash == digest:
+                    return record.added_in_version
+                raise TaskConflict(
+                    f"stream {stream!r}: task {task_id!r} is already stored (version {record.added_in_version}) "
+                    "with a different signature; use a new task id"
+                )
+            if expected_version != snap.version:
+                raise VersionConflict(stream, expected_version, snap.version)
+            record = TaskRecord(task_id, time.time_ns() // 1000, run_id, snap.version + 1, digest)
+            new = snap.with_task(record, sig)
+            try:
+                self.store.write(new)  # persist first: on failure nothing in memory changed
+            except VersionExists:
+                if attempt:
+                    raise
+                continue  # re-read: the same task (a retried call) or a VersionConflict
+            self.streams[stream] = new
+            return new.version
+        raise AssertionError("unreachable")
 
     def rebuild(self, stream: str, expected_version: int) -> int:
         """Rebuild the tree from all signatures (balanced median splits) as a new version."""
-        snap = self._get(stream)
+        snap = self._latest(stream)
         if snap is None:
             raise UnknownStream(f"no stream {stream!r}")
         if expected_version != snap.version:
             raise VersionConflict(stream, expected_version, snap.version)
         new = snap.rebuilt()
-        self.store.write(new)
+        try:
+            self.store.write(new)
+        except VersionExists:
+            raise VersionConflict(stream, expected_version, expected_version + 1, "another writer stored it first") from None
         self.streams[stream] = new
         return new.version
 

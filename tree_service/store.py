@@ -1,8 +1,12 @@
 """Snapshots on storage: Arrow IPC files through pyarrow.fs, on a local path or S3.
 
 Layout: ``<root>/<stream>/v00000042.arrow``, one immutable file per version. A version is
-written atomically (local: a temporary name in the same folder, then rename; object stores: one
-PUT, visible only once complete), and an existing version is never overwritten. The latest
+written atomically and only if absent (local: a temporary name in the same folder, then a hard
+link to the version's name, which fails if it exists, so of two writers of one version, in any
+processes, exactly one wins; object stores: one PUT, visible only once complete, after a check
+that the version is absent: two writers racing within that window on an object store are not
+detected), and an existing version is never overwritten. Entries of the root that are not
+stream folders (``.ipynb_checkpoints``, a stray file) are ignored. The latest
 version is the highest-numbered file, so there is no pointer to update non-atomically.
 Reading validates the schema, metadata, shapes, dtypes and content hashes, and refuses
 anything else with an error naming the file and field. No pickle anywhere.
@@ -11,6 +15,7 @@ anything else with an error naming the file and field. No pickle anywhere.
 from __future__ import annotations
 
 import json
+import os
 import re
 import uuid
 
@@ -19,9 +24,9 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import torch
 
-from .errors import SnapshotFormatError, TreeServiceError
+from .errors import SnapshotFormatError, TreeServiceError, VersionExists
 from .signatures import SignatureSpace
-from .snapshot import StreamSnapshot, TaskRecord, check_stream_name, content_hash
+from .snapshot import STREAM_NAME, StreamSnapshot, TaskRecord, check_stream_name, content_hash
 
 FORMAT = "treelora.tree/1"
 VERSION_FILE = re.compile(r"^v(\d{8})\.arrow$")
@@ -67,7 +72,8 @@ class SnapshotStore:
     # -- listing --------------------------------------------------------------------------
     def streams(self) -> list[str]:
         infos = self.fs.get_file_info(pafs.FileSelector(self.root, allow_not_found=True))
-        return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory and self.versions(i.base_name))
+        return sorted(i.base_name for i in infos
+                      if i.type == pafs.FileType.Directory and STREAM_NAME.match(i.base_name) and self.versions(i.base_name))
 
     def versions(self, stream: str) -> list[int]:
         folder = f"{self.root}/{check_stream_name(stream)}"
@@ -76,9 +82,10 @@ class SnapshotStore:
 
     # -- writing --------------------------------------------------------------------------
     def write(self, snap: StreamSnapshot) -> str:
+        """Store a new version; ``VersionExists`` if any writer stored that version first."""
         path = self.path(snap.stream, snap.version)
         if self.fs.get_file_info(path).type != pafs.FileType.NotFound:
-            raise TreeServiceError(f"{path}: version {snap.version} of stream {snap.stream!r} already exists; versions are immutable")
+            raise VersionExists(f"{path}: version {snap.version} of stream {snap.stream!r} already exists; versions are immutable")
         table = self._to_table(snap)
         self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
         target = f"{path}.tmp-{uuid.uuid4().hex}" if self._local else path
@@ -86,14 +93,17 @@ class SnapshotStore:
             with self.fs.open_output_stream(target) as out, pa.ipc.new_file(out, table.schema) as writer:
                 writer.write_table(table)
             if self._local:
-                self.fs.move(target, path)
-        except BaseException:
+                try:
+                    os.link(target, path)  # atomic create-if-absent (a rename would overwrite)
+                except FileExistsError:
+                    raise VersionExists(f"{path}: version {snap.version} of stream {snap.stream!r} was written by "
+                                        "another writer first") from None
+        finally:
             if self._local:
                 try:
-                    self.fs.delete_file(target)
-                except (FileNotFoundError, OSError):
+                    os.unlink(target)
+                except OSError:
                     pass
-            raise
         return path
 
     def _to_table(self, snap: StreamSnapshot) -> pa.Table:

