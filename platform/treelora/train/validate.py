@@ -6,7 +6,6 @@ from ..config import ConfigError, RunConfig
 from ..methods import METHODS
 from .loop import SCHEDULES
 
-
 # (lowest, highest, lowest allowed itself) per numeric field not checked with its own message
 # below; None = unbounded. Every float field must also be finite (a YAML .nan or .inf is a number).
 RANGES = {

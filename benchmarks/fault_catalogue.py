@@ -1,0 +1,361 @@
+"""A catalogue of bad inputs, misuse and concurrent writers, each with the outcome expected and observed.
+
+    .venv/bin/python benchmarks/fault_catalogue.py            # every case (no Ray needed), a table, then
+                                                               # cases=<n> and, last, mishandled=<m>
+
+A case is handled when it ends in the expected clear refusal (the right error type, naming the
+file, row or field) or in full recovery with nothing lost; anything else (a traceback of another
+type, an accepted bad input, a lost write) is mishandled. tests/test_fault_catalogue.py runs every
+case of this file in the test suite. Faults that need a running stream (killed actors, SIGKILLed
+runs, MLflow down mid-task, damaged checkpoints) are covered by the Ray tests
+(tests/test_platform.py, tests/test_tree_service_ray.py) and are not in this file yet.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing as mp
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "platform"), str(ROOT)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    name: str
+    group: str
+    expect: str
+    run: Callable[[Path], tuple[bool, str]]  # (handled, what was observed), given an empty folder
+
+
+def refused(action: Callable[[], object], error: type[BaseException], *needles: str) -> tuple[bool, str]:
+    """Handled when ``action`` raises ``error`` whose message holds every needle."""
+    try:
+        action()
+    except error as exc:
+        msg = str(exc).splitlines()[0]
+        missing = [n for n in needles if n not in str(exc)]
+        return (not missing, f"refused: {msg[:150]}" + (f" (does not name {missing})" if missing else ""))
+    except Exception as exc:  # noqa: BLE001 - any other error is the finding
+        return False, f"{type(exc).__name__}: {str(exc).splitlines()[0][:150] if str(exc) else ''}"
+    return False, "accepted"
+
+
+# -- configs --------------------------------------------------------------------------------
+def _check_config(tmp: Path, *overrides: str) -> None:
+    from treelora.config import load_config
+    from treelora.data import SAMPLE_ROOT
+    from treelora.train.validate import validate_config, validate_stream
+
+    cfg = load_config(None, ["model.name=tiny-bert", f"stream.data_root={SAMPLE_ROOT}", f"workdir={tmp / 'runs'}", *overrides])
+    validate_config(cfg)
+    validate_stream(cfg)
+
+
+def config_case(name: str, override: str, *needles: str) -> Case:
+    def run(tmp: Path) -> tuple[bool, str]:
+        from treelora.config import ConfigError
+
+        handled, seen = refused(lambda: _check_config(tmp, override), ConfigError, *needles)
+        if (tmp / "runs").exists():
+            return False, seen + "; but it wrote to the workdir"
+        return handled, seen
+    return Case(name, "config", f"refused naming {needles[0]}", run)
+
+
+CONFIG_CASES = [
+    config_case("tree.leaf_size=0", "tree.leaf_size=0", "tree.leaf_size"),
+    config_case("eval.batch_size=0", "eval.batch_size=0", "eval.batch_size"),
+    config_case("train.lr=.nan", "train.lr=.nan", "train.lr"),
+    config_case("train.lr=.inf", "train.lr=.inf", "train.lr"),
+    config_case("train.lr=-1", "train.lr=-1", "train.lr"),
+    config_case("adapter.dropout=1.5", "adapter.dropout=1.5", "adapter.dropout"),
+    config_case("adapter.r=0", "adapter.r=0", "adapter.r"),
+    config_case("scaling.max_failures=-5", "scaling.max_failures=-5", "scaling.max_failures"),
+    config_case("scaling.cpus_per_worker=0", "scaling.cpus_per_worker=0", "scaling.cpus_per_worker"),
+    config_case("scaling.checkpoint_every=0", "scaling.checkpoint_every=0", "scaling.checkpoint_every"),
+    config_case("scaling.zero_stage=3", "scaling.zero_stage=3", "zero_stage"),
+    config_case("train.epochs=0", "train.epochs=0", "train.epochs"),
+    config_case("method.strength=.nan", "method.strength=.nan", "method.strength"),
+    config_case("train.weight_decay=-1", "train.weight_decay=-1", "train.weight_decay"),
+    config_case("unknown method", "method.name=magic", "method.name"),
+    config_case("unknown section", "lora.r=4", "lora"),
+    config_case("unknown field", "train.lrr=0.1", "lrr"),
+    config_case("a string for a number", "train.epochs=two", "train.epochs"),
+    config_case("model folder missing", "model.name=/nonexistent/model", "model.name"),
+]
+
+
+def _workdir_is_a_file(tmp: Path) -> tuple[bool, str]:
+    from treelora.config import ConfigError, load_config
+    from treelora.train.validate import validate_config
+
+    (tmp / "afile").write_text("x")
+    return refused(lambda: validate_config(load_config(None, [f"workdir={tmp / 'afile'}"])), ConfigError, "workdir", "afile")
+
+
+# -- stream manifests and data ----------------------------------------------------------------
+def _manifest(tmp: Path, text: str) -> Path:
+    path = tmp / "stream.yaml"
+    path.write_text(text)
+    return path
+
+
+def manifest_case(name: str, text: Callable[[Path], str], *needles: str) -> Case:
+    def run(tmp: Path) -> tuple[bool, str]:
+        from treelora.config import ConfigError
+
+        path = _manifest(tmp, text(tmp))
+        handled, seen = refused(lambda: _check_config(tmp, f"stream.spec={path}"), ConfigError, str(path), *needles)
+        return handled and not (tmp / "runs").exists(), seen
+    return Case(name, "manifest", "refused naming the manifest" + (f" and {needles[0]}" if needles else ""), run)
+
+
+def _sst2() -> str:
+    from treelora.data import SAMPLE_ROOT
+
+    return str(SAMPLE_ROOT / "olora" / "SC" / "SST-2")
+
+
+def _task_folder(tmp: Path, rows: list[str]) -> Path:
+    folder = tmp / "task"
+    folder.mkdir(exist_ok=True)
+    (folder / "train.jsonl").write_text("\n".join(rows) + "\n")
+    (folder / "test.jsonl").write_text("\n".join(rows) + "\n")
+    return folder
+
+
+def _generation_manifest(tmp: Path, rows: list[str]) -> str:
+    return f"name: x\ntasks:\n  - name: a\n    kind: generation\n    path: {_task_folder(tmp, rows)}\n"
+
+
+MANIFEST_CASES = [
+    manifest_case("manifest is not YAML", lambda tmp: "name: x\ntasks: [\n", "not valid YAML"),
+    manifest_case("splits is a list", lambda tmp: f"name: x\ntasks:\n  - name: a\n    path: {_sst2()}\n    splits: [train.json]\n"),
+    manifest_case("tasks is not a list", lambda tmp: "name: x\ntasks: {a: 1}\n", "tasks"),
+    manifest_case("task name escapes (../../01-foo)", lambda tmp: f"name: x\ntasks:\n  - name: ../../01-foo\n    path: {_sst2()}\n", "task name"),
+    manifest_case("task name with a slash", lambda tmp: f"name: x\ntasks:\n  - name: foo/../../victim\n    path: {_sst2()}\n", "task name"),
+    manifest_case("task name with a dot", lambda tmp: f"name: x\ntasks:\n  - name: v1.2\n    path: {_sst2()}\n", "task name"),
+    manifest_case("task folder missing", lambda tmp: f"name: x\ntasks:\n  - name: a\n    path: {tmp / 'nowhere'}\n", "nowhere"),
+    manifest_case("a row without its answer", lambda tmp: _generation_manifest(tmp, ['{"prompt": "p1", "answer": "a"}', '{"prompt": "p2"}']),
+                  "answer"),
+    manifest_case("a row that is not JSON", lambda tmp: _generation_manifest(tmp, ['{"prompt": "p1", "answer": "a"}', "{not json"]),
+                  "line 2"),
+]
+
+
+# -- the tree service, without Ray ------------------------------------------------------------
+def _registry(tmp: Path):
+    from tree_service import TreeRegistry
+
+    return TreeRegistry(str(tmp / "trees"))
+
+
+SIG = np.ones((3, 4), np.float32)
+
+
+def _tree_case(name: str, expect: str, body: Callable[[Path], tuple[bool, str]]) -> Case:
+    return Case(name, "tree service", expect, body)
+
+
+def _bad_stream_id(tmp: Path) -> tuple[bool, str]:
+    reg = _registry(tmp)
+    return refused(lambda: reg.add_task("../escape", "a", SIG, expected_version=0), ValueError, "stream id")
+
+
+def _nan_signature(tmp: Path) -> tuple[bool, str]:
+    from tree_service import InvalidSignature
+
+    reg = _registry(tmp)
+    return refused(lambda: reg.add_task("s", "a", np.full((3, 4), np.nan, np.float32), expected_version=0), InvalidSignature, "'a'")
+
+
+def _stale_version(tmp: Path) -> tuple[bool, str]:
+    from tree_service import VersionConflict
+
+    reg = _registry(tmp)
+    reg.add_task("s", "a", SIG, expected_version=0)
+    reg.add_task("s", "b", SIG * 2, expected_version=1)
+    return refused(lambda: reg.add_task("s", "c", SIG * 3, expected_version=1), VersionConflict, "current version is 2")
+
+
+def _same_id_other_content(tmp: Path) -> tuple[bool, str]:
+    from tree_service import TaskConflict
+
+    reg = _registry(tmp)
+    reg.add_task("s", "a", SIG, expected_version=0)
+    return refused(lambda: reg.add_task("s", "a", SIG * 2, expected_version=1), TaskConflict, "'a'")
+
+
+def _retried_write(tmp: Path) -> tuple[bool, str]:
+    reg = _registry(tmp)
+    first = reg.add_task("s", "a", SIG, expected_version=0)
+    again = reg.add_task("s", "a", SIG, expected_version=0)
+    tasks = reg.snapshot("s")["task_ids"]
+    return (first == again == 1 and tasks == ["a"]), f"recovered: both answers version {again}, tasks {tasks}"
+
+
+def _delete_unconfirmed(tmp: Path) -> tuple[bool, str]:
+    from tree_service import TreeServiceError
+
+    reg = _registry(tmp)
+    reg.add_task("s", "a", SIG, expected_version=0)
+    handled, seen = refused(lambda: reg.delete("s"), TreeServiceError, "confirm")
+    return handled and reg.snapshot("s")["task_ids"] == ["a"], seen
+
+
+def _corrupt_snapshot(tmp: Path) -> tuple[bool, str]:
+    from tree_service import SnapshotFormatError
+
+    reg = _registry(tmp)
+    reg.add_task("good", "a", SIG, expected_version=0)
+    reg.add_task("bad", "a", SIG, expected_version=0)
+    path = tmp / "trees" / "bad" / "v00000001.arrow"
+    path.write_bytes(b"not arrow")
+    fresh = _registry(tmp)  # starts despite the damaged stream and serves the others
+    handled, seen = refused(lambda: fresh.snapshot("bad"), SnapshotFormatError, "v00000001.arrow")
+    return handled and fresh.snapshot("good")["task_ids"] == ["a"], seen + "; other streams served"
+
+
+def _stray_entries(tmp: Path) -> tuple[bool, str]:
+    _registry(tmp).add_task("s", "a", SIG, expected_version=0)
+    (tmp / "trees" / ".ipynb_checkpoints").mkdir()
+    (tmp / "trees" / "notes.txt").write_text("x")
+    try:
+        streams = _registry(tmp).list_streams()
+    except Exception as exc:  # noqa: BLE001
+        return False, f"{type(exc).__name__}: {exc}"
+    return streams == ["s"], f"recovered: streams {streams}"
+
+
+def _racer(root: str, task: str, barrier, results) -> None:
+    from tree_service import TreeRegistry, VersionConflict
+
+    reg = TreeRegistry(root)
+    barrier.wait()
+    try:
+        results[task] = reg.add_task("race", task, np.full((3, 4), float(len(task)), np.float32), expected_version=1)
+    except VersionConflict:
+        results[task] = "conflict"
+
+
+def _race(tmp: Path, n: int, use_threads: bool) -> tuple[bool, str]:
+    import threading
+
+    from tree_service import TreeRegistry
+
+    root = str(tmp / "trees")
+    TreeRegistry(root).add_task("race", "seed", np.zeros((3, 4), np.float32), expected_version=0)
+    if use_threads:
+        barrier, results = threading.Barrier(n), {}
+        workers = [threading.Thread(target=_racer, args=(root, "t" * (i + 1), barrier, results)) for i in range(n)]
+    else:
+        ctx = mp.get_context("fork")
+        manager = ctx.Manager()
+        barrier, results = manager.Barrier(n), manager.dict()
+        workers = [ctx.Process(target=_racer, args=(root, "t" * (i + 1), barrier, results)) for i in range(n)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(60)
+    outcome = dict(results)
+    if not use_threads:
+        manager.shutdown()
+    winners = [t for t, r in outcome.items() if r == 2]
+    stored = TreeRegistry(root).snapshot("race")["task_ids"]
+    ok = len(outcome) == n and len(winners) == 1 and stored == ["seed", *winners]
+    return ok, f"{len(winners)} of {n} told they wrote version 2; storage holds {stored}"
+
+
+def _two_registries(tmp: Path) -> tuple[bool, str]:
+    from tree_service import VersionConflict
+
+    first, second = _registry(tmp), _registry(tmp)
+    first.add_task("s", "a", SIG, expected_version=0)
+    seen = second.snapshot("s")["task_ids"]
+    second.add_task("s", "b", SIG * 2, expected_version=1)
+    handled, msg = refused(lambda: first.add_task("s", "c", SIG * 3, expected_version=1), VersionConflict, "current version is 2")
+    return handled and seen == ["a"], f"second sees {seen}; first's stale write {msg}"
+
+
+TREE_CASES = [
+    _tree_case("stream id that escapes storage", "refused naming the stream id", _bad_stream_id),
+    _tree_case("NaN signature", "InvalidSignature naming the task", _nan_signature),
+    _tree_case("write from a stale version", "VersionConflict with the current version", _stale_version),
+    _tree_case("same task id, other content", "TaskConflict naming the task", _same_id_other_content),
+    _tree_case("a retried write", "the same version answered, no second insert", _retried_write),
+    _tree_case("delete without confirmation", "refused, nothing deleted", _delete_unconfirmed),
+    _tree_case("a corrupt snapshot file", "that stream refused naming the file; the others served", _corrupt_snapshot),
+    _tree_case("stray folder and file in the storage root", "ignored", _stray_entries),
+    Case("3 processes write one version at once", "concurrency", "exactly one wins, the others VersionConflict",
+         lambda tmp: _race(tmp, 3, use_threads=False)),
+    Case("4 threads (own registries) write one version", "concurrency", "exactly one wins", lambda tmp: _race(tmp, 4, use_threads=True)),
+    Case("two registries on one root", "concurrency", "each sees the other's writes", _two_registries),
+]
+
+
+# -- secrets -----------------------------------------------------------------------------------
+def _redacted(tmp: Path) -> tuple[bool, str]:
+    from treelora.storage import redact
+
+    shown = redact("s3://AKIAKEY:s3cr3t@bucket/runs?endpoint_override=127.0.0.1:9000")
+    return ("s3cr3t" not in shown and "AKIAKEY" not in shown and "bucket/runs" in shown), f"shown as {shown}"
+
+
+def _params_redacted(tmp: Path) -> tuple[bool, str]:
+    from treelora.config import load_config
+    from treelora.tracking import StreamTracker
+
+    cfg = load_config(None, ["workdir=s3://AKIAKEY:s3cr3t@bucket/runs", "tree.storage_uri=s3://AKIAKEY:s3cr3t@bucket/trees"])
+    tracker = StreamTracker(f"sqlite:///{tmp / 'mlflow.db'}", "faults", "treelora-faults", cfg)
+    run_id = tracker.start_stream("s", ["a"])
+    params = tracker.client.get_run(run_id).data.params
+    leaked = [k for k, v in params.items() if "s3cr3t" in v or "AKIAKEY" in v]
+    return (not leaked and "workdir" in params), (f"leaked in {leaked}" if leaked else f"workdir param is {params.get('workdir')!r}")
+
+
+SECRET_CASES = [
+    Case("credentials in a storage URI, printed", "secrets", "redacted", _redacted),
+    Case("credentials in URIs, as MLflow params", "secrets", "redacted", _params_redacted),
+]
+
+CASES = [*CONFIG_CASES, Case("workdir is a file", "config", "refused naming workdir", _workdir_is_a_file),
+         *MANIFEST_CASES, *TREE_CASES, *SECRET_CASES]
+
+
+def run_case(case: Case) -> tuple[bool, str]:
+    tmp = Path(tempfile.mkdtemp(prefix="treelora-fault-"))
+    try:
+        return case.run(tmp)
+    except Exception as exc:  # noqa: BLE001 - a case that crashes the harness is mishandled too
+        return False, f"{type(exc).__name__}: {str(exc)[:150]}"
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main() -> int:
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    logging.disable(logging.CRITICAL)
+    print("| # | group | case | expected | observed | handled |\n|---|---|---|---|---|---|")
+    mishandled = 0
+    for i, case in enumerate(CASES, 1):
+        ok, seen = run_case(case)
+        mishandled += not ok
+        print(f"| {i} | {case.group} | {case.name} | {case.expect} | {seen.replace('|', '/')} | {'yes' if ok else 'NO'} |", flush=True)
+    print(f"cases={len(CASES)}")
+    print(f"mishandled={mishandled}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
