@@ -7,8 +7,9 @@ A case is handled when it ends in the expected clear refusal (the right error ty
 file, row or field) or in full recovery with nothing lost; anything else (a traceback of another
 type, an accepted bad input, a lost write) is mishandled. tests/test_fault_catalogue.py runs every
 case of this file in the test suite. Faults that need a running stream (killed actors, SIGKILLed
-runs, MLflow down mid-task, damaged checkpoints) are covered by the Ray tests
-(tests/test_platform.py, tests/test_tree_service_ray.py) and are not in this file yet.
+runs, MLflow down mid-task, a damaged or deleted checkpoint, snapshot or progress file, two runs
+on one workdir) are covered in part by the Ray tests (tests/test_platform.py,
+tests/test_tree_service_ray.py) and are not in this file yet.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import multiprocessing as mp
 import shutil
 import sys
 import tempfile
+import textwrap
 from collections.abc import Callable
 from pathlib import Path
 
@@ -301,6 +303,76 @@ TREE_CASES = [
 ]
 
 
+# -- checkpoints ------------------------------------------------------------------------------
+# DeepSpeed needs a process group, so the checkpoint cases run in a subprocess of their own.
+CHECKPOINT_SCRIPT = textwrap.dedent('''
+    import glob, json, os, sys, tempfile
+    import torch, torch.distributed as dist
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    from treelora.config import load_config
+    from treelora.train.deepspeed_stepper import DeepSpeedStepper, UnsafeCheckpoint
+
+    marker = sys.argv[1]
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    out = {}
+    for stage, bf16 in ((0, False), (1, False), (2, False), (2, True)):
+        cfg = load_config(None, [f"scaling.zero_stage={stage}", "train.batch_size=2", "scaling.num_workers=1"])
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+        stepper = DeepSpeedStepper(model, [p for p in model.parameters()], cfg, 1, bf16, 1e-3, 10)
+        x = torch.randn(2, 4, dtype=torch.bfloat16 if bf16 else torch.float32)
+        stepper.backward(stepper.engine(x).float().sum())
+        stepper.step()
+        folder = tempfile.mkdtemp()
+        stepper.save(folder)
+        stepper.load(folder)  # intact: loads
+        files = sorted(glob.glob(f"{folder}/**/*.pt", recursive=True))
+        target = files[-1]
+        state = torch.load(target, weights_only=False)  # the test's own trusted read, to craft the file
+        state["payload"] = Payload()
+        torch.save(state, target)
+        try:
+            stepper.load(folder)
+            out[f"{stage}-{bf16}"] = "loaded"
+        except UnsafeCheckpoint as exc:
+            out[f"{stage}-{bf16}"] = "refused " + os.path.basename(target) + (" named" if target in str(exc) else "")
+        stepper.close()
+    print("RESULT " + json.dumps(out))
+''')
+
+
+
+def _crafted_pickle(tmp: Path) -> tuple[bool, str]:
+    import json
+    import os
+    import socket
+    import subprocess
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    marker = tmp / "pwned"
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0",
+           "WORLD_SIZE": "1", "LOCAL_RANK": "0", "PYTHONPATH": str(ROOT / "platform")}
+    proc = subprocess.run([sys.executable, "-c", CHECKPOINT_SCRIPT, str(marker)], capture_output=True, text=True, timeout=300, env=env, check=False)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        return False, f"the check failed: {proc.stderr.strip().splitlines()[-1][:150] if proc.stderr.strip() else proc.returncode}"
+    out = json.loads(lines[-1].removeprefix("RESULT "))
+    ok = all(v.startswith("refused ") and v.endswith(" named") for v in out.values()) and not marker.exists()
+    return ok, f"ZeRO 0/1/2 fp32 and 2 bf16: {sorted(set(out.values()))}; payload ran: {marker.exists()}"
+
+
+CHECKPOINT_CASES = [
+    Case("a crafted pickle in a DeepSpeed checkpoint", "checkpoints", "intact ones load; the crafted one is refused naming the "
+         "file and never runs", _crafted_pickle),
+]
+
+
 # -- secrets -----------------------------------------------------------------------------------
 def _redacted(tmp: Path) -> tuple[bool, str]:
     from treelora.storage import redact
@@ -327,7 +399,7 @@ SECRET_CASES = [
 ]
 
 CASES = [*CONFIG_CASES, Case("workdir is a file", "config", "refused naming workdir", _workdir_is_a_file),
-         *MANIFEST_CASES, *TREE_CASES, *SECRET_CASES]
+         *MANIFEST_CASES, *TREE_CASES, *CHECKPOINT_CASES, *SECRET_CASES]
 
 
 def run_case(case: Case) -> tuple[bool, str]:

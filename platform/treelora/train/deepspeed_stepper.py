@@ -25,6 +25,31 @@ def deepspeed_config(cfg: RunConfig, micro_batch: int, use_bf16: bool) -> dict:
     }
 
 
+class UnsafeCheckpoint(RuntimeError):
+    """A checkpoint file holds Python objects beyond tensors and DeepSpeed's plain records."""
+
+
+def _weights_only_load(path: str, map_location=None):
+    """DeepSpeed's checkpoint reader, without unpickling arbitrary objects.
+
+    DeepSpeed reads its files with ``torch.load(weights_only=False)``: a crafted file in a
+    shared workdir would run code in every worker on resume. Its files hold tensors plus three
+    plain records (the loss scaler, the ZeRO stage enum, fragment addresses), allowed by name.
+    """
+    import pickle
+
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    try:
+        with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise UnsafeCheckpoint(f"{path}: refused to load: the checkpoint holds objects other than tensors and "
+                               f"DeepSpeed's records ({str(exc).splitlines()[-1][:200]})") from None
+
+
 class DeepSpeedStepper:
     TAG = "ckpt"
 
@@ -40,6 +65,7 @@ class DeepSpeedStepper:
         # the engine steps the schedule with the optimizer and keeps its state in its checkpoints
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
                                                     config=deepspeed_config(cfg, micro, use_bf16))
+        self.engine.checkpoint_engine.load = _weights_only_load  # every file DeepSpeed reads goes through it
         self.world_size = world_size
 
     def backward(self, loss: torch.Tensor, boundary: bool = True) -> None:
