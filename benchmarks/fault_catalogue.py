@@ -95,6 +95,25 @@ CONFIG_CASES = [
 ]
 
 
+def _tracking_down(tmp: Path) -> tuple[bool, str]:
+    import socket
+    import time
+
+    from treelora.config import ConfigError, load_config
+    from treelora.data import SAMPLE_ROOT
+    from treelora.train.stream import run_stream
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = load_config(None, ["model.name=tiny-bert", f"stream.data_root={SAMPLE_ROOT}", f"workdir={tmp / 'runs'}",
+                             f"tracking.tracking_uri=http://127.0.0.1:{port}"])
+    t0 = time.monotonic()
+    handled, seen = refused(lambda: run_stream(cfg, executor="local", log=lambda *_: None), ConfigError, "tracking.tracking_uri")
+    took = time.monotonic() - t0
+    return handled and took < 30 and not (tmp / "runs").exists(), f"{seen} (after {took:.1f} s)"
+
+
 def _workdir_is_a_file(tmp: Path) -> tuple[bool, str]:
     from treelora.config import ConfigError, load_config
     from treelora.train.validate import validate_config
@@ -399,6 +418,7 @@ SECRET_CASES = [
 ]
 
 CASES = [*CONFIG_CASES, Case("workdir is a file", "config", "refused naming workdir", _workdir_is_a_file),
+         Case("tracking server down (closed port)", "config", "refused within seconds naming tracking.tracking_uri", _tracking_down),
          *MANIFEST_CASES, *TREE_CASES, *CHECKPOINT_CASES, *SECRET_CASES]
 
 

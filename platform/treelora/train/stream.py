@@ -28,7 +28,7 @@ from .phase import OUTCOME_FILE, ADAPTER_DIR, PhaseJob, PhaseOutcome, published_
 from .progress import StreamProgress
 from .recipe import StreamJob
 from .setup import split_sizes, tree_stream_id
-from .validate import validate_config, validate_stream
+from .validate import check_tracking_reachable, validate_config, validate_stream
 
 
 @dataclasses.dataclass
@@ -195,6 +195,7 @@ def run_stream(cfg: RunConfig, *, executor: str = "ray", address: str | None = N
     MLflow run under a sweep's; ``fail_at`` {task: step} kills a worker there once (tests)."""
     t0, started_at = time.perf_counter(), time.time()
     validate_config(cfg)
+    check_tracking_reachable(cfg)
     stream = validate_stream(cfg)  # every record checked before anything trains
     if executor == "ray":
         from .ray_executor import RayTrain

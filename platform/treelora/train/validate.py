@@ -55,6 +55,27 @@ def _check_workdir(cfg: RunConfig) -> None:
         raise ConfigError(f"workdir {cfg.workdir!r} cannot be written ({existing} is not writable)")
 
 
+def check_tracking_reachable(cfg: RunConfig, timeout_s: float = 5.0) -> None:
+    """An http(s) tracking server must answer within seconds: MLflow's own client retries a closed
+    port for minutes before a raw exception. Checked where the run starts (the driver), not in
+    ``validate_config``: a config submitted to a cluster names the server as the cluster sees it."""
+    import socket
+    from urllib.parse import urlparse
+
+    uri = cfg.tracking.tracking_uri
+    if not uri or not uri.startswith(("http://", "https://")):
+        return
+    url = urlparse(uri)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout_s).close()
+    except OSError as exc:
+        from ..storage import redact
+
+        raise ConfigError(f"tracking.tracking_uri {redact(uri)}: nothing answers at {url.hostname}:{port} within "
+                          f"{timeout_s:g} s ({exc}); start the MLflow server or fix the field") from None
+
+
 def validate_config(cfg: RunConfig, cluster_gpus: float | None = None) -> None:
     """Checks that need no Ray (cluster_gpus: GPUs the cluster has, when known)."""
     _check_numbers(cfg)
