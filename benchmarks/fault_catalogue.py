@@ -114,6 +114,35 @@ def _tracking_down(tmp: Path) -> tuple[bool, str]:
     return handled and took < 30 and not (tmp / "runs").exists(), f"{seen} (after {took:.1f} s)"
 
 
+def _second_driver(tmp: Path) -> tuple[bool, str]:
+    import json
+    import subprocess
+
+    from treelora.config import ConfigError, load_config
+    from treelora.data import SAMPLE_ROOT
+    from treelora.train.run_lock import LOCK_FILE
+    from treelora.train.setup import build_stream, tree_stream_id
+    from treelora.train.stream import StreamPaths, run_stream
+
+    cfg = load_config(None, ["model.name=tiny-bert", f"stream.data_root={SAMPLE_ROOT}", f"workdir={tmp / 'runs'}",
+                             "stream.tasks=[agnews]", "stream.train_size=8", "stream.test_size=4", "train.batch_size=8"])
+    folder = StreamPaths.of(cfg, tree_stream_id(cfg, build_stream(cfg))).stream_dir
+    folder.mkdir(parents=True)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # a live driver holding the run
+    try:
+        (folder / LOCK_FILE).write_text(json.dumps({"host": __import__("socket").gethostname(), "pid": other.pid, "started": "earlier"}))
+        handled, seen = refused(lambda: run_stream(cfg, executor="local", log=lambda *_: None), ConfigError,
+                                "already running", str(other.pid))
+        untouched = not (folder / "progress.json").exists()
+    finally:
+        other.kill()
+        other.wait()
+    # the same lock left by a driver that is gone is taken over: the run goes ahead
+    result = run_stream(cfg, executor="local", log=lambda *_: None)
+    took_over = result.task_names == ["agnews"] and not (folder / LOCK_FILE).exists()
+    return handled and untouched and took_over, f"{seen}; after the holder died: ran {result.task_names}, lock released"
+
+
 def _workdir_is_a_file(tmp: Path) -> tuple[bool, str]:
     from treelora.config import ConfigError, load_config
     from treelora.train.validate import validate_config
@@ -418,6 +447,8 @@ SECRET_CASES = [
 ]
 
 CASES = [*CONFIG_CASES, Case("workdir is a file", "config", "refused naming workdir", _workdir_is_a_file),
+         Case("a second driver of the same run", "concurrency", "refused naming the live holder; a dead holder's lock taken over",
+              _second_driver),
          Case("tracking server down (closed port)", "config", "refused within seconds naming tracking.tracking_uri", _tracking_down),
          *MANIFEST_CASES, *TREE_CASES, *CHECKPOINT_CASES, *SECRET_CASES]
 

@@ -28,6 +28,7 @@ from .phase import OUTCOME_FILE, ADAPTER_DIR, PhaseJob, PhaseOutcome, published_
 from .progress import StreamProgress
 from .recipe import StreamJob
 from .setup import split_sizes, tree_stream_id
+from .run_lock import RunLock
 from .validate import check_tracking_reachable, validate_config, validate_stream
 
 
@@ -225,46 +226,50 @@ def run_stream(cfg: RunConfig, *, executor: str = "ray", address: str | None = N
     mirror.pull_file(f"{paths.rel}/progress.json")
     mirror.pull_folder(f"{paths.rel}/inbox")  # with accepted/ and rejected/
     paths.stream_dir.mkdir(parents=True, exist_ok=True)
-    (paths.stream_dir / IDENTITY_FILE).write_text(json.dumps(cfg.identity(), indent=1, sort_keys=True))
-    mirror.push_file(f"{paths.rel}/{IDENTITY_FILE}")
-    progress = StreamProgress.load(paths.stream_dir / "progress.json")
-    progress.after_save = lambda: mirror.push_file(f"{paths.rel}/progress.json")
-    tasks = list(stream.tasks) + load_specs(paths.inbox.accepted(), split_sizes(cfg), cfg.stream.seed)
-    names = [t.name for t in tasks]
+    lock = RunLock.acquire(paths.stream_dir, tree_stream, log=log)  # one driver per run
     try:
-        progress.parent_run_id = tracker.start_stream(stream.name, names, resume_run_id=progress.parent_run_id,
-                                                      sweep_run_id=sweep_run_id)
-    except ValueError as exc:  # the config changed since the first run: MLflow params are immutable
-        log(f"[treelora] {exc}")
-        progress.parent_run_id = tracker.start_stream(stream.name, names, sweep_run_id=sweep_run_id)
-    progress.save()
-    ledger = StreamLedger(cfg, paths, tree_stream, tracker, progress, tree, method_cls.uses_tree, log, on_phase)
-    ledger.poll()  # phases that finished while no driver was listening
+        (paths.stream_dir / IDENTITY_FILE).write_text(json.dumps(cfg.identity(), indent=1, sort_keys=True))
+        mirror.push_file(f"{paths.rel}/{IDENTITY_FILE}")
+        progress = StreamProgress.load(paths.stream_dir / "progress.json")
+        progress.after_save = lambda: mirror.push_file(f"{paths.rel}/progress.json")
+        tasks = list(stream.tasks) + load_specs(paths.inbox.accepted(), split_sizes(cfg), cfg.stream.seed)
+        names = [t.name for t in tasks]
+        try:
+            progress.parent_run_id = tracker.start_stream(stream.name, names, resume_run_id=progress.parent_run_id,
+                                                          sweep_run_id=sweep_run_id)
+        except ValueError as exc:  # the config changed since the first run: MLflow params are immutable
+            log(f"[treelora] {exc}")
+            progress.parent_run_id = tracker.start_stream(stream.name, names, sweep_run_id=sweep_run_id)
+        progress.save()
+        ledger = StreamLedger(cfg, paths, tree_stream, tracker, progress, tree, method_cls.uses_tree, log, on_phase)
+        ledger.poll()  # phases that finished while no driver was listening
 
-    phases = [PhaseJob(0, "joint", tuple(names))] if joint else [PhaseJob(i, n, (n,)) for i, n in enumerate(names)]
-    done = [p for p in phases if progress.done(p.key)]
-    for p in done:
-        log(f"[treelora] {p.key}: already done (model version {progress.done(p.key)['model_version']}), skipped")
-    pending = tuple(dataclasses.replace(p, fail_at_step=(fail_at or {}).get(p.key)) for p in phases if not progress.done(p.key))
-    last = ledger.reports[max(ledger.reports)] if ledger.reports else None
-    job = StreamJob(config=cfg.to_dict(), tree_stream=tree_stream, stream_dir=str(paths.stream_dir), tree_uri=paths.tree_uri,
-                    storage_uri=paths.root if is_remote(paths.root) else None, stream_rel=paths.rel,
-                    pending=pending, start_adapter_dir=last.adapter_dir if last else None,
-                    start_adapters=ledger.outcomes[max(ledger.outcomes)].adapters if last else ("default",),
-                    done_count=len(done), joint=joint)
-    if pending or paths.inbox.waiting():
-        runner.run(job, poll=ledger.poll, log=log)
-    ledger.poll()
+        phases = [PhaseJob(0, "joint", tuple(names))] if joint else [PhaseJob(i, n, (n,)) for i, n in enumerate(names)]
+        done = [p for p in phases if progress.done(p.key)]
+        for p in done:
+            log(f"[treelora] {p.key}: already done (model version {progress.done(p.key)['model_version']}), skipped")
+        pending = tuple(dataclasses.replace(p, fail_at_step=(fail_at or {}).get(p.key)) for p in phases if not progress.done(p.key))
+        last = ledger.reports[max(ledger.reports)] if ledger.reports else None
+        job = StreamJob(config=cfg.to_dict(), tree_stream=tree_stream, stream_dir=str(paths.stream_dir), tree_uri=paths.tree_uri,
+                        storage_uri=paths.root if is_remote(paths.root) else None, stream_rel=paths.rel,
+                        pending=pending, start_adapter_dir=last.adapter_dir if last else None,
+                        start_adapters=ledger.outcomes[max(ledger.outcomes)].adapters if last else ("default",),
+                        done_count=len(done), joint=joint)
+        if pending or paths.inbox.waiting():
+            runner.run(job, poll=ledger.poll, log=log)
+        ledger.poll()
 
-    names, R = ledger.matrix()
-    metrics = {"op": float(np.mean(R[:, -1]))} if joint else summary(R)
-    wall = time.perf_counter() - t0
-    final = tree.describe(tree_stream) if method_cls.uses_tree else {}
-    tracker.finish_stream({k: v for k, v in metrics.items() if isinstance(v, float)}, R, names, wall,
-                          final.get("tree_text"), final.get("tree"))
-    order = sorted(ledger.reports)
-    return StreamResult(stream.name, cfg.method.name, names, R, metrics, wall, [ledger.reports[i] for i in order],
-                        registered_model=tracker.registered_model, versions=tracker.versions(), tracking_uri=tracking_uri,
-                        tree_stream=tree_stream, outcomes=[ledger.outcomes[i] for i in order], started_at=started_at,
-                        finished_at=time.time())
+        names, R = ledger.matrix()
+        metrics = {"op": float(np.mean(R[:, -1]))} if joint else summary(R)
+        wall = time.perf_counter() - t0
+        final = tree.describe(tree_stream) if method_cls.uses_tree else {}
+        tracker.finish_stream({k: v for k, v in metrics.items() if isinstance(v, float)}, R, names, wall,
+                              final.get("tree_text"), final.get("tree"))
+        order = sorted(ledger.reports)
+        return StreamResult(stream.name, cfg.method.name, names, R, metrics, wall, [ledger.reports[i] for i in order],
+                            registered_model=tracker.registered_model, versions=tracker.versions(), tracking_uri=tracking_uri,
+                            tree_stream=tree_stream, outcomes=[ledger.outcomes[i] for i in order], started_at=started_at,
+                            finished_at=time.time())
+    finally:
+        lock.release()
 
