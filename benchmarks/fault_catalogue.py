@@ -118,14 +118,12 @@ def _second_driver(tmp: Path) -> tuple[bool, str]:
     import json
     import subprocess
 
-    from treelora.config import ConfigError, load_config
-    from treelora.data import SAMPLE_ROOT
+    from treelora.config import ConfigError
     from treelora.train.run_lock import LOCK_FILE
     from treelora.train.setup import build_stream, tree_stream_id
     from treelora.train.stream import StreamPaths, run_stream
 
-    cfg = load_config(None, ["model.name=tiny-bert", f"stream.data_root={SAMPLE_ROOT}", f"workdir={tmp / 'runs'}",
-                             "stream.tasks=[agnews]", "stream.train_size=8", "stream.test_size=4", "train.batch_size=8"])
+    cfg = _tiny_stream(tmp, "stream.tasks=[agnews]")
     folder = StreamPaths.of(cfg, tree_stream_id(cfg, build_stream(cfg))).stream_dir
     folder.mkdir(parents=True)
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # a live driver holding the run
@@ -141,6 +139,26 @@ def _second_driver(tmp: Path) -> tuple[bool, str]:
     result = run_stream(cfg, executor="local", log=lambda *_: None)
     took_over = result.task_names == ["agnews"] and not (folder / LOCK_FILE).exists()
     return handled and untouched and took_over, f"{seen}; after the holder died: ran {result.task_names}, lock released"
+
+
+def _tiny_stream(tmp: Path, *more: str):
+    from treelora.config import load_config
+    from treelora.data import SAMPLE_ROOT
+
+    return load_config(None, ["model.name=tiny-bert", f"stream.data_root={SAMPLE_ROOT}", f"workdir={tmp / 'runs'}",
+                              "stream.train_size=8", "stream.test_size=4", "train.batch_size=8", *more])
+
+
+def _deleted_latest_snapshot(tmp: Path) -> tuple[bool, str]:
+    from treelora.config import ConfigError
+    from treelora.train.stream import run_stream
+
+    cfg = _tiny_stream(tmp, "stream.tasks=[agnews, SST-2]")
+    first = run_stream(cfg, executor="local", log=lambda *_: None)
+    latest = sorted((tmp / "runs" / "trees").rglob("v*.arrow"))[-1]
+    latest.unlink()
+    handled, seen = refused(lambda: run_stream(cfg, executor="local", log=lambda *_: None), ConfigError, "SST-2", latest.name)
+    return handled and first.task_names == ["agnews", "SST-2"], seen
 
 
 def _workdir_is_a_file(tmp: Path) -> tuple[bool, str]:
@@ -449,6 +467,7 @@ SECRET_CASES = [
 CASES = [*CONFIG_CASES, Case("workdir is a file", "config", "refused naming workdir", _workdir_is_a_file),
          Case("a second driver of the same run", "concurrency", "refused naming the live holder; a dead holder's lock taken over",
               _second_driver),
+         Case("the latest tree snapshot deleted", "resume", "refused naming the task it held and the file", _deleted_latest_snapshot),
          Case("tracking server down (closed port)", "config", "refused within seconds naming tracking.tracking_uri", _tracking_down),
          *MANIFEST_CASES, *TREE_CASES, *CHECKPOINT_CASES, *SECRET_CASES]
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from ..config import ConfigError, RunConfig
 from ..evaluate import summary
-from ..storage import Mirror, cache_root, is_remote, join_uri
+from ..storage import Mirror, cache_root, is_remote, join_uri, redact
 from .inbox import Inbox, load_specs
 from .phase import OUTCOME_FILE, ADAPTER_DIR, PhaseJob, PhaseOutcome, published_phases
 from .progress import StreamProgress
@@ -169,6 +169,25 @@ def _report(outcome: PhaseOutcome, adapter_dir: str, seconds: float) -> TaskRepo
 IDENTITY_FILE = "identity.json"
 
 
+def check_tree_holds_progress(tree, tree_stream: str, progress: StreamProgress, tree_uri: str) -> None:
+    """Every task progress.json records in the tree must still be there: a deleted or lost latest
+    snapshot would otherwise be written again without that task, silently."""
+    recorded = {task: (rec.get("outcome") or {}).get("tree_version") for task, rec in progress.tasks.items()}
+    recorded = {t: v for t, v in recorded.items() if isinstance(v, int) and v > 0}
+    if not recorded:
+        return
+    held = tree.snapshot(tree_stream)
+    missing = sorted(t for t in recorded if t not in set(held["task_ids"]))
+    if missing:
+        from ..config import ConfigError
+
+        newest = max(recorded.values())
+        raise ConfigError(
+            f"tree stream {tree_stream} in {redact(tree_uri)} is at version {held['version']} but progress.json records "
+            f"task(s) {missing} in it up to version {newest}: a snapshot is missing (restore v{newest:08d}.arrow), or move "
+            "progress.json away to train the stream again")
+
+
 def check_resume(cfg: RunConfig, paths: StreamPaths, run_id: str, resume: str) -> None:
     """``resume`` names the run to continue: refuse when this config is another run, naming
     every field whose value differs from the one that run was started with."""
@@ -241,6 +260,8 @@ def run_stream(cfg: RunConfig, *, executor: str = "ray", address: str | None = N
             log(f"[treelora] {exc}")
             progress.parent_run_id = tracker.start_stream(stream.name, names, sweep_run_id=sweep_run_id)
         progress.save()
+        if method_cls.uses_tree:
+            check_tree_holds_progress(tree, tree_stream, progress, paths.tree_uri)
         ledger = StreamLedger(cfg, paths, tree_stream, tracker, progress, tree, method_cls.uses_tree, log, on_phase)
         ledger.poll()  # phases that finished while no driver was listening
 
