@@ -161,6 +161,25 @@ def _deleted_latest_snapshot(tmp: Path) -> tuple[bool, str]:
     return handled and first.task_names == ["agnews", "SST-2"], seen
 
 
+def _damaged_progress(tmp: Path) -> tuple[bool, str]:
+    import subprocess
+
+    from treelora.train.stream import run_stream
+
+    cfg = _tiny_stream(tmp, "stream.tasks=[agnews]", "method.name=seq-lora")
+    run_stream(cfg, executor="local", log=lambda *_: None)
+    progress = next((tmp / "runs").rglob("progress.json"))
+    progress.write_text('{"tasks": {"agnews": ')  # cut off mid-write by hand
+    cli = [sys.executable, "-m", "treelora.cli", "run", "--local", "--set", "model.name=tiny-bert",
+           *(f"--set={o}" for o in (f"stream.data_root={cfg.stream.data_root}", f"workdir={cfg.workdir}", "stream.tasks=[agnews]",
+                                   "stream.train_size=8", "stream.test_size=4", "train.batch_size=8", "method.name=seq-lora"))]
+    proc = subprocess.run(cli, capture_output=True, text=True, timeout=300, check=False,
+                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT / "platform")})
+    err = proc.stderr.strip().splitlines()
+    ok = proc.returncode == 2 and "Traceback" not in proc.stderr and any(str(progress) in line for line in err)
+    return ok, f"exit {proc.returncode}: {err[-1][:160] if err else '(no stderr)'}"
+
+
 def _workdir_is_a_file(tmp: Path) -> tuple[bool, str]:
     from treelora.config import ConfigError, load_config
     from treelora.train.validate import validate_config
@@ -468,6 +487,7 @@ CASES = [*CONFIG_CASES, Case("workdir is a file", "config", "refused naming work
          Case("a second driver of the same run", "concurrency", "refused naming the live holder; a dead holder's lock taken over",
               _second_driver),
          Case("the latest tree snapshot deleted", "resume", "refused naming the task it held and the file", _deleted_latest_snapshot),
+         Case("a damaged progress.json (the CLI)", "resume", "one line on stderr naming the file, exit 2", _damaged_progress),
          Case("tracking server down (closed port)", "config", "refused within seconds naming tracking.tracking_uri", _tracking_down),
          *MANIFEST_CASES, *TREE_CASES, *CHECKPOINT_CASES, *SECRET_CASES]
 

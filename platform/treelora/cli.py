@@ -207,10 +207,15 @@ def main(argv=None) -> int:
         job.set_defaults(fn=cmd_job)
     args = ap.parse_args(argv)
     _quiet()
+    from tree_service import TreeServiceError
+
     try:
         return args.fn(args)
     except ConfigError as exc:
         print(f"treelora: config error: {exc}", file=sys.stderr)
+        return 2
+    except TreeServiceError as exc:  # e.g. a damaged snapshot: named, not a traceback
+        print(f"treelora: tree service: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 2
 
 

@@ -25,7 +25,9 @@ class StreamProgress:
             data = json.loads(path.read_text())
             return cls(path, data.get("parent_run_id"), dict(data["tasks"]))
         except (ValueError, KeyError, TypeError) as exc:
-            raise ValueError(f"{path}: the stream progress file is damaged ({exc}); move it away to start the stream afresh") from exc
+            from ..config import ConfigError
+
+            raise ConfigError(f"{path}: the stream progress file is damaged ({exc}); move it away to start the stream afresh") from exc
 
     def done(self, task: str) -> dict | None:
         return self.tasks.get(task)
