@@ -452,7 +452,26 @@ def _crafted_pickle(tmp: Path) -> tuple[bool, str]:
     return ok, f"ZeRO 0/1/2 fp32 and 2 bf16: {sorted(set(out.values()))}; payload ran: {marker.exists()}"
 
 
+def _truncated_checkpoint(tmp: Path) -> tuple[bool, str]:
+    import torch
+
+    from treelora.train.ray_executor import damaged_torch_files
+
+    engine = tmp / "engine" / "ckpt"
+    engine.mkdir(parents=True)
+    torch.save({"w": torch.ones(1000)}, engine / "mp_rank_00_model_states.pt")
+    torch.save({"m": torch.ones(1000)}, engine / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    intact = damaged_torch_files(tmp / "engine")
+    target = engine / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    target.write_bytes(target.read_bytes()[:1500])  # cut off mid-write
+    found = damaged_torch_files(tmp / "engine")
+    ok = intact is None and found is not None and found[0] == str(target)
+    return ok, f"intact: {intact}; truncated: {found[0].rsplit('/', 1)[-1] if found else None} ({found[1][:60] if found else ''})"
+
+
 CHECKPOINT_CASES = [
+    Case("a truncated DeepSpeed checkpoint file", "checkpoints", "named; the restart trains its phase again from its start "
+         "instead of failing every attempt", _truncated_checkpoint),
     Case("a crafted pickle in a DeepSpeed checkpoint", "checkpoints", "intact ones load; the crafted one is refused naming the "
          "file and never runs", _crafted_pickle),
 ]

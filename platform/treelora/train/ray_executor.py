@@ -241,6 +241,22 @@ def stream_worker(config: dict) -> None:
             shutil.rmtree(Path(restored.state_dir).parent, ignore_errors=True)
 
 
+def damaged_torch_files(folder: Path) -> tuple[str, str] | None:
+    """(file, why) of the first torch file under ``folder`` that is not an intact zip archive
+    (torch.save's format): a checkpoint cut off mid-write must not fail every restart."""
+    import zipfile
+
+    for path in sorted(Path(folder).rglob("*.pt")):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                bad = archive.testzip()
+        except (zipfile.BadZipFile, OSError) as exc:
+            return str(path), str(exc)
+        if bad is not None:
+            return str(path), f"member {bad} fails its CRC check"
+    return None
+
+
 def _restore(recipe: StreamRecipe) -> MidPhase | None:
     """The latest checkpoint of this stream's Ray Train run, copied here; the recipe decides
     whether it still belongs to what the stream has to do (``StreamRecipe._resume_point``)."""
@@ -253,6 +269,12 @@ def _restore(recipe: StreamRecipe) -> MidPhase | None:
     local = tempfile.mkdtemp(prefix="treelora-restore-")
     with checkpoint.as_directory() as d:
         shutil.copytree(d, local, dirs_exist_ok=True)
+    damaged = damaged_torch_files(Path(local, ENGINE))
+    if damaged:  # every rank reads the same files, so every rank makes this same choice
+        print(f"[treelora] WARNING: checkpoint {checkpoint.path} is damaged ({damaged[0]}: {damaged[1]}); "
+              "its phase is trained again from its start", flush=True)
+        shutil.rmtree(local, ignore_errors=True)
+        return None
     position = json.loads(Path(local, POSITION_FILE).read_text())
     return MidPhase(phase_index=position["phase_index"], next_position=tuple(position["next"]),
                     adapter_dir=os.path.join(local, ADAPTER), adapters=tuple(position["adapters"]),
