@@ -55,7 +55,7 @@ def ray_head(tmp_path_factory):
     yield address
     os.killpg(proc.pid, signal.SIGTERM)
     try:
-        proc.wait(timeout=60)
+        proc.wait(timeout=10)  # a test head holds nothing worth a slow shutdown
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
     shutil.rmtree(temp, ignore_errors=True)
