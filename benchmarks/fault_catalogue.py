@@ -395,7 +395,7 @@ CHECKPOINT_SCRIPT = textwrap.dedent('''
     import torch, torch.distributed as dist
     dist.init_process_group("gloo", rank=0, world_size=1)
     from treelora.config import load_config
-    from treelora.train.deepspeed_stepper import DeepSpeedStepper, UnsafeCheckpoint
+    from treelora.train.deepspeed_stepper import DeepSpeedStepper, CheckpointRefused
 
     marker = sys.argv[1]
 
@@ -423,7 +423,7 @@ CHECKPOINT_SCRIPT = textwrap.dedent('''
         try:
             stepper.load(folder)
             out[f"{stage}-{bf16}"] = "loaded"
-        except UnsafeCheckpoint as exc:
+        except CheckpointRefused as exc:
             out[f"{stage}-{bf16}"] = "refused " + os.path.basename(target) + (" named" if target in str(exc) else "")
         stepper.close()
     print("RESULT " + json.dumps(out))

@@ -25,8 +25,8 @@ def deepspeed_config(cfg: RunConfig, micro_batch: int, use_bf16: bool) -> dict:
     }
 
 
-class UnsafeCheckpoint(RuntimeError):
-    """A checkpoint file holds Python objects beyond tensors and DeepSpeed's plain records."""
+class CheckpointRefused(RuntimeError):
+    """A checkpoint file is damaged or holds Python objects beyond tensors and DeepSpeed's plain records."""
 
 
 def _weights_only_load(path: str, map_location=None):
@@ -36,8 +36,6 @@ def _weights_only_load(path: str, map_location=None):
     shared workdir would run code in every worker on resume. Its files hold tensors plus three
     plain records (the loss scaler, the ZeRO stage enum, fragment addresses), allowed by name.
     """
-    import pickle
-
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
@@ -45,9 +43,9 @@ def _weights_only_load(path: str, map_location=None):
     try:
         with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
             return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise UnsafeCheckpoint(f"{path}: refused to load: the checkpoint holds objects other than tensors and "
-                               f"DeepSpeed's records ({str(exc).splitlines()[-1][:200]})") from None
+    except Exception as exc:  # the weights-only unpickler's refusal, or a damaged archive: name the file either way
+        raise CheckpointRefused(f"{path}: refused to load: the file is damaged or holds objects other than tensors "
+                                f"and DeepSpeed's records ({type(exc).__name__}: {str(exc).splitlines()[-1][:200]})") from None
 
 
 class DeepSpeedStepper:
