@@ -32,7 +32,7 @@ class CheckpointRefused(RuntimeError):
 def _weights_only_load(path: str, map_location=None):
     """DeepSpeed's checkpoint reader, without unpickling arbitrary objects.
 
-    DeepSpeed reads its files with ``torch.load(weights_only=False)``: a crafted file in a
+    DeepSpeed reads its files with the full unpickler (weights-only off): a crafted file in a
     shared workdir would run code in every worker on resume. Its files hold tensors plus three
     plain records (the loss scaler, the ZeRO stage enum, fragment addresses), allowed by name.
     """
@@ -43,7 +43,7 @@ def _weights_only_load(path: str, map_location=None):
     try:
         with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
             return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # the weights-only unpickler's refusal, or a damaged archive: name the file either way
+    except Exception as exc:  # noqa: BLE001 - the weights-only refusal or a damaged archive: name the file either way
         raise CheckpointRefused(f"{path}: refused to load: the file is damaged or holds objects other than tensors "
                                 f"and DeepSpeed's records ({type(exc).__name__}: {str(exc).splitlines()[-1][:200]})") from None
 
