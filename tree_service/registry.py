@@ -147,41 +147,39 @@ class TreeRegistry:
         """
         if not isinstance(task_id, str) or not task_id:
             raise TreeServiceError(f"task_id must be a non-empty string, got {task_id!r}")
-        for attempt in range(2):  # a second pass only after another writer took the version
-            snap = self._latest(stream)
-            if snap is None:
-                shape = tuple(getattr(signature, "shape", ()))
-                if space is None:
-                    if len(shape) != 2:
-                        raise InvalidSignature(f"signature must be a 2-D float32 array [L, D], got shape {list(shape)}")
-                    space_obj = SignatureSpace(num_modules=shape[0], width=shape[1])
-                else:
-                    space_obj = SignatureSpace(**space)
-                snap = StreamSnapshot.empty(stream, space_obj, leaf_size)
-            sig = snap.space.check(signature, where=f"stream {stream!r}, task {task_id!r}: signature")
-            digest = content_hash(task_id, sig)
-            existing = snap.index_of(task_id)
-            if existing is not None:
-                record = snap.tasks[existing]
-                if record.content_hash == digest:
-                    return record.added_in_version
-                raise TaskConflict(
-                    f"stream {stream!r}: task {task_id!r} is already stored (version {record.added_in_version}) "
-                    "with a different signature; use a new task id"
-                )
-            if expected_version != snap.version:
-                raise VersionConflict(stream, expected_version, snap.version)
-            record = TaskRecord(task_id, time.time_ns() // 1000, run_id, snap.version + 1, digest)
-            new = snap.with_task(record, sig)
-            try:
-                self.store.write(new)  # persist first: on failure nothing in memory changed
-            except VersionExists:
-                if attempt:
-                    raise
-                continue  # re-read: the same task (a retried call) or a VersionConflict
-            self.streams[stream] = new
-            return new.version
-        raise AssertionError("unreachable")
+        try:
+            return self._add_once(stream, task_id, signature, expected_version, run_id, space, leaf_size)
+        except VersionExists:  # another writer took that version: re-read, which answers a retried call or conflicts
+            return self._add_once(stream, task_id, signature, expected_version, run_id, space, leaf_size)
+
+    def _add_once(self, stream: str, task_id: str, signature, expected_version: int, run_id: str, space: dict | None,
+                  leaf_size: int) -> int:
+        snap = self._latest(stream)
+        if snap is None:
+            shape = tuple(getattr(signature, "shape", ()))
+            if space is None:
+                if len(shape) != 2:
+                    raise InvalidSignature(f"signature must be a 2-D float32 array [L, D], got shape {list(shape)}")
+                space = {"num_modules": shape[0], "width": shape[1]}
+            snap = StreamSnapshot.empty(stream, SignatureSpace(**space), leaf_size)
+        sig = snap.space.check(signature, where=f"stream {stream!r}, task {task_id!r}: signature")
+        digest = content_hash(task_id, sig)
+        existing = snap.index_of(task_id)
+        if existing is not None:
+            record = snap.tasks[existing]
+            if record.content_hash == digest:
+                return record.added_in_version
+            raise TaskConflict(
+                f"stream {stream!r}: task {task_id!r} is already stored (version {record.added_in_version}) "
+                "with a different signature; use a new task id"
+            )
+        if expected_version != snap.version:
+            raise VersionConflict(stream, expected_version, snap.version)
+        record = TaskRecord(task_id, time.time_ns() // 1000, run_id, snap.version + 1, digest)
+        new = snap.with_task(record, sig)
+        self.store.write(new)  # persist first: on failure (VersionExists included) nothing in memory changed
+        self.streams[stream] = new
+        return new.version
 
     def rebuild(self, stream: str, expected_version: int) -> int:
         """Rebuild the tree from all signatures (balanced median splits) as a new version."""
