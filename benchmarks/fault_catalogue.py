@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import dataclasses
 import multiprocessing as mp
+import os
 import shutil
+import socket
 import sys
 import tempfile
 import textwrap
@@ -27,6 +29,13 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "platform"), str(ROOT)]
+
+
+def _free_port() -> int:
+    """A 127.0.0.1 port nothing listens on (yet)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,16 +105,13 @@ CONFIG_CASES = [
 
 
 def _tracking_down(tmp: Path) -> tuple[bool, str]:
-    import socket
     import time
 
     from treelora.config import ConfigError, load_config
     from treelora.data import SAMPLE_ROOT
     from treelora.train.stream import run_stream
 
-    with socket.socket() as s:  # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()  # nothing listens on it
     cfg = load_config(None, ["model.name=tiny-bert", f"stream.data_root={SAMPLE_ROOT}", f"workdir={tmp / 'runs'}",
                              f"tracking.tracking_uri=http://127.0.0.1:{port}"])
     t0 = time.monotonic()
@@ -128,7 +134,7 @@ def _second_driver(tmp: Path) -> tuple[bool, str]:
     folder.mkdir(parents=True)
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # a live driver holding the run
     try:
-        (folder / LOCK_FILE).write_text(json.dumps({"host": __import__("socket").gethostname(), "pid": other.pid, "started": "earlier"}))
+        (folder / LOCK_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": other.pid, "started": "earlier"}))
         handled, seen = refused(lambda: run_stream(cfg, executor="local", log=lambda *_: None), ConfigError,
                                 "already running", str(other.pid))
         untouched = not (folder / "progress.json").exists()
@@ -155,7 +161,7 @@ def _deleted_latest_snapshot(tmp: Path) -> tuple[bool, str]:
 
     cfg = _tiny_stream(tmp, "stream.tasks=[agnews, SST-2]")
     first = run_stream(cfg, executor="local", log=lambda *_: None)
-    latest = sorted((tmp / "runs" / "trees").rglob("v*.arrow"))[-1]
+    latest = max((tmp / "runs" / "trees").rglob("v*.arrow"))
     latest.unlink()
     handled, seen = refused(lambda: run_stream(cfg, executor="local", log=lambda *_: None), ConfigError, "SST-2", latest.name)
     return handled and first.task_names == ["agnews", "SST-2"], seen
@@ -174,7 +180,7 @@ def _damaged_progress(tmp: Path) -> tuple[bool, str]:
            *(f"--set={o}" for o in (f"stream.data_root={cfg.stream.data_root}", f"workdir={cfg.workdir}", "stream.tasks=[agnews]",
                                    "stream.train_size=8", "stream.test_size=4", "train.batch_size=8", "method.name=seq-lora"))]
     proc = subprocess.run(cli, capture_output=True, text=True, timeout=300, check=False,
-                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT / "platform")})
+                          env={**os.environ, "PYTHONPATH": str(ROOT / "platform")})
     err = proc.stderr.strip().splitlines()
     ok = proc.returncode == 2 and "Traceback" not in proc.stderr and any(str(progress) in line for line in err)
     return ok, f"exit {proc.returncode}: {err[-1][:160] if err else '(no stderr)'}"
@@ -433,13 +439,9 @@ CHECKPOINT_SCRIPT = textwrap.dedent('''
 
 def _crafted_pickle(tmp: Path) -> tuple[bool, str]:
     import json
-    import os
-    import socket
     import subprocess
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     marker = tmp / "pwned"
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0",
            "WORLD_SIZE": "1", "LOCAL_RANK": "0", "PYTHONPATH": str(ROOT / "platform")}
@@ -454,7 +456,6 @@ def _crafted_pickle(tmp: Path) -> tuple[bool, str]:
 
 def _truncated_checkpoint(tmp: Path) -> tuple[bool, str]:
     import torch
-
     from treelora.train.ray_executor import damaged_torch_files
 
     engine = tmp / "engine" / "ckpt"
