@@ -97,10 +97,11 @@ def test_the_inbox_refuses_any_bad_spec_and_keeps_the_good_ones(tmp_path):
     inbox.drop({"name": "agnews", "path": sst2})  # a name the stream has
     inbox.drop({"name": "SST-2-extra", "path": sst2})
     inbox.drop({"name": "../../01-escape", "path": sst2})  # a name is a folder and a checkpoint path
-    inbox.drop({"name": "v1.2", "path": sst2})  # ... and a head's module key
+    inbox.drop({"name": "v1.2", "path": sst2})  # a dot inside a name is fine (its head key escapes it)
+    inbox.drop({"name": ".hidden", "path": sst2})  # ... but never leading
     (tmp_path / "inbox" / "notes.yml").write_text("name: [unclosed\n")
     accepted, errors = inbox.take(["agnews"], "classification", {"train": 8, "test": 4}, 0)
-    assert [p.name.split("-", 1)[1] for p in accepted] == ["SST-2-extra.yaml"] and len(errors) == 6
+    assert [p.name.split("-", 1)[1] for p in accepted] == ["SST-2-extra.yaml", "v1.2.yaml"] and len(errors) == 6
     assert inbox.waiting() == [] and len(list(inbox.rejected_dir.glob("*.error.txt"))) == 6
     assert sum("must be 1-64 letters, digits" in e for e in errors) == 3 and any("already in the stream" in e for e in errors)
     assert not (tmp_path / "01-escape").exists() and not (tmp_path.parent / "01-escape").exists()
@@ -135,11 +136,14 @@ def test_changed_settings_make_another_run_and_resuming_with_them_names_the_fiel
     assert not any("already done" in line for line in logs) and len(other.versions) == 2
     with pytest.raises(ConfigError, match="no run 'nope'"):
         run_stream(cfg, executor="local", resume="nope", log=lambda *_: None)
+    with pytest.raises(ConfigError, match=r"--resume run id '\.\./\.\./elsewhere' would leave"):
+        run_stream(cfg, executor="local", resume="../../elsewhere", log=lambda *_: None)
 
 
-@pytest.mark.parametrize("name", ["../../01-foo", "foo/../../victim", "v1.2", ".."])
+@pytest.mark.parametrize("name", ["../../01-foo", "foo/../../victim", ".hidden", "..", "tab\tname", "x" * 65])
 def test_a_manifest_task_name_that_is_not_a_plain_name_is_refused_before_anything_runs(tmp_path, name):
-    """A task's name becomes a folder, a checkpoint path and a head's module key."""
+    """A task's name becomes a folder, a checkpoint path and a head's module key: one pattern,
+    checked before anything is written."""
     import yaml
 
     from treelora.config import ConfigError
@@ -150,3 +154,19 @@ def test_a_manifest_task_name_that_is_not_a_plain_name_is_refused_before_anythin
     with pytest.raises(ConfigError, match=rf"{manifest}.*task name"):
         validate_stream(load_config(None, ["model.name=tiny-bert", f"stream.spec={manifest}", f"workdir={tmp_path / 'runs'}"]))
     assert list(tmp_path.iterdir()) == [manifest]  # nothing written
+
+
+def test_dotted_task_names_train_and_each_version_carries_only_the_heads_trained_so_far(tmp_path):
+    import yaml
+
+    from treelora.adapters.export import read_heads
+
+    manifest = tmp_path / "stream.yaml"
+    sc = SAMPLE_ROOT / "olora" / "SC"
+    manifest.write_text(yaml.safe_dump({"name": "dotted", "tasks": [{"name": "sst.2", "path": str(sc / "SST-2")},
+                                                                    {"name": "amazon.v2", "path": str(sc / "amazon")}]}))
+    result = run_stream(_cfg(tmp_path / "runs", f"stream.spec={manifest}", "stream.tasks=[]"), executor="local", log=lambda *_: None)
+    assert result.task_names == ["sst.2", "amazon.v2"] and len(result.versions) == 2
+    first, second = (Path(t.adapter_dir) for t in result.tasks)
+    assert first.parent.name == "00-sst.2" and sorted(read_heads(first)) == ["sst.2"]
+    assert sorted(read_heads(second)) == ["amazon.v2", "sst.2"]

@@ -49,10 +49,10 @@ def adapters(tmp_path_factory):
         with torch.no_grad():
             for p in model.lora_parameters():
                 p.add_(torch.randn(p.shape, generator=gen) * 0.1)
-        model.heads[name] = torch.nn.Linear(model.hidden_size, 2 + index)
-        folder = save_adapter_folder(model, root / f"task{index}", label_sets={n: ["a", "b"] for n in model.heads})
+        model.set_head(name, torch.nn.Linear(model.hidden_size, 2 + index))
+        folder = save_adapter_folder(model, root / f"task{index}", label_sets={n: ["a", "b"] for n, _ in model.head_items()})
         out.append({"name": name, "folder": folder, "lora": lora_state(model),
-                    "heads": {n: h.weight.detach().clone() for n, h in model.heads.items()}})
+                    "heads": {n: h.weight.detach().clone() for n, h in model.head_items()}})
     return out
 
 

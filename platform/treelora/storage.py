@@ -34,6 +34,19 @@ def join_uri(uri: str, *parts: str) -> str:
     return urlunsplit((split.scheme, split.netloc, path, split.query, split.fragment))
 
 
+def inside(root: str | Path, *parts: str, what: str) -> Path:
+    """``root/parts`` after resolving, refused unless it is still under ``root``: names from
+    configs, manifests and the inbox are already checked against one pattern, and this is the
+    second lock on every path built from them."""
+    from .config import ConfigError
+
+    base = Path(root).resolve()
+    path = base.joinpath(*parts).resolve()
+    if path == base or not path.is_relative_to(base):
+        raise ConfigError(f"{what} {'/'.join(parts)!r} would leave {base}")
+    return path
+
+
 def redact(uri: str) -> str:
     """``uri`` without credentials (s3://KEY:SECRET@bucket -> s3://***@bucket), for logs and params."""
     split = urlsplit(uri) if "://" in uri else None

@@ -38,10 +38,12 @@ def save_adapter_folder(model: ContinualModel, folder: str | Path, adapters: lis
         state[f"{prefix}.lora_B.weight"] = torch.cat([m.B(a).detach() for a in adapters], 1).float().cpu().contiguous()
     config.save_pretrained(str(folder))
     save_file(state, str(folder / "adapter_model.safetensors"))
-    if len(model.heads):
-        heads = {f"{t}.{n}": p.detach().float().cpu().contiguous() for t, h in model.heads.items() for n, p in h.named_parameters()}
+    label_sets = label_sets or {}
+    kept = [(t, h) for t, h in model.head_items() if t in label_sets]  # the heads of tasks trained so far
+    if kept:
+        heads = {f"{t}.{n}": p.detach().float().cpu().contiguous() for t, h in kept for n, p in h.named_parameters()}
         save_file(heads, str(folder / HEADS_FILE))
-        (folder / HEADS_META).write_text(json.dumps(label_sets or {}, indent=1))
+        (folder / HEADS_META).write_text(json.dumps({t: label_sets[t] for t, _ in kept}, indent=1))
     return folder
 
 
@@ -93,4 +95,4 @@ def restore_adapter_folder(model: ContinualModel, folder: str | Path, adapters: 
     if len(adapters) > 1:
         model.peft.base_model.set_adapter(adapters)
     for task, head in read_heads(folder).items():
-        model.heads[task] = head.to(model.device)
+        model.set_head(task, head)

@@ -21,6 +21,12 @@ from ..data.tasks import Example, Task
 from .backbone import FAMILY_TARGETS, Backbone, target_module_names
 
 
+def head_key(task_name: str) -> str:
+    """A task's key in ``ContinualModel.heads``: torch module names cannot hold '.', task names
+    can, and ':' is in no task name, so the mapping is one to one."""
+    return task_name.replace(".", ":")
+
+
 @dataclasses.dataclass(frozen=True)
 class LoraModule:
     name: str  # the module path inside the base model, e.g. encoder.layer.0.attention.self.query
@@ -80,22 +86,35 @@ class ContinualModel(torch.nn.Module):
 
     def add_head(self, task: Task, seed: int = 0) -> None:
         """A fresh head for a classification task (seeded, so every worker starts the same)."""
-        if self.is_causal or task.name in self.heads:
+        if self.is_causal or self.has_head(task.name):
             return
         gen = torch.Generator().manual_seed(seed)
         head = torch.nn.Linear(self.hidden_size, len(task.labels))
         with torch.no_grad():
             head.weight.copy_(torch.randn(head.weight.shape, generator=gen) * 0.02)
             head.bias.zero_()
-        self.heads[task.name] = head.to(next(self.peft.parameters()).device)
+        self.set_head(task.name, head)
+
+    def has_head(self, task_name: str) -> bool:
+        return head_key(task_name) in self.heads
+
+    def head(self, task_name: str) -> torch.nn.Linear:
+        return self.heads[head_key(task_name)]
+
+    def set_head(self, task_name: str, head: torch.nn.Linear) -> None:
+        self.heads[head_key(task_name)] = head.to(self.device)
+
+    def head_items(self) -> list[tuple[str, torch.nn.Linear]]:
+        """(task name, head) for every head, in the order they were added."""
+        return [(k.replace(":", "."), h) for k, h in self.heads.items()]
 
     def trainable_for(self, task: Task, adapter: str = "default") -> list[torch.nn.Parameter]:
         """What one task trains: its adapter's LoRA weights and its own head; nothing else."""
         for p in self.parameters():
             p.requires_grad_(False)
         params = self.lora_parameters(adapter)
-        if task.name in self.heads:
-            params += list(self.heads[task.name].parameters())
+        if self.has_head(task.name):
+            params += list(self.head(task.name).parameters())
         for p in params:
             p.requires_grad_(True)
         return params
@@ -238,7 +257,8 @@ class ContinualModel(torch.nn.Module):
                         **({"token_type_ids": batch["token_type_ids"]} if "token_type_ids" in batch else {}))
         mask = batch["attention_mask"].unsqueeze(-1).to(out.last_hidden_state.dtype)
         pooled = (out.last_hidden_state * mask).sum(1) / mask.sum(1).clamp(min=1)
-        return self.heads[task.name](pooled.to(self.heads[task.name].weight.dtype))
+        head = self.head(task.name)
+        return head(pooled.to(head.weight.dtype))
 
     @torch.no_grad()
     def predict(self, task: Task, examples: Sequence[Example], batch_size: int = 64) -> list[str]:

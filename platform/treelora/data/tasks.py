@@ -21,7 +21,11 @@ class Example:
     target: str  # the label string (classification) or the reference answer (generation)
 
 
-TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+# One pattern for every task name: it becomes a folder, a checkpoint path, an MLflow run name
+# and (with '.' escaped, see adapters.model.head_key) a head's module key. '/' and control
+# characters never pass, and a name cannot start with '.' (so never '.' or '..').
+TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+TASK_NAME_RULE = "1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
 
 
 @dataclass(frozen=True)
@@ -45,9 +49,7 @@ class Task:
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not TASK_NAME.fullmatch(self.name):
-            # the name becomes a folder, a checkpoint path and a head's module key: nothing that
-            # leaves a folder ('/', '..') or splits a module path ('.')
-            raise ValueError(f"task name {self.name!r} must be 1-64 letters, digits, '_' or '-', starting with a letter or digit")
+            raise ValueError(f"task name {self.name!r} must be {TASK_NAME_RULE}")
         if self.kind not in get_args(TaskKind):
             raise ValueError(f"task {self.name!r}: kind {self.kind!r} is not one of {get_args(TaskKind)}")
         if self.metric not in get_args(Metric):

@@ -183,7 +183,7 @@ class RayCheckpointer:
         with tempfile.TemporaryDirectory(prefix="treelora-ckpt-") as tmp:
             stepper.save(os.path.join(tmp, ENGINE))  # collective: every rank writes its optimizer shard
             if self.rank == 0:
-                recipe.write_adapter(Path(tmp) / ADAPTER)
+                recipe.write_adapter(Path(tmp) / ADAPTER, phase.index)
                 save_state(recipe.method.state_dict(), Path(tmp) / STATE)
                 _write_position(tmp, recipe.cfg.digest(), phase.index, next_position, recipe.method.export_adapters(), losses, choices)
             step = next_position[0] * 10**6 + next_position[1]
@@ -195,7 +195,7 @@ class RayCheckpointer:
         with tempfile.TemporaryDirectory(prefix="treelora-ckpt-") as tmp:
             checkpoint = None
             if self.rank == 0:
-                recipe.write_adapter(Path(tmp) / ADAPTER)
+                recipe.write_adapter(Path(tmp) / ADAPTER, next_index - 1)
                 _write_position(tmp, recipe.cfg.digest(), next_index, (0, 0), recipe.method.export_adapters(), [], [])
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report({"phase": next_index, "position": 0}, checkpoint=checkpoint)

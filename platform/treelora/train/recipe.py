@@ -36,7 +36,7 @@ from ..data.tasks import Task
 from ..evaluate import evaluate_tasks
 from ..methods import make_method
 from ..methods.base import TaskContext
-from ..storage import Mirror, cache_root
+from ..storage import Mirror, cache_root, inside
 from .inbox import Inbox, load_specs
 from .loop import DEFAULT_LR, epoch_batches, seed_everything, train_task
 from .phase import ADAPTER_DIR, OUTCOME_FILE, SEAM_VERSION, PhaseJob, PhaseOutcome, published_phases
@@ -426,17 +426,20 @@ class StreamRecipe:
                 return spec
         return None
 
-    def write_adapter(self, folder: Path) -> None:
-        label_sets = {t.name: list(t.labels) for t in self.tasks if t.name in self.model.heads}
+    def write_adapter(self, folder: Path, through: int) -> None:
+        """The adapter folder with the heads of the tasks trained up to phase ``through`` (in a
+        mid-phase checkpoint, the phase being trained): a version never ships untrained heads."""
+        trained = self.tasks if self.job.joint else self.tasks[: through + 1]
+        label_sets = {t.name: list(t.labels) for t in trained if self.model.has_head(t.name)}
         save_adapter_folder(self.model, folder, self.method.export_adapters(), label_sets)
 
     def publish(self, phase: PhaseJob, outcome: PhaseOutcome) -> None:
         """The phase's adapter folder and outcome into the run's storage, atomically: a reader
         sees the whole phase folder or none of it."""
         phases = self.stream_dir / "phases"
-        final, tmp = phases / phase.folder_name, phases / f".{phase.folder_name}.tmp"
+        final, tmp = inside(phases, phase.folder_name, what=f"task {phase.key!r}: phase folder"), phases / f".{phase.folder_name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        self.write_adapter(tmp / ADAPTER_DIR)
+        self.write_adapter(tmp / ADAPTER_DIR, phase.index)
         (tmp / OUTCOME_FILE).write_text(outcome.to_json())
         aside = phases / f".{phase.folder_name}.old"
         if final.exists():  # the same phase finished again after a restart: the new copy wins

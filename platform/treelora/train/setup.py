@@ -68,9 +68,9 @@ def phase_parameters(model, method, ctx, phase_tasks) -> list:
     joint phase, the heads of the other tasks of the phase."""
     trainable = method.begin_task(ctx)
     for t in phase_tasks[:-1]:
-        if t.name not in model.heads:  # generation: no heads, the adapter is all there is
+        if not model.has_head(t.name):  # generation: no heads, the adapter is all there is
             continue
-        for p in model.heads[t.name].parameters():
+        for p in model.head(t.name).parameters():
             p.requires_grad_(True)
             trainable.append(p)
     return trainable

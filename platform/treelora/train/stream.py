@@ -22,7 +22,7 @@ import numpy as np
 
 from ..config import ConfigError, RunConfig
 from ..evaluate import summary
-from ..storage import Mirror, cache_root, is_remote, join_uri, redact
+from ..storage import Mirror, cache_root, inside, is_remote, join_uri, redact
 from .inbox import Inbox, load_specs
 from .phase import OUTCOME_FILE, ADAPTER_DIR, PhaseJob, PhaseOutcome, published_phases
 from .progress import StreamProgress
@@ -72,7 +72,8 @@ class StreamPaths:
     def of(cls, cfg: RunConfig, tree_stream: str) -> "StreamPaths":
         root = storage_root(cfg)
         local_root = cache_root(root) if is_remote(root) else Path(root)
-        return cls(root, local_root, local_root / "streams" / tree_stream, cfg.tree.storage_uri or join_uri(root, "trees"))
+        return cls(root, local_root, inside(local_root / "streams", tree_stream, what="stream id"),
+                   cfg.tree.storage_uri or join_uri(root, "trees"))
 
     @property
     def rel(self) -> str:
@@ -193,7 +194,8 @@ def check_resume(cfg: RunConfig, paths: StreamPaths, run_id: str, resume: str) -
     every field whose value differs from the one that run was started with."""
     if resume == run_id:
         return
-    other = StreamPaths(paths.root, paths.local_root, paths.local_root / "streams" / resume, paths.tree_uri)
+    other = StreamPaths(paths.root, paths.local_root, inside(paths.local_root / "streams", resume, what="--resume run id"),
+                        paths.tree_uri)
     other.mirror.pull_file(f"{other.rel}/{IDENTITY_FILE}")
     path = other.stream_dir / IDENTITY_FILE
     if not path.is_file():
