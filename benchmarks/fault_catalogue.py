@@ -1,15 +1,16 @@
 """A catalogue of bad inputs, misuse and concurrent writers, each with the outcome expected and observed.
 
-    .venv/bin/python benchmarks/fault_catalogue.py            # every case (no Ray needed), a table, then
+    .venv/bin/python benchmarks/fault_catalogue.py            # every case, a table, then
                                                                # cases=<n> and, last, mishandled=<m>
 
 A case is handled when it ends in the expected clear refusal (the right error type, naming the
 file, row or field) or in full recovery with nothing lost; anything else (a traceback of another
 type, an accepted bad input, a lost write) is mishandled. tests/test_fault_catalogue.py runs every
-case of this file in the test suite. Faults that need a running stream (killed actors, SIGKILLed
-runs, MLflow down mid-task, a damaged or deleted checkpoint, snapshot or progress file, two runs
-on one workdir) are covered in part by the Ray tests (tests/test_platform.py,
-tests/test_tree_service_ray.py) and are not in this file yet.
+case of this file in the test suite. The running-stream cases (MLflow dying mid-stream, a
+SIGKILLed run, a killed tree actor) train the tiny random model with the in-process runner or
+start a small local Ray; the Ray Train paths of the same faults (a killed worker resuming from
+its checkpoint, a crashed stream with its tree service restarted, a stream on S3) are in
+tests/test_platform.py.
 """
 
 from __future__ import annotations
@@ -155,6 +156,139 @@ def _tiny_stream(tmp: Path, *more: str):
                               "stream.train_size=8", "stream.test_size=4", "train.batch_size=8", *more])
 
 
+# -- a running stream ------------------------------------------------------------------------
+def _complete(result, tasks: list[str]) -> bool:
+    """Nothing lost: every task trained, scored, registered once and in the tree."""
+    import numpy as np
+
+    registered = [task for _, task, _ in result.versions or []]
+    return (result.task_names == tasks and registered == tasks and np.isfinite(result.accuracy[:, -1]).all()
+            and [t.tree_version for t in result.tasks] == list(range(1, len(tasks) + 1)))
+
+
+def _mlflow_server(port: int, folder: Path):
+    import subprocess
+    import time
+    import urllib.request
+
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(port),
+                             "--workers", "1", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
+                             "--artifacts-destination", str(folder / "artifacts")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+            return proc
+        except OSError:
+            time.sleep(0.3)
+    proc.kill()
+    raise RuntimeError("the MLflow server did not start within 60 s")
+
+
+def _stop(proc) -> None:
+    import signal
+
+    os.killpg(proc.pid, signal.SIGKILL)  # the server and its worker
+    proc.wait()
+
+
+def _tracking_dies_mid_stream(tmp: Path) -> tuple[bool, str]:
+    """The MLflow server dies after task 1 is recorded, so task 2 trains but cannot be logged:
+    the rerun (server back) registers task 2 from its published phase without training it again."""
+    from treelora.train.stream import run_stream
+
+    port = _free_port()
+    cfg = _tiny_stream(tmp, "stream.tasks=[agnews, SST-2]", f"tracking.tracking_uri=http://127.0.0.1:{port}")
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="5")
+    server = _mlflow_server(port, tmp)
+    try:
+        def kill_server(outcome, *_):
+            if outcome.key == "agnews":
+                _stop(server)
+        try:
+            run_stream(cfg, executor="local", log=lambda *_: None, on_phase=kill_server)
+            return False, "the stream finished with its tracking server gone"
+        except Exception as exc:  # noqa: BLE001 - whatever MLflow raises; what matters is the rerun
+            failed = f"{type(exc).__name__}"
+        published = list(Path(cfg.workdir).glob("streams/*/phases/01-SST-2/outcome.json"))
+        stamp = published[0].stat().st_mtime_ns if published else None
+        server = _mlflow_server(port, tmp)
+        logs: list[str] = []
+        result = run_stream(cfg, executor="local", log=logs.append)
+        retrained = stamp is None or published[0].stat().st_mtime_ns != stamp  # a new training would publish anew
+        picked_up = any("SST-2: model version 2" in line for line in logs)
+        return _complete(result, ["agnews", "SST-2"]) and picked_up and not retrained, \
+            f"first run: {failed}; rerun registered SST-2 from its phase folder (trained again: {retrained})"
+    finally:
+        _stop(server) if server.poll() is None else None
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+def _sigkilled_run(tmp: Path) -> tuple[bool, str]:
+    """``treelora run --local`` SIGKILLed once task 1 is published; the rerun skips it and ends complete."""
+    import signal
+    import subprocess
+    import time
+
+    from treelora.train.stream import run_stream
+
+    cfg = _tiny_stream(tmp, "stream.tasks=[agnews, SST-2]", "stream.train_size=64", "train.epochs=4")
+    sets = [a for kv in ["model.name=tiny-bert", f"stream.data_root={cfg.stream.data_root}", f"workdir={cfg.workdir}",
+                         "stream.tasks=[agnews, SST-2]", "stream.train_size=64", "stream.test_size=4", "train.batch_size=8",
+                         "train.epochs=4"] for a in ("--set", kv)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "platform"), str(ROOT)])}
+    proc = subprocess.Popen([sys.executable, "-m", "treelora.cli", "run", "--local", *sets], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None and not list(Path(cfg.workdir).glob("streams/*/phases/00-agnews/outcome.json")):
+        time.sleep(0.1)
+    killed = proc.poll() is None
+    if killed:
+        proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    logs: list[str] = []
+    result = run_stream(cfg, executor="local", log=logs.append)
+    skipped = any("agnews: already done" in line for line in logs)
+    return _complete(result, ["agnews", "SST-2"]) and killed and skipped, \
+        f"killed after task 1: {killed}; rerun skipped it: {skipped}; registered {[t for _, t, _ in result.versions]}"
+
+
+def _tree_actor_killed(tmp: Path) -> tuple[bool, str]:
+    """The tree service actor dies between two writes: Ray restarts it, it reads storage and goes on."""
+    import numpy as np
+    import ray
+    from tree_service.actor import get_tree_service
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, object_store_memory=256 * 1024**2, include_dashboard=False, log_to_driver=False)
+    service = get_tree_service(str(tmp / "trees"), name="fault-catalogue-tree", namespace="fault-catalogue")
+    sig = np.ones((3, 4), np.float32)
+    first = ray.get(service.add_task.remote("s", "a", sig, 0))
+    ray.kill(service, no_restart=False)
+    deadline = __import__("time").monotonic() + 60
+    while True:
+        try:
+            second = ray.get(service.add_task.remote("s", "b", sig * 2, 1), timeout=30)
+            break
+        except ray.exceptions.RayActorError:
+            if __import__("time").monotonic() > deadline:
+                raise
+    held = ray.get(service.snapshot.remote("s"))
+    ray.kill(service, no_restart=True)
+    return (first, second, held["task_ids"]) == (1, 2, ["a", "b"]), f"versions {first}, {second} around the kill; holds {held['task_ids']}"
+
+
+RUNNING_CASES = [
+    Case("MLflow server dies while a task trains", "running stream", "the rerun registers the trained task from its phase folder, "
+         "no retraining, nothing lost", _tracking_dies_mid_stream),
+    Case("the run SIGKILLed after a task", "running stream", "the rerun skips the done task and ends complete", _sigkilled_run),
+    Case("the tree service actor killed", "running stream (Ray)", "restarted from storage; the next write lands on top", _tree_actor_killed),
+]
+
+
 def _deleted_latest_snapshot(tmp: Path) -> tuple[bool, str]:
     from treelora.config import ConfigError
     from treelora.train.stream import run_stream
@@ -235,7 +369,9 @@ MANIFEST_CASES = [
     manifest_case("tasks is not a list", lambda tmp: "name: x\ntasks: {a: 1}\n", "tasks"),
     manifest_case("task name escapes (../../01-foo)", lambda tmp: f"name: x\ntasks:\n  - name: ../../01-foo\n    path: {_sst2()}\n", "task name"),
     manifest_case("task name with a slash", lambda tmp: f"name: x\ntasks:\n  - name: foo/../../victim\n    path: {_sst2()}\n", "task name"),
-    manifest_case("task name with a dot", lambda tmp: f"name: x\ntasks:\n  - name: v1.2\n    path: {_sst2()}\n", "task name"),
+    manifest_case("task name with a leading dot", lambda tmp: f"name: x\ntasks:\n  - name: .hidden\n    path: {_sst2()}\n", "task name"),
+    manifest_case("task name with a control character", lambda tmp: f'name: x\ntasks:\n  - name: "bell\\a"\n    path: {_sst2()}\n',
+                  "task name"),
     manifest_case("task folder missing", lambda tmp: f"name: x\ntasks:\n  - name: a\n    path: {tmp / 'nowhere'}\n", "nowhere"),
     manifest_case("a row without its answer", lambda tmp: _generation_manifest(tmp, ['{"prompt": "p1", "answer": "a"}', '{"prompt": "p2"}']),
                   "answer"),
@@ -339,12 +475,12 @@ def _racer(root: str, task: str, barrier, results) -> None:
         results[task] = "conflict"
 
 
-def _race(tmp: Path, n: int, use_threads: bool) -> tuple[bool, str]:
+def _race(tmp: Path, n: int, use_threads: bool, root: str | None = None) -> tuple[bool, str]:
     import threading
 
     from tree_service import TreeRegistry
 
-    root = str(tmp / "trees")
+    root = root or str(tmp / "trees")
     TreeRegistry(root).add_task("race", "seed", np.zeros((3, 4), np.float32), expected_version=0)
     if use_threads:
         barrier, results = threading.Barrier(n), {}
@@ -365,6 +501,37 @@ def _race(tmp: Path, n: int, use_threads: bool) -> tuple[bool, str]:
     stored = TreeRegistry(root).snapshot("race")["task_ids"]
     ok = len(outcome) == n and len(winners) == 1 and stored == ["seed", *winners]
     return ok, f"{len(winners)} of {n} told they wrote version 2; storage holds {stored}"
+
+
+def _race_on_s3(tmp: Path) -> tuple[bool, str]:
+    """Writers of one version on S3 (moto's server on 127.0.0.1): one conditional PUT each."""
+    import boto3
+    import pyarrow.fs as pafs
+    from moto.server import ThreadedMotoServer
+    from tree_service.conditional_put import put_if_absent
+    from tree_service.errors import VersionExists
+
+    import logging
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one access-log line per request otherwise
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", aws_access_key_id="k", aws_secret_access_key="s",
+                     region_name="us-east-1").create_bucket(Bucket="race")
+        uri = f"s3://k:s@race/trees?endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
+        fs, _ = pafs.FileSystem.from_uri(uri)
+        put_if_absent(fs, "race/direct/v00000001.arrow", b"first", "version 1")
+        try:  # a writer whose existence check came before the first PUT landed
+            put_if_absent(fs, "race/direct/v00000001.arrow", b"second", "version 1")
+            late = "overwrote"
+        except VersionExists:
+            late = "VersionExists"
+        ok, seen = _race(tmp, 4, use_threads=True, root=uri)
+        return ok and late == "VersionExists", f"a late writer got {late}; {seen}"
+    finally:
+        server.stop()
 
 
 def _two_registries(tmp: Path) -> tuple[bool, str]:
@@ -391,6 +558,7 @@ TREE_CASES = [
          lambda tmp: _race(tmp, 3, use_threads=False)),
     Case("4 threads (own registries) write one version", "concurrency", "exactly one wins", lambda tmp: _race(tmp, 4, use_threads=True)),
     Case("two registries on one root", "concurrency", "each sees the other's writes", _two_registries),
+    Case("writers of one version on S3", "concurrency", "a conditional PUT: exactly one wins, a late writer VersionExists", _race_on_s3),
 ]
 
 
@@ -455,24 +623,32 @@ def _crafted_pickle(tmp: Path) -> tuple[bool, str]:
 
 
 def _truncated_checkpoint(tmp: Path) -> tuple[bool, str]:
-    import torch
-    from treelora.train.ray_executor import damaged_torch_files
+    import json
 
-    engine = tmp / "engine" / "ckpt"
-    engine.mkdir(parents=True)
-    torch.save({"w": torch.ones(1000)}, engine / "mp_rank_00_model_states.pt")
-    torch.save({"m": torch.ones(1000)}, engine / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
-    intact = damaged_torch_files(tmp / "engine")
-    target = engine / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
-    target.write_bytes(target.read_bytes()[:1500])  # cut off mid-write
-    found = damaged_torch_files(tmp / "engine")
-    ok = intact is None and found is not None and found[0] == str(target)
-    return ok, f"intact: {intact}; truncated: {found[0].rsplit('/', 1)[-1] if found else None} ({found[1][:60] if found else ''})"
+    import ray.train
+    import torch
+    from treelora.train.ray_executor import ENGINE, POSITION_FILE, latest_intact
+
+    run = tmp / "ray_train" / "stream"
+    folders = [run / f"checkpoint_2026-11-29_10-00-0{i}.000000" for i in range(3)]  # Ray Train's names: oldest first
+    for step, folder in enumerate(folders):
+        (folder / ENGINE / "ckpt").mkdir(parents=True)
+        torch.save({"w": torch.full((1000,), float(step))}, folder / ENGINE / "ckpt" / "mp_rank_00_model_states.pt")
+        (folder / POSITION_FILE).write_text(json.dumps({"phase_index": 0, "next": [0, step]}))
+    newest = folders[2] / ENGINE / "ckpt" / "mp_rank_00_model_states.pt"
+    newest.write_bytes(newest.read_bytes()[:1500])  # cut off mid-write
+    (folders[1] / POSITION_FILE).write_text('{"phase_index": 0, "ne')  # and the one before it too
+    said: list[str] = []
+    local = latest_intact(ray.train.Checkpoint(str(folders[2])), log=said.append)
+    used = json.loads(Path(local, POSITION_FILE).read_text())["next"][1] if local else None
+    named = len(said) >= 2 and f"{folders[2]} is damaged ({ENGINE}/ckpt/{newest.name}" in said[0] and \
+        f"{folders[1]} is damaged ({POSITION_FILE}" in said[1]
+    return used == 0 and named, f"used the checkpoint of step {used}; said: {' | '.join(s.split(' is ')[-1][:60] for s in said)}"
 
 
 CHECKPOINT_CASES = [
-    Case("a truncated DeepSpeed checkpoint file", "checkpoints", "named; the restart trains its phase again from its start "
-         "instead of failing every attempt", _truncated_checkpoint),
+    Case("the latest two checkpoints damaged", "checkpoints", "each damaged one named; the newest intact one before them used",
+         _truncated_checkpoint),
     Case("a crafted pickle in a DeepSpeed checkpoint", "checkpoints", "intact ones load; the crafted one is refused naming the "
          "file and never runs", _crafted_pickle),
 ]
@@ -498,9 +674,27 @@ def _params_redacted(tmp: Path) -> tuple[bool, str]:
     return (not leaked and "workdir" in params), (f"leaked in {leaked}" if leaked else f"workdir param is {params.get('workdir')!r}")
 
 
+def _submitted_entrypoint(tmp: Path) -> tuple[bool, str]:
+    """``submit`` builds the job's shell command: values are quoted (a ';' stays text) and the
+    printed command carries no credentials."""
+    import shlex
+
+    from treelora.ray_jobs import entrypoint_args
+    from treelora.storage import redact
+
+    sets = ["workdir=s3://AKIAKEY:s3cr3t@bucket/runs;touch /tmp/pwned", "train.lr=2e-4"]
+    line = shlex.join(entrypoint_args(None, sets))
+    words = shlex.split(line)
+    shown = redact(line)
+    ok = sets[0] in words and "s3cr3t" not in shown and "AKIAKEY" not in shown
+    return ok, f"the shell sees {len(words)} words, the ';' value whole; printed: {shown[-70:]}"
+
+
 SECRET_CASES = [
     Case("credentials in a storage URI, printed", "secrets", "redacted", _redacted),
     Case("credentials in URIs, as MLflow params", "secrets", "redacted", _params_redacted),
+    Case("shell metacharacters and credentials in submit --set", "secrets", "quoted for the job's shell; redacted when printed",
+         _submitted_entrypoint),
 ]
 
 CASES = [*CONFIG_CASES, Case("workdir is a file", "config", "refused naming workdir", _workdir_is_a_file),
@@ -509,7 +703,7 @@ CASES = [*CONFIG_CASES, Case("workdir is a file", "config", "refused naming work
          Case("the latest tree snapshot deleted", "resume", "refused naming the task it held and the file", _deleted_latest_snapshot),
          Case("a damaged progress.json (the CLI)", "resume", "one line on stderr naming the file, exit 2", _damaged_progress),
          Case("tracking server down (closed port)", "config", "refused within seconds naming tracking.tracking_uri", _tracking_down),
-         *MANIFEST_CASES, *TREE_CASES, *CHECKPOINT_CASES, *SECRET_CASES]
+         *MANIFEST_CASES, *TREE_CASES, *CHECKPOINT_CASES, *SECRET_CASES, *RUNNING_CASES]
 
 
 def run_case(case: Case) -> tuple[bool, str]:

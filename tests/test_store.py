@@ -196,6 +196,35 @@ def test_s3_round_trip_through_a_local_server(s3_server):
     assert [k for k in keys if not k.endswith("/")] == ["trees/s3stream/v00000001.arrow"]
 
 
+def test_on_s3_a_version_is_created_only_if_absent(s3_server):
+    """S3 has no rename and pyarrow.fs no conditional write: the version goes up as one PUT with
+    If-None-Match: *, so a writer that passed the existence check too late still loses."""
+    import threading
+
+    import pyarrow.fs as pafs
+
+    from tree_service.conditional_put import put_if_absent
+    from tree_service.errors import VersionExists
+
+    uri = s3_server("treelora-race")
+    fs, root = pafs.FileSystem.from_uri(uri)
+    put_if_absent(fs, f"{root}/direct/v00000001.arrow", b"first", "version 1")
+    with pytest.raises(VersionExists, match="version 1 was written by another writer first"):
+        put_if_absent(fs, f"{root}/direct/v00000001.arrow", b"second", "version 1")
+    assert s3_server.client.get_object(Bucket="treelora-race", Key="trees/direct/v00000001.arrow")["Body"].read() == b"first"
+
+    TreeRegistry(uri).add_task("race", "seed", np.zeros((3, 4), np.float32), expected_version=0)
+    barrier, results = threading.Barrier(4), {}
+    threads = [threading.Thread(target=_racer, args=(uri, f"task{'x' * i}", barrier, results)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    winners = [t for t, r in results.items() if r == 2]
+    assert len(results) == 4 and len(winners) == 1, results
+    assert TreeRegistry(uri).snapshot("race")["task_ids"] == ["seed", winners[0]]
+
+
 def _racer(root: str, task: str, barrier, results) -> None:
     reg = TreeRegistry(root)  # its own registry, as another process or actor would have
     barrier.wait()

@@ -3,9 +3,10 @@
 Layout: ``<root>/<stream>/v00000042.arrow``, one immutable file per version. A version is
 written atomically and only if absent (local: a temporary name in the same folder, then a hard
 link to the version's name, which fails if it exists, so of two writers of one version, in any
-processes, exactly one wins; object stores: one PUT, visible only once complete, after a check
-that the version is absent: two writers racing within that window on an object store are not
-detected), and an existing version is never overwritten. Entries of the root that are not
+processes, exactly one wins; S3: one conditional PUT, ``If-None-Match: *``, which the store
+refuses when the key exists; other object stores: one PUT after a check that the version is
+absent, so two writers racing within that window there are not detected), and an existing
+version is never overwritten. Entries of the root that are not
 stream folders (``.ipynb_checkpoints``, a stray file) are ignored. The latest
 version is the highest-numbered file, so there is no pointer to update non-atomically.
 Reading validates the schema, metadata, shapes, dtypes and content hashes, and refuses
@@ -24,6 +25,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import torch
 
+from .conditional_put import put_if_absent, supports_conditional_put
 from .errors import SnapshotFormatError, TreeServiceError, VersionExists
 from .signatures import SignatureSpace
 from .snapshot import STREAM_NAME, StreamSnapshot, TaskRecord, check_stream_name, content_hash
@@ -87,6 +89,12 @@ class SnapshotStore:
         if self.fs.get_file_info(path).type != pafs.FileType.NotFound:
             raise VersionExists(f"{path}: version {snap.version} of stream {snap.stream!r} already exists; versions are immutable")
         table = self._to_table(snap)
+        if supports_conditional_put(self.fs):
+            sink = pa.BufferOutputStream()
+            with pa.ipc.new_file(sink, table.schema) as writer:
+                writer.write_table(table)
+            put_if_absent(self.fs, path, sink.getvalue().to_pybytes(), f"version {snap.version} of stream {snap.stream!r}")
+            return path
         self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
         target = f"{path}.tmp-{uuid.uuid4().hex}" if self._local else path
         try:

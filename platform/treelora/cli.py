@@ -114,7 +114,9 @@ def cmd_submit(args) -> int:
 
     cfg = load_config(args.config, args.set)  # refuse a broken config here, not on the cluster
     job_id, entrypoint = ray_jobs.submit(cfg, args.config, args.set, args.address, args.submission_id)
-    print(f"submitted job {job_id}: {entrypoint}", flush=True)
+    from .storage import redact
+
+    print(f"submitted job {job_id}: {redact(entrypoint)}", flush=True)
     if args.no_wait:
         print(job_id)  # alone on its line, for scripts
         return 0
@@ -209,13 +211,15 @@ def main(argv=None) -> int:
     _quiet()
     from tree_service import TreeServiceError
 
+    from .storage import redact
+
     try:
         return args.fn(args)
     except ConfigError as exc:
-        print(f"treelora: config error: {exc}", file=sys.stderr)
+        print(f"treelora: config error: {redact(str(exc))}", file=sys.stderr)
         return 2
     except TreeServiceError as exc:  # e.g. a damaged snapshot: named, not a traceback
-        print(f"treelora: tree service: {str(exc).splitlines()[0]}", file=sys.stderr)
+        print(f"treelora: tree service: {redact(str(exc).splitlines()[0])}", file=sys.stderr)
         return 2
 
 

@@ -24,10 +24,12 @@ def main(argv=None) -> int:
     _quiet()
     try:
         cfg = load_config(args.config, args.set)
-    except ConfigError as exc:
-        print(f"treelora: config error: {exc}", file=sys.stderr)
+        result = run_stream(cfg, address=os.environ.get("RAY_ADDRESS", "auto"))
+    except ConfigError as exc:  # the same one line on stderr and exit 2 as `treelora run`
+        from .storage import redact
+
+        print(f"treelora: config error: {redact(str(exc))}", file=sys.stderr)
         return 2
-    result = run_stream(cfg, address=os.environ.get("RAY_ADDRESS", "auto"))
     print(format_result(result))
     return 0
 

@@ -39,6 +39,17 @@ def package_dirs() -> list[str]:
     return [str(Path(treelora.__file__).parent), str(Path(tree_service.__file__).parent)]
 
 
+def entrypoint_args(config_file: str | None, overrides: list[str]) -> list[str]:
+    """The job's command as argv (``config_file``: the config's name inside the job's working
+    directory); ``shlex.join`` makes it the one shell line Ray's supervisor runs."""
+    args = ["python", "-m", "treelora.job_entry"]
+    if config_file is not None:
+        args.append(config_file)
+    for override in overrides:
+        args += ["--set", override]
+    return args
+
+
 def submit(cfg: RunConfig, config_path: str | None, overrides: list[str], address: str | None,
            submission_id: str | None = None) -> tuple[str, str]:
     """Submit one stream; returns (job id, entrypoint). The config was validated by the caller."""
@@ -46,13 +57,9 @@ def submit(cfg: RunConfig, config_path: str | None, overrides: list[str], addres
 
     staging = Path(tempfile.mkdtemp(prefix="treelora-job-"))
     try:
-        args = ["python", "-m", "treelora.job_entry"]
         if config_path is not None:
             shutil.copy(config_path, staging / "config.yaml")
-            args.append("config.yaml")
-        for override in overrides:
-            args += ["--set", override]
-        entrypoint = shlex.join(args)
+        entrypoint = shlex.join(entrypoint_args("config.yaml" if config_path is not None else None, overrides))
         runtime_env = {"working_dir": str(staging), "py_modules": package_dirs(), "env_vars": worker_env(cfg),
                        "excludes": ["__pycache__", "*.pyc"]}
         jobs = client(address)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -47,12 +48,18 @@ def inside(root: str | Path, *parts: str, what: str) -> Path:
     return path
 
 
-def redact(uri: str) -> str:
-    """``uri`` without credentials (s3://KEY:SECRET@bucket -> s3://***@bucket), for logs and params."""
-    split = urlsplit(uri) if "://" in uri else None
-    if split is None or "@" not in split.netloc:
-        return uri
-    return urlunsplit((split.scheme, "***@" + split.netloc.rsplit("@", 1)[1], split.path, split.query, split.fragment))
+# userinfo of any URI (s3://KEY:SECRET@bucket, http://user:pass@host) and secret-looking query
+# or key=value settings (secret_key=..., session_token=..., password=...)
+_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s'\"]+@")
+_SECRET_SETTING = re.compile(r"(?P<key>\b[\w.-]*(?:secret|password|passwd|token|access_key|credential)[\w.-]*=)[^&\s'\"]+", re.IGNORECASE)
+
+
+def redact(text: str) -> str:
+    """``text`` with every credential it carries replaced by ``***`` (s3://KEY:SECRET@bucket ->
+    s3://***@bucket; ...&secret_key=X -> ...&secret_key=***): for logs, printed commands, errors
+    and MLflow params. Works on a URI or on any text holding URIs."""
+    text = _USERINFO.sub(lambda m: m.group("scheme") + "***@", str(text))
+    return _SECRET_SETTING.sub(lambda m: m.group("key") + "***", text)
 
 
 def cache_root(uri: str) -> Path:

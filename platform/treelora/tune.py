@@ -32,7 +32,7 @@ import numpy as np
 import yaml
 
 from .config import ConfigError, RunConfig
-from .storage import join_uri
+from .storage import join_uri, redact
 
 SAMPLERS = ("choice", "grid", "uniform", "loguniform", "randint")
 # The trial function only drives its stream; the stream's Ray Train workers ask for their own CPUs
@@ -206,6 +206,6 @@ def run_sweep(cfg: RunConfig, spec: SweepSpec, name: str, *, address: str | None
     client = tracker.client
     client.log_metric(sweep_run_id, f"best_{spec.metric}", best_metric)
     client.log_metric(sweep_run_id, "trials_stopped_early", stopped)
-    client.log_text(sweep_run_id, out.read_text(), "best.yaml")
+    client.log_text(sweep_run_id, redact(out.read_text()), "best.yaml")  # the file keeps what runs; MLflow never sees secrets
     client.set_terminated(sweep_run_id)
     return SweepResult(best_cfg, best_params, best_metric, str(out), trials, stopped, sweep_run_id)

@@ -257,23 +257,66 @@ def damaged_torch_files(folder: Path) -> tuple[str, str] | None:
     return None
 
 
+def _older_checkpoints(checkpoint) -> list:
+    """The checkpoints of the same Ray Train run older than ``checkpoint``, newest first: Ray
+    Train names them checkpoint_<date and time>, so their names sort by age."""
+    import pyarrow.fs as pafs
+    import ray.train
+
+    fs = checkpoint.filesystem
+    parent, name = checkpoint.path.rstrip("/").rsplit("/", 1)
+    infos = fs.get_file_info(pafs.FileSelector(parent, allow_not_found=True))
+    names = sorted((i.base_name for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")
+                    and i.base_name < name), reverse=True)
+    return [ray.train.Checkpoint(f"{parent}/{n}", filesystem=fs) for n in names]
+
+
+def _intact_copy(checkpoint) -> tuple[str | None, str]:
+    """(local copy, "") when every torch file and the position record read back whole, else
+    (None, what is damaged)."""
+    local = tempfile.mkdtemp(prefix="treelora-restore-")
+    with checkpoint.as_directory() as d:
+        shutil.copytree(d, local, dirs_exist_ok=True)
+    damaged = damaged_torch_files(Path(local, ENGINE))
+    why = f"{os.path.relpath(damaged[0], local)}: {damaged[1]}" if damaged else ""
+    if not why:
+        try:
+            json.loads(Path(local, POSITION_FILE).read_text())
+        except (OSError, ValueError) as exc:
+            why = f"{POSITION_FILE}: {exc}"
+    if why:
+        shutil.rmtree(local, ignore_errors=True)
+        return None, why
+    return local, ""
+
+
+def latest_intact(checkpoint, log=lambda line: print(line, flush=True)) -> str | None:
+    """A local copy of ``checkpoint`` or, when it is damaged, of the newest intact one before it;
+    every damaged one is named. Every rank reads the same files, so every rank chooses alike."""
+    for candidate in [checkpoint, *_older_checkpoints(checkpoint)]:
+        local, why = _intact_copy(candidate)
+        if local is not None:
+            if candidate is not checkpoint:
+                log(f"[treelora] WARNING: resuming from the older checkpoint {candidate.path}")
+            return local
+        log(f"[treelora] WARNING: checkpoint {candidate.path} is damaged ({why}); trying the one before it")
+    log("[treelora] WARNING: no intact checkpoint left; the phase is trained again from its start")
+    return None
+
+
 def _restore(recipe: StreamRecipe) -> MidPhase | None:
-    """The latest checkpoint of this stream's Ray Train run, copied here; the recipe decides
-    whether it still belongs to what the stream has to do (``StreamRecipe._resume_point``)."""
+    """The latest intact checkpoint of this stream's Ray Train run, copied here; the recipe
+    decides whether it still belongs to what the stream has to do (``StreamRecipe._resume_point``).
+    A damaged one (cut off mid-write) is named and the one before it is used; with none intact,
+    the phase trains again from its start."""
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
     recipe.restarted = checkpoint is not None
     if checkpoint is None:
         return None
-    local = tempfile.mkdtemp(prefix="treelora-restore-")
-    with checkpoint.as_directory() as d:
-        shutil.copytree(d, local, dirs_exist_ok=True)
-    damaged = damaged_torch_files(Path(local, ENGINE))
-    if damaged:  # every rank reads the same files, so every rank makes this same choice
-        print(f"[treelora] WARNING: checkpoint {checkpoint.path} is damaged ({damaged[0]}: {damaged[1]}); "
-              "its phase is trained again from its start", flush=True)
-        shutil.rmtree(local, ignore_errors=True)
+    local = latest_intact(checkpoint)
+    if local is None:
         return None
     position = json.loads(Path(local, POSITION_FILE).read_text())
     return MidPhase(phase_index=position["phase_index"], next_position=tuple(position["next"]),
