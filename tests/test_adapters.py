@@ -103,7 +103,7 @@ def test_classification_snapshot_is_a_peft_folder_with_heads_that_stock_peft_loa
     config = json.loads((folder / "adapter_config.json").read_text())
     assert (config["peft_type"], config["r"], config["lora_alpha"]) == ("LORA", R, ALPHA)
     assert set(config["target_modules"]) == {"query", "value"}
-    assert config["base_model_name_or_path"] == model.source
+    assert config["base_model_name_or_path"] is None and config["task_type"] == "FEATURE_EXTRACTION"  # a test model loads from nowhere
 
     loaded = assert_loads_identically(folder, tiny_backbone("tiny-bert").model, model)
     # the loaded adapter is the same function as the live one
@@ -169,3 +169,26 @@ def test_targets_that_match_nothing_are_refused_at_construction():
 def test_targets_that_match_nothing_name_the_config_field(targets):
     with pytest.raises(ValueError, match=r"adapter\.targets.*nothing"):
         bert_model(targets=targets)
+
+
+def test_a_folder_on_a_real_model_loads_in_one_call_with_auto_peft_model(tmp_path):
+    """adapter_config.json names the base by what loads it and says its task type, so stock
+    ``AutoPeftModelForFeatureExtraction.from_pretrained(folder)`` builds base + adapter alone."""
+    from peft import AutoPeftModelForFeatureExtraction
+
+    from treelora.adapters.backbone import load_backbone, minilm_dir
+
+    model = ContinualModel(load_backbone("minilm"), r=R, alpha=ALPHA)
+    with torch.no_grad():
+        for p in model.lora_parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    folder = save_adapter_folder(model, tmp_path / "snap")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(minilm_dir()) and config["task_type"] == "FEATURE_EXTRACTION"
+    loaded = AutoPeftModelForFeatureExtraction.from_pretrained(str(folder)).eval()
+    batch = model.tokenizer(["a plain sentence to embed"], return_tensors="pt")
+    model.eval()
+    with torch.no_grad():
+        want = model.peft(**batch).last_hidden_state
+        got = loaded(**batch).last_hidden_state
+    assert torch.allclose(got, want, atol=1e-5)

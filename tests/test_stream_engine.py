@@ -4,6 +4,7 @@ trains, from which adapter, against which tree. Tiny random BERT on the packaged
 import dataclasses
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -170,3 +171,27 @@ def test_dotted_task_names_train_and_each_version_carries_only_the_heads_trained
     first, second = (Path(t.adapter_dir) for t in result.tasks)
     assert first.parent.name == "00-sst.2" and sorted(read_heads(first)) == ["sst.2"]
     assert sorted(read_heads(second)) == ["amazon.v2", "sst.2"]
+
+
+def test_a_registered_version_predicts_through_mlflow_pyfunc_as_the_evaluation_scored_it(finished, monkeypatch):
+    """Each version is an MLflow model: stock ``mlflow.pyfunc.load_model`` builds base + adapter +
+    heads and its predictions score exactly what the stream's evaluation measured."""
+    import mlflow
+    import mlflow.pyfunc
+    import pandas as pd
+
+    from treelora.train.validate import validate_stream
+
+    cfg, result = finished
+    monkeypatch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", None)  # restored after the test
+    monkeypatch.setattr(mlflow.tracking._model_registry.utils, "_registry_uri", None)
+    mlflow.set_tracking_uri(result.tracking_uri)
+    mlflow.set_registry_uri(result.tracking_uri)
+    model = mlflow.pyfunc.load_model(f"models:/{result.registered_model}@latest")
+    assert model.metadata.get_input_schema().input_names() == ["task", "text"]
+    assert model.metadata.get_output_schema().input_names() == ["prediction"]
+    for i, task in enumerate(validate_stream(cfg).tasks):
+        predicted = model.predict(pd.DataFrame({"task": task.name, "text": [e.text for e in task.test]}))["prediction"]
+        assert np.mean([p == e.target for p, e in zip(predicted, task.test)]) == pytest.approx(result.accuracy[i, -1])
+    with pytest.raises(ValueError, match="task 'nope' is not in this adapter version"):
+        model.predict(pd.DataFrame({"task": ["nope"], "text": ["x"]}))

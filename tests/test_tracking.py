@@ -50,7 +50,12 @@ def adapters(tmp_path_factory):
             for p in model.lora_parameters():
                 p.add_(torch.randn(p.shape, generator=gen) * 0.1)
         model.set_head(name, torch.nn.Linear(model.hidden_size, 2 + index))
-        folder = save_adapter_folder(model, root / f"task{index}", label_sets={n: ["a", "b"] for n, _ in model.head_items()})
+        labels = {n: [f"label{j}" for j in range(h.out_features)] for n, h in model.head_items()}
+        meta = {"kind": "classification", "model": {"name": "tiny-bert"}, "adapter": {"r": 4, "alpha": 8, "targets": ["q", "v"]},
+                "adapters": ["default"], "max_length": 32, "tasks": {n: {"kind": "classification", "labels": ls, "metric": "accuracy"}
+                                                                      for n, ls in labels.items()},
+                "example": {"task": name, "text": "a short review"}}
+        folder = save_adapter_folder(model, root / f"task{index}", label_sets=labels, meta=meta)
         out.append({"name": name, "folder": folder, "lora": lora_state(model),
                     "heads": {n: h.weight.detach().clone() for n, h in model.head_items()}})
     return out
@@ -161,9 +166,12 @@ def test_stream_on_sqlite(tmp_path, adapters, monkeypatch):
         assert run.data.metrics[f"acc/sst2/after_{TASKS[index].replace(':', '_')}"] == pytest.approx(0.9 + 0.01 * index)
         files = {f.path for f in client.list_artifacts(child)}
         assert {"accuracy_matrix.png", "accuracy_matrix.json", "tree.png", "tree.txt", "tree.json",
-                "bandit_choices.png", "bandit_choices.json", "adapter"} <= files
-        adapter_files = {Path(f.path).name for f in client.list_artifacts(child, "adapter")}
-        assert {"adapter_config.json", "adapter_model.safetensors", "task_heads.safetensors"} <= adapter_files
+                "bandit_choices.png", "bandit_choices.json", "model"} <= files
+        # the version is an MLflow model (pyfunc, signature, input example) around the standard PEFT folder
+        model_files = {Path(f.path).name for f in client.list_artifacts(child, "model")}
+        assert {"MLmodel", "input_example.json", "requirements.txt", "data", "code"} <= model_files
+        adapter_files = {Path(f.path).name for f in client.list_artifacts(child, "model/data/adapter")}
+        assert {"adapter_config.json", "adapter_model.safetensors", "task_heads.safetensors", "treelora_adapter.json"} <= adapter_files
         tree_text = Path(client.download_artifacts(child, "tree.txt", str(tmp_path / f"dl{index}"))).read_text()
         assert all(f"- {n}" in tree_text for n in TASKS[: index + 1])
         png = Path(client.download_artifacts(child, "bandit_choices.png", str(tmp_path / f"dl{index}")))
@@ -258,7 +266,7 @@ def test_stream_over_http_server(tmp_path, adapters, mlflow_server):
     assert str(client.get_model_version_by_alias("toy-http", "latest").version) == "3"
     assert client.get_model_version_by_alias("toy-http", task_alias("ag news")).version == "2"
     assert client.get_model_version("toy-http", "2").tags["config_hash"] == config.digest()
-    assert {"accuracy_matrix.png", "tree.png", "bandit_choices.png", "adapter"} <= {f.path for f in client.list_artifacts(logged[2][0])}
+    assert {"accuracy_matrix.png", "tree.png", "bandit_choices.png", "model"} <= {f.path for f in client.list_artifacts(logged[2][0])}
     # the artifacts went through the server to its own folder
     assert list((tmp_path / "art").rglob("adapter_model.safetensors"))
     peft_model, heads = load_registered_adapter("models:/toy-http@latest", tiny_backbone("tiny-bert").model, mlflow_server)
@@ -267,7 +275,7 @@ def test_stream_over_http_server(tmp_path, adapters, mlflow_server):
     assert client.get_run(parent).data.metrics["op"] == 0.7 and client.get_run(parent).info.status == "FINISHED"
 
 
-def test_a_task_logged_twice_keeps_one_run_and_one_version(tmp_path):
+def test_a_task_logged_twice_keeps_one_run_and_one_version(tmp_path, adapters):
     """A driver that died after logging a task and before recording it logs it again on the rerun:
     the tracker answers the version it registered the first time."""
     import numpy as np
@@ -276,9 +284,7 @@ def test_a_task_logged_twice_keeps_one_run_and_one_version(tmp_path):
     from treelora.tracking import StreamTracker
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    adapter = tmp_path / "adapter"
-    adapter.mkdir()
-    (adapter / "adapter_config.json").write_text("{}")
+    adapter = adapters[0]["folder"]
     tracker = StreamTracker(uri, "e", "m", RunConfig())
     tracker.start_stream("s", ["a"])
     args = dict(step_losses=[(0, 1.0, 0.0)], metrics={}, accuracy_matrix=np.array([[0.5]]), task_names=["a"], adapter_dir=adapter,

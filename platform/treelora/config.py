@@ -229,6 +229,21 @@ def _build(cls, data: dict[str, Any], where: str, prefix: str):
     return cls(**kwargs)
 
 
+def _number(value: Any) -> Any:
+    """A number written as people write them, from YAML or an override: YAML 1.1 reads 2e-4 and
+    1e3 (an exponent without a dot) as strings; 5_000 is read as 5000 already."""
+    if isinstance(value, str):
+        text = value.strip().replace("_", "")
+        try:
+            return int(text)
+        except ValueError:
+            try:
+                return float(text)
+            except ValueError:
+                return value
+    return value
+
+
 def _coerce(value: Any, hint: Any, where: str) -> Any:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
@@ -247,15 +262,14 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             raise ConfigError(f"{where} must be true or false, got {value!r}")
         return value
     if hint is int:
+        value = _number(value)
+        if isinstance(value, float) and value.is_integer():  # 1e3, 2.0e4
+            value = int(value)
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{where} must be an integer, got {value!r}")
         return value
     if hint is float:
-        if isinstance(value, str):  # YAML 1.1 reads 2e-4 (an exponent without a dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
+        value = _number(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where} must be a number, got {value!r}")
         return float(value)

@@ -37,7 +37,9 @@ class Backbone:
     model: torch.nn.Module
     tokenizer: object
     family: str  # "bert" (encoder, classification heads) or "llama" (causal LM, generation)
-    source: str  # where it came from, logged with every run
+    source: str  # where it came from, for people: logged with every run
+    reference: str | None = None  # what from_pretrained loads it from (a local folder), None for test models
+    gguf_file: str | None = None  # the GGUF file inside ``reference``, for models shipped as GGUF
 
     @property
     def is_causal(self) -> bool:
@@ -98,12 +100,13 @@ def _load_backbone(name: str, stream_kind: str, dtype: torch.dtype, device) -> B
     onto = {"device_map": {"": str(device)}} if on_gpu else {}
     if name == "minilm":
         path = minilm_dir()
-        return Backbone(AutoModel.from_pretrained(path, dtype=dtype, **onto), AutoTokenizer.from_pretrained(path), "bert", f"all-MiniLM-L6-v2 ({path})")
+        return Backbone(AutoModel.from_pretrained(path, dtype=dtype, **onto), AutoTokenizer.from_pretrained(path), "bert", f"all-MiniLM-L6-v2 ({path})",
+                        str(path))
     if name == "smollm2":
         path = smollm2_dir()
         model = AutoModelForCausalLM.from_pretrained(path, gguf_file=SMOLLM2_GGUF, dtype=dtype)
         tok = AutoTokenizer.from_pretrained(path, gguf_file=SMOLLM2_GGUF)
-        return Backbone(model, _causal_tokenizer(tok), "llama", f"SmolLM2-135M-Instruct ({path / SMOLLM2_GGUF})")
+        return Backbone(model, _causal_tokenizer(tok), "llama", f"SmolLM2-135M-Instruct ({path / SMOLLM2_GGUF})", str(path), SMOLLM2_GGUF)
     if name in ("tiny-bert", "tiny-llama"):
         backbone = tiny_backbone(name)
         backbone.model.to(dtype)
@@ -112,9 +115,10 @@ def _load_backbone(name: str, stream_kind: str, dtype: torch.dtype, device) -> B
     config = AutoConfig.from_pretrained(path)
     tok = AutoTokenizer.from_pretrained(path)
     if config.model_type == "llama":
-        return Backbone(AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **onto), _causal_tokenizer(tok), "llama", str(path))
+        return Backbone(AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **onto), _causal_tokenizer(tok), "llama", str(path),
+                        str(path.resolve()))
     if config.model_type == "bert":
-        return Backbone(AutoModel.from_pretrained(path, dtype=dtype, **onto), tok, "bert", str(path))
+        return Backbone(AutoModel.from_pretrained(path, dtype=dtype, **onto), tok, "bert", str(path), str(path.resolve()))
     raise ModelNotAvailable(f"model {path}: model_type {config.model_type!r} is not supported (bert or llama)")
 
 

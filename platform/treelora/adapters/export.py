@@ -3,9 +3,17 @@
 Stock ``PeftModel.from_pretrained(base, folder)`` loads them; nothing of treelora is needed.
 Several adapters active together (O-LoRA's frozen old ones plus the new one) are written as
 ONE adapter whose rank is the sum: LoRA outputs add, so stacking the A rows and B columns, with
-``lora_alpha`` scaled so alpha/r is unchanged, is the same function. Classification heads,
-which peft does not know, go beside it in ``task_heads.safetensors`` with their label sets in
-``task_heads.json``; peft ignores both files.
+``lora_alpha`` scaled so alpha/r is unchanged, is the same function.
+
+``adapter_config.json`` names the base model by what loads it (``base_model_name_or_path``: the
+model's local folder) and its task type (FEATURE_EXTRACTION for the encoder, CAUSAL_LM for the
+decoder), so ``AutoPeftModel...from_pretrained(folder)`` builds base and adapter in one call
+(a GGUF base also needs ``gguf_file=``, recorded in ``treelora_adapter.json``). Classification
+heads, which peft has no place for on a bare encoder, go beside it in
+``task_heads.safetensors`` with their label sets in ``task_heads.json`` (peft ignores both;
+``read_heads`` loads them): only the heads of the tasks trained so far.
+``treelora_adapter.json`` holds what a loader needs that peft does not record (the model as
+people name it, the tasks with their labels and metric, sizes, an input example).
 """
 
 from __future__ import annotations
@@ -20,17 +28,20 @@ from safetensors.torch import load_file, save_file
 from .model import ContinualModel
 
 HEADS_FILE, HEADS_META = "task_heads.safetensors", "task_heads.json"
+ADAPTER_META = "treelora_adapter.json"
 
 
 def save_adapter_folder(model: ContinualModel, folder: str | Path, adapters: list[str] | None = None,
-                        label_sets: dict[str, list[str]] | None = None) -> Path:
+                        label_sets: dict[str, list[str]] | None = None, meta: dict | None = None) -> Path:
+    """``label_sets``: {task: labels} of the heads to keep (the tasks trained so far); ``meta``:
+    written as treelora_adapter.json (see the module docstring)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     adapters = adapters or ["default"]
     cfg = model.lora_config
     k = len(adapters)
-    config = dataclasses.replace(cfg, r=cfg.r * k, lora_alpha=cfg.lora_alpha * k, base_model_name_or_path=model.source,
-                                 inference_mode=True)
+    config = dataclasses.replace(cfg, r=cfg.r * k, lora_alpha=cfg.lora_alpha * k, base_model_name_or_path=model.reference,
+                                 task_type="CAUSAL_LM" if model.is_causal else "FEATURE_EXTRACTION", inference_mode=True)
     state = {}
     for m in model.modules_in_order:
         prefix = f"base_model.model.{m.name}"
@@ -44,6 +55,9 @@ def save_adapter_folder(model: ContinualModel, folder: str | Path, adapters: lis
         heads = {f"{t}.{n}": p.detach().float().cpu().contiguous() for t, h in kept for n, p in h.named_parameters()}
         save_file(heads, str(folder / HEADS_FILE))
         (folder / HEADS_META).write_text(json.dumps({t: label_sets[t] for t, _ in kept}, indent=1))
+    if meta is not None:
+        base = {"base_model": model.source, "base_model_name_or_path": model.reference, "gguf_file": model.gguf_file}
+        (folder / ADAPTER_META).write_text(json.dumps({**base, **meta}, indent=1))
     return folder
 
 

@@ -54,6 +54,7 @@ class ContinualModel(torch.nn.Module):
                  chat_template: bool = True):
         super().__init__()
         self.family, self.tokenizer, self.source = backbone.family, backbone.tokenizer, backbone.source
+        self.reference, self.gguf_file = backbone.reference, backbone.gguf_file
         self.max_length, self.max_new_tokens = max_length, max_new_tokens
         # instruct models answer in their chat format: a prompt becomes one user turn
         self.use_chat_template = bool(chat_template and self.is_causal and getattr(self.tokenizer, "chat_template", None))

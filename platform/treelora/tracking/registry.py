@@ -1,9 +1,13 @@
-"""Registered adapter versions: create one from a logged PEFT folder, list them, load one back.
+"""Registered adapter versions: create one from a logged model folder, list them, load one back.
+
+Each version's source is an MLflow pyfunc model folder (``treelora.serving``) whose data is the
+standard PEFT folder (``data/adapter``): ``mlflow.pyfunc.load_model`` predicts with it, and
+``load_registered_adapter`` hands the PEFT folder to stock peft.
 
 MLflow 3.17 notes that shape this module:
-* ``mlflow.register_model`` wants an MLflow model (MLmodel file / logged model) and fails on a
-  plain PEFT folder, so a version is created with ``MlflowClient.create_model_version`` whose
-  source is the run's artifact URI of the folder.
+* ``mlflow.register_model`` on a run's artifact folder goes through MLflow 3's logged-model
+  lookup and fails there, so a version is created with ``MlflowClient.create_model_version``
+  whose source is the run's artifact URI of the folder.
 * The alias ``latest`` is reserved: ``set_registered_model_alias(..., "latest", ...)`` is
   refused, and ``models:/<name>@latest`` always resolves to the highest version number. Since
   every task registers a new, higher version, ``@latest`` moves with each task without us
@@ -80,7 +84,8 @@ def resolve_model_uri(client: MlflowClient, model_uri: str) -> tuple[str, str, s
 
 
 def download_registered_adapter(model_uri: str, tracking_uri: str, dst_path: str | Path) -> Path:
-    """Download e.g. ``models:/<name>@latest`` or ``models:/<name>@task-<task>`` into ``dst_path``.
+    """Download e.g. ``models:/<name>@latest`` or ``models:/<name>@task-<task>`` into ``dst_path``;
+    returns its PEFT folder.
 
     The models:/ URI is resolved here, with a client bound to ``tracking_uri``, rather than
     handed to ``mlflow.artifacts.download_artifacts``: in MLflow 3.17 that resolves models:/
@@ -93,9 +98,11 @@ def download_registered_adapter(model_uri: str, tracking_uri: str, dst_path: str
     name, version, sub = resolve_model_uri(client, model_uri)
     source = client.get_model_version_download_uri(name, version)
     Path(dst_path).mkdir(parents=True, exist_ok=True)
-    local = mlflow.artifacts.download_artifacts(artifact_uri=f"{source.rstrip('/')}/{sub}" if sub else source,
-                                                dst_path=str(dst_path), tracking_uri=tracking_uri)
-    return Path(local)
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{source.rstrip('/')}/{sub}" if sub else source,
+                                                     dst_path=str(dst_path), tracking_uri=tracking_uri))
+    from ..serving import MODEL_DATA_ADAPTER
+
+    return local / MODEL_DATA_ADAPTER if (local / MODEL_DATA_ADAPTER).is_dir() else local
 
 
 def load_registered_adapter(model_uri: str, base_model: "torch.nn.Module", tracking_uri: str,

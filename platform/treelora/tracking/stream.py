@@ -121,10 +121,11 @@ class StreamTracker:
                 per_module = {} if choices is None else {n: np.asarray(choices)[i].tolist() for i, n in enumerate(prev_task_names)}
                 (out / "bandit_choices.json").write_text(json.dumps({"pulls_per_task": pulls, "pulls_per_module": per_module}, indent=1))
                 self.client.log_artifacts(child, tmp)
-            self.client.log_artifacts(child, str(adapter_dir), artifact_path="adapter")
+            self._log_model(child, Path(adapter_dir))
 
             backend.ensure_registered_model(self.client, self.registered_model,
-                                            description="treelora adapters, one version per task (standard PEFT folders)")
+                                            description="treelora adapters, one version per task: MLflow pyfunc models "
+                                                        "holding a standard PEFT folder (data/adapter)")
             choices_json = json.dumps(pulls, separators=(",", ":"))
             version_tags = {"task": task_name, "task_index": str(task_index), "method": method,
                             "tree_version": tags["tree_version"], "config_hash": self.config_hash,
@@ -133,7 +134,7 @@ class StreamTracker:
             top = ", ".join(f"{k}:{v:g}" for k, v in sorted(pulls.items(), key=lambda kv: -kv[1])[:5]) or "none"
             lineage = (f"task {task_index} '{task_name}' of stream '{self.stream_name}' by {method}; "
                        f"tree v{tags['tree_version']}; bandit chose {top}; config {self.config_hash}; run {child}")
-            version = register_adapter(self.client, self.registered_model, source=f"{run.info.artifact_uri}/adapter",
+            version = register_adapter(self.client, self.registered_model, source=f"{run.info.artifact_uri}/model",
                                        run_id=child, tags=version_tags, description=lineage,
                                        aliases=[backend.task_alias(task_name)])
             self.client.set_tag(child, "model_version", version)
@@ -162,6 +163,21 @@ class StreamTracker:
             return None
         return (found[0].run_id, str(found[0].version)) if found else None
 
+
+    def _log_model(self, run_id: str, adapter_dir: Path) -> None:
+        """The version's folder: an MLflow pyfunc model around the PEFT folder; where mlflow.pyfunc
+        cannot be imported (mlflow-skinny without pandas) the PEFT folder alone, in the same place."""
+        with tempfile.TemporaryDirectory(prefix="treelora-model-") as tmp:
+            try:  # imported here: mlflow.pyfunc costs a second
+                import mlflow.pyfunc  # noqa: F401
+                import pandas  # noqa: F401
+
+                from ..serving import save_mlflow_model
+            except ImportError as exc:
+                print(f"[treelora] WARNING: registering the plain PEFT folder, not an MLflow model: {exc}", flush=True)
+                self.client.log_artifacts(run_id, str(adapter_dir), artifact_path="model/data/adapter")
+                return
+            self.client.log_artifacts(run_id, str(save_mlflow_model(adapter_dir, Path(tmp) / "model")), artifact_path="model")
 
     def _parent(self) -> str:
         if self.parent_run_id is None:

