@@ -4,6 +4,7 @@ The tiny random model keeps each stream to a few minutes; everything else is the
 (Ray Train V2, DeepSpeed on gloo, the tree service actor, MLflow on SQLite).
 """
 
+import io
 import json
 import uuid
 from pathlib import Path
@@ -40,8 +41,22 @@ def test_three_task_stream_end_to_end(ray_session, tmp_path, capsys):
     from treelora.train.progress import StreamProgress
     from tree_service import TreeRegistry
 
-    cfg = _cfg(tmp_path)
-    result = run_stream(cfg)
+    from treelora.console import Console
+
+    cfg = _cfg(tmp_path, "train.log_every=1")
+    shown = io.StringIO()
+    console = Console(out=shown, tty=False)
+    result = run_stream(cfg, log=console.line, progress=console.event)
+    # what a person sees: the stages of every task, from the workers through the event channel
+    text = shown.getvalue()
+    assert "model ready: tiny-bert" in text and "2 worker(s)" in text and "[1/3] agnews: training" in text
+    assert "[3/3] SST-2: trained" in text and "[3/3] SST-2: model version 3 registered" in text
+    assert "stream: 3 of 3 tasks done" in text and "Traceback" not in text
+    # the training loss reached MLflow while the stream ran, step by step, on the stream's run
+    progress = StreamProgress.load(tmp_path / "streams" / result.tree_stream / "progress.json")
+    client, versions = _registry(result)
+    live = client.get_metric_history(progress.parent_run_id, "loss/agnews")
+    assert [m.step for m in live] == list(range(len(progress.done("agnews")["outcome"]["losses"])))
     # the accuracy matrix: 3 x 3, every cell measured (all tasks are evaluated after each task)
     assert result.accuracy.shape == (3, 3) and np.isfinite(result.accuracy).all()
     assert np.isfinite(result.metrics["op"]) and np.isfinite(result.metrics["bwt"])
@@ -49,7 +64,6 @@ def test_three_task_stream_end_to_end(ray_session, tmp_path, capsys):
     tree = TreeRegistry(str(tmp_path / "trees")).describe(result.tree_stream)
     assert [t["task_id"] for t in tree["tasks"]] == ["agnews", "amazon", "SST-2"] and tree["version"] == 3
     # the registry: 3 versions, aliases latest and task-<name>
-    client, versions = _registry(result)
     assert [v.tags["task"] for v in versions] == ["agnews", "amazon", "SST-2"]
     from treelora.tracking import task_alias
     from treelora.tracking.registry import resolve_model_uri
@@ -59,7 +73,6 @@ def test_three_task_stream_end_to_end(ray_session, tmp_path, capsys):
     # MLflow reserves `latest`: models:/<name>@latest is always the highest version, i.e. the newest task
     assert str(resolve_model_uri(client, f"models:/{result.registered_model}@latest")[1]) == "3"
     # all ranks chose the same previous task per module at every step
-    progress = StreamProgress.load(tmp_path / "streams" / result.tree_stream / "progress.json")
     assert all(progress.done(t)["outcome"]["ranks_agree"] for t in ["agnews", "amazon", "SST-2"])
     assert progress.done("SST-2")["outcome"]["choices"] is not None and np.array(progress.done("SST-2")["outcome"]["choices"]).shape[0] == 2
     # one long-lived worker group for the whole stream: one Ray Train run, the model loaded once
@@ -86,6 +99,7 @@ def test_three_task_stream_end_to_end(ray_session, tmp_path, capsys):
     assert main(["run", str(cfg_path)]) == 0
     out = capsys.readouterr().out
     assert "Accuracy matrix" in out and "OP " in out and "BWT " in out and "registered model:" in out and "aliases latest" in out
+    assert "[1/3] agnews: already done (model version 1), skipped" in out and out.rstrip().splitlines()[-1].startswith("MLflow UI:")
     assert main(["tree", "show", result.tree_stream, "--config", str(cfg_path), "--png", str(tmp_path / "tree.png")]) == 0
     assert "agnews" in capsys.readouterr().out and (tmp_path / "tree.png").stat().st_size > 1000
 

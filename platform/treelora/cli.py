@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
-import warnings
 from pathlib import Path
 
 from .config import ConfigError, load_config
@@ -41,22 +39,50 @@ def format_result(result) -> str:
     return "\n".join(lines)
 
 
-def _quiet() -> None:
-    warnings.filterwarnings("ignore")
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    for name in ("transformers", "deepspeed", "DeepSpeed", "ray", "mlflow", "alembic"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-
-
 def cmd_run(args) -> int:
+    from .console import Console
     from .train.stream import run_stream
 
     cfg = load_config(args.config, args.set)
-    result = run_stream(cfg, executor="local" if args.local else "ray", address=args.address, resume=args.resume)
-    print(format_result(result))
+    console = Console()
+    result = run_stream(cfg, executor="local" if args.local else "ray", address=args.address, resume=args.resume,
+                        log=console.line, progress=console.event)
+    summary = format_result(result)
     if result.tracking_uri:
-        print(f"\nMLflow UI: .venv/bin/mlflow ui --backend-store-uri {result.tracking_uri}  (then open http://127.0.0.1:5000)")
+        summary += f"\n\nMLflow UI: mlflow ui --backend-store-uri {result.tracking_uri}  (then open http://127.0.0.1:5000)"
+    console.summary(summary)
+    return 0
+
+
+def cmd_validate(args) -> int:
+    """The config and every record of every task, checked as a run would, and what a run would use."""
+    import time
+
+    from .train.setup import build_model, split_sizes, steps_per_epoch, stream_kind, tree_stream_id
+    from .train.validate import check_tracking_reachable, validate_config, validate_stream
+
+    t0 = time.perf_counter()
+    cfg = load_config(args.config, args.set)
+    validate_config(cfg)
+    check_tracking_reachable(cfg)
+    stream = validate_stream(cfg)
+    kind = stream_kind(stream)
+    model = build_model(cfg, kind)  # the tokenizer and the lengths a run would use
+    cut = model.prepare(stream.tasks)
+    print(f"stream {stream.name}: {len(stream.tasks)} {kind} tasks, run id {tree_stream_id(cfg, stream)}")
+    for task in stream.tasks:
+        n_cut, n = cut[task.name]
+        labels = f"{len(task.labels)} labels ({', '.join(task.labels[:6])}{', ...' if len(task.labels) > 6 else ''})" if task.labels \
+            else f"metric {task.metric}"
+        print(f"  {task.name}: {len(task.train)} train / {len(task.eval)} eval / {len(task.test)} test rows; {labels}; "
+              f"{100 * n_cut / max(n, 1):.0f}% of training rows cut to fit")
+    budget = f", decoding up to {cfg.model.max_new_tokens or 'the longest training answer'} new tokens" if model.is_causal else ""
+    steps = steps_per_epoch(stream.tasks[:1], cfg.train.batch_size, cfg.scaling.num_workers) * cfg.train.epochs
+    print(f"model {model.source}: max_length {model.max_length}{budget}")
+    limits = ", ".join(f"{split} {n}" for split, n in split_sizes(cfg).items()) or "none (every row)"
+    print(f"sizes: rows per split at most: {limits}; batch {cfg.train.batch_size} on {cfg.scaling.num_workers} worker(s), "
+          f"{cfg.train.epochs} epoch(s) ({steps} steps for the first task), method {cfg.method.name}")
+    print(f"valid ({time.perf_counter() - t0:.1f} s)")
     return 0
 
 
@@ -159,9 +185,17 @@ def cmd_job(args) -> int:
 
 
 def main(argv=None) -> int:
+    from . import __version__
+
     ap = argparse.ArgumentParser(prog="treelora", description="Continual training of layer-wise LoRA adapters (TreeLoRA) on Ray")
+    ap.add_argument("--version", action="version", version=f"treelora {__version__} (Python {sys.version.split()[0]})")
+    ap.add_argument("--verbose", "-v", action="store_true", help="show Ray's, DeepSpeed's, transformers' and MLflow's own output "
+                    "and full tracebacks")
     sub = ap.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run (or resume) a stream; with no config: olora-cls, local Ray, CPU, 2 workers, ZeRO-2, MLflow on SQLite")
+    run = sub.add_parser("run", help="run (or resume) a stream; with no config: olora-cls, local Ray, CPU, 2 workers, ZeRO-2, MLflow on SQLite",
+                         description="Run (or resume) a stream. Everything goes under the config's workdir (default "
+                                     "./treelora_runs): streams/<run id>/ (progress, each task's adapter), trees/, ray_train/ "
+                                     "(checkpoints), mlflow.db and mlartifacts/ (unless tracking.tracking_uri is set).")
     run.add_argument("config", nargs="?", help="run config YAML (see jobs/configs/)")
     run.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override a config field")
     run.add_argument("--address", help="Ray address of an existing cluster (default: start or join a local one)")
@@ -176,8 +210,14 @@ def main(argv=None) -> int:
     show.add_argument("--config", help="run config whose tree.storage_uri / workdir to read")
     show.add_argument("--storage", help="tree storage URI (overrides the config)")
     show.add_argument("--png", help="write the tree as a PNG here")
-    show.add_argument("--set", action="append", default=[])
+    show.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override a config field")
     show.set_defaults(fn=cmd_tree_show)
+    check = sub.add_parser("validate", help="check a config and every record of every task, and show what a run would use; "
+                           "trains nothing", description="Exit 0 when a run of this config would start; else one line naming "
+                           "the first problem and exit 2.")
+    check.add_argument("config", nargs="?", help="run config YAML (default: the built-in olora-cls run)")
+    check.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override a config field")
+    check.set_defaults(fn=cmd_validate)
     add = sub.add_parser("add-task", help="add a task to a stream (running or not): it is validated and trained after the stream's tasks")
     add.add_argument("stream", help="the stream id (the run id printed by `treelora run`: <stream>.<method>.<model>.<hash>)")
     add.add_argument("task_spec", help="YAML task spec: one stream-manifest entry (name, path or splits, kind, metric, ...)")
@@ -202,13 +242,15 @@ def main(argv=None) -> int:
     submit.set_defaults(fn=cmd_submit)
     for name, text in (("status", "a job's status"), ("logs", "a job's logs"), ("stop", "stop a job")):
         job = sub.add_parser(name, help=text)
-        job.add_argument("job_id")
+        job.add_argument("job_id", help="the id `treelora submit` printed")
         job.add_argument("--address", help=address_help)
         if name == "logs":
             job.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
         job.set_defaults(fn=cmd_job)
     args = ap.parse_args(argv)
-    _quiet()
+    from .console import quiet_libraries
+
+    quiet_libraries(args.verbose)
     from tree_service import TreeServiceError
 
     from .storage import redact
@@ -221,6 +263,15 @@ def main(argv=None) -> int:
     except TreeServiceError as exc:  # e.g. a damaged snapshot: named, not a traceback
         print(f"treelora: tree service: {redact(str(exc).splitlines()[0])}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("treelora: interrupted; the same command resumes the run", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - one line for people; the traceback with --verbose
+        if args.verbose:
+            raise
+        first = (str(exc).strip().splitlines() or [""])[-1]
+        print(f"treelora: {type(exc).__name__}: {redact(first)[:500]} (rerun with --verbose for the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

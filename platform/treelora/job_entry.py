@@ -13,24 +13,26 @@ import sys
 
 
 def main(argv=None) -> int:
-    from .cli import _quiet, format_result
+    from .cli import format_result
     from .config import ConfigError, load_config
+    from .console import Console, quiet_libraries
     from .train.stream import run_stream
 
     ap = argparse.ArgumentParser(prog="python -m treelora.job_entry", description="run a treelora stream as a Ray job")
-    ap.add_argument("config", nargs="?")
-    ap.add_argument("--set", action="append", default=[])
+    ap.add_argument("config", nargs="?", help="run config YAML (in the job's working directory)")
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override a config field")
     args = ap.parse_args(argv)
-    _quiet()
+    quiet_libraries(os.environ.get("TREELORA_VERBOSE") == "1")
+    console = Console()  # a job's log is no terminal: progress comes as periodic lines
     try:
         cfg = load_config(args.config, args.set)
-        result = run_stream(cfg, address=os.environ.get("RAY_ADDRESS", "auto"))
+        result = run_stream(cfg, address=os.environ.get("RAY_ADDRESS", "auto"), log=console.line, progress=console.event)
     except ConfigError as exc:  # the same one line on stderr and exit 2 as `treelora run`
         from .storage import redact
 
         print(f"treelora: config error: {redact(str(exc))}", file=sys.stderr)
         return 2
-    print(format_result(result))
+    console.summary(format_result(result))
     return 0
 
 

@@ -30,7 +30,7 @@ class InProcess:
             self._trees[uri] = TreeRegistry(uri)
         return self._trees[uri]
 
-    def run(self, job: StreamJob, poll, log) -> None:
+    def run(self, job: StreamJob, poll, log, emit=None) -> None:
         cfg = self.cfg
 
         def make_stepper(model, params, lr, total_steps):
@@ -40,6 +40,6 @@ class InProcess:
 
         # the ledger takes each phase as soon as its folder is written
         recipe = StreamRecipe(job, comm=SingleProcess(), device=self.device, use_bf16=self.use_bf16, make_stepper=make_stepper,
-                              tree=self.tree(job.tree_uri), log=log, after_phase=poll)
+                              tree=self.tree(job.tree_uri), log=log, after_phase=poll, emit=emit)
         recipe.setup()
         recipe.run()

@@ -48,6 +48,54 @@ def _job_env_vars() -> dict[str, str]:
     return dict((JobConfig.from_json(json.loads(raw)).runtime_env or {}).get("env_vars") or {})
 
 
+def _driver_output() -> dict:
+    """Workers' and actors' output reaches this driver only with --verbose: what a run says comes
+    through its event channel (``EventChannel``); the full logs stay in Ray's session folder."""
+    import logging
+
+    from ..console import verbose
+
+    if not verbose():  # ray configures its logger on import, so this comes after it (the token-auth notice)
+        logging.getLogger("ray").setLevel(logging.ERROR)
+    return {"log_to_driver": verbose(), "logging_level": logging.INFO if verbose() else logging.ERROR}
+
+
+class EventChannel:
+    """Rank 0's progress events to the driver: a small queue actor (no CPU, outside any placement
+    group, so a Tune trial's bundle cannot capture it), drained by the driver's poll loop."""
+
+    def __init__(self):
+        from ray.util.queue import Queue
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        self.queue = Queue(maxsize=10_000, actor_options={
+            "num_cpus": 0, "scheduling_strategy": PlacementGroupSchedulingStrategy(placement_group=None)})
+
+    def drain(self, emit) -> None:
+        n = self.queue.qsize()
+        if n:
+            for event in self.queue.get_nowait_batch(n):
+                emit(event)
+
+    def close(self) -> None:
+        self.queue.shutdown()
+
+
+def _sender(queue):
+    """put() for a worker: an event that cannot be delivered is dropped, never fatal to training."""
+    broken = []
+
+    def send(event: dict) -> None:
+        if queue is None or broken:
+            return
+        try:
+            queue.put_nowait(event)
+        except Exception as exc:  # noqa: BLE001 - a full queue or a dead driver: progress output only
+            broken.append(exc)
+            print(f"[treelora] progress events stopped: {type(exc).__name__}: {exc}", flush=True)
+    return send
+
+
 def ensure_ray(cfg: RunConfig, address: str | None = None):
     import ray
 
@@ -61,9 +109,9 @@ def ensure_ray(cfg: RunConfig, address: str | None = None):
             # controller dead through the State API the dashboard serves; without it every Tune
             # trial that ASHA stops keeps its workers' CPUs for good
             ray.init(num_cpus=max(os.cpu_count() or 2, int(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker)),
-                     runtime_env=runtime_env, log_to_driver=True)
+                     runtime_env=runtime_env, **_driver_output())
         else:
-            ray.init(address=address or os.environ.get("RAY_ADDRESS"), runtime_env=runtime_env)
+            ray.init(address=address or os.environ.get("RAY_ADDRESS"), runtime_env=runtime_env, **_driver_output())
     return ray
 
 
@@ -110,7 +158,7 @@ class RayTrain:
         t = self.cfg.tree
         return RemoteTree(get_tree_service(uri, name=t.service_name, namespace=t.namespace, detached=t.detached))
 
-    def run(self, job: StreamJob, poll, log) -> None:
+    def run(self, job: StreamJob, poll, log, emit=None) -> None:
         from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
         from ray.train import RunConfig as TrainRunConfig
         from ray.train.torch import TorchTrainer
@@ -119,9 +167,10 @@ class RayTrain:
         from .stream import storage_root
 
         cfg = self.cfg
+        channel = EventChannel() if emit is not None else None
         trainer = TorchTrainer(
             stream_worker,
-            train_loop_config={"job": job.to_dict()},
+            train_loop_config={"job": job.to_dict(), "events": channel.queue if channel else None},
             scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                          resources_per_worker={"CPU": cfg.scaling.cpus_per_worker,
                                                                **({"GPU": cfg.scaling.gpus_per_worker} if cfg.scaling.use_gpu else {})}),
@@ -140,9 +189,17 @@ class RayTrain:
 
         thread = threading.Thread(target=fit, name="treelora-fit", daemon=True)
         thread.start()
-        while thread.is_alive():
-            thread.join(0.5)
-            poll()
+        try:
+            while thread.is_alive():
+                thread.join(0.5)
+                if channel is not None:
+                    channel.drain(emit)
+                poll()
+            if channel is not None:
+                channel.drain(emit)
+        finally:
+            if channel is not None:
+                channel.close()
         poll()
         if failure:
             raise failure[0]
@@ -229,9 +286,15 @@ def stream_worker(config: dict) -> None:
 
         t = cfg.tree
         tree = RemoteTree(get_tree_service(job.tree_uri, name=t.service_name, namespace=t.namespace, detached=t.detached))
+    send = _sender(config.get("events") if rank == 0 else None)
+
+    def log(line: str) -> None:
+        print(line, flush=True)  # Ray's worker log (and the driver's terminal with --verbose)
+        send({"event": "log", "line": line})
+
     recipe = StreamRecipe(job, comm=TorchDistributed(rank, world, device), device=device, use_bf16=use_bf16,
                           make_stepper=lambda model, params, lr, total: DeepSpeedStepper(model, params, cfg, world, use_bf16, lr, total),
-                          tree=tree, checkpointer=RayCheckpointer(rank), log=print)
+                          tree=tree, checkpointer=RayCheckpointer(rank), log=log, emit=send)
     recipe.setup()
     restored = _restore(recipe)
     try:
@@ -315,7 +378,7 @@ def _restore(recipe: StreamRecipe) -> MidPhase | None:
     recipe.restarted = checkpoint is not None
     if checkpoint is None:
         return None
-    local = latest_intact(checkpoint)
+    local = latest_intact(checkpoint, log=recipe.log)
     if local is None:
         return None
     position = json.loads(Path(local, POSITION_FILE).read_text())

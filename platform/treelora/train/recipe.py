@@ -133,7 +133,11 @@ class StreamRecipe:
     def __init__(self, job: StreamJob, *, comm: Collective, device: torch.device, use_bf16: bool,
                  make_stepper: Callable[[torch.nn.Module, list], Stepper], tree=None,
                  checkpointer: Checkpointer | None = None, log: Callable[[str], None] = print,
-                 after_phase: Callable[[], None] | None = None):
+                 after_phase: Callable[[], None] | None = None, emit: Callable[[dict], None] | None = None):
+        """``log``: text lines for people (warnings, resumes); ``emit``: progress events for the
+        driver's console and live tracking ({"event": "ready" | "phase_start" | "step" |
+        "evaluating", ...}), sent by rank 0 only."""
+        self.emit = emit if emit is not None else (lambda event: None)
         self.job, self.cfg = job, job.run_config
         self.comm, self.device, self.use_bf16 = comm, device, use_bf16
         self.make_stepper, self.tree, self.checkpointer, self.log = make_stepper, tree, checkpointer, log
@@ -180,6 +184,8 @@ class StreamRecipe:
         if self.job.start_adapter_dir:
             self.restore(self._here(self.job.start_adapter_dir), self.job.start_adapters)
         self.load_seconds = time.perf_counter() - t0
+        if self.is_main:
+            self.emit({"event": "ready", "model": self.model.source, "workers": self.comm.world_size, "seconds": self.load_seconds})
 
     def _report_truncation(self, cut: dict[str, tuple[int, int]]) -> None:
         if not self.is_main:
@@ -296,7 +302,9 @@ class StreamRecipe:
         pending_losses: list = []  # device tensors not read yet (reading one waits for the device)
         step_times: list[float] = []
         checkpoint_times: list[float] = []
-        bar = self._progress_bar(phase, spe, total_steps, start)
+        done_steps = start[0] * spe + start[1]
+        if self.is_main:
+            self.emit({"event": "phase_start", "index": phase.index, "key": phase.key, "total": total_steps, "start": done_steps})
         last = [time.perf_counter()]
 
         def read_losses() -> None:
@@ -315,10 +323,10 @@ class StreamRecipe:
             choices.append(last_choice.tolist() if last_choice is not None else None)
             if (rec.step + 1) % max(cfg.train.log_every, 1) == 0:
                 read_losses()
-                if bar is not None:
-                    bar.set_postfix(loss=f"{losses[-1][1]:.3f}", refresh=False)
-            if bar is not None:
-                bar.update(1)
+                if self.is_main:
+                    step, loss, penalty = losses[-1]
+                    self.emit({"event": "step", "index": phase.index, "key": phase.key, "step": step, "total": total_steps,
+                               "loss": loss, "penalty": penalty})
             # accumulated gradients are not checkpointed: a checkpoint waits for the group's end
             if self.checkpointer is not None and rec.boundary and (rec.step + 1) % cfg.scaling.checkpoint_every < cfg.train.grad_accum:
                 read_losses()
@@ -342,8 +350,9 @@ class StreamRecipe:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         train_seconds = time.perf_counter() - t0
-        if bar is not None:
-            bar.close()
+        if self.is_main:
+            self.emit({"event": "evaluating", "index": phase.index, "key": phase.key, "steps": len(losses),
+                       "train_seconds": train_seconds})
         stepper.close()
         tokens = self._tokens(phase_tasks, records, comm)
         timing = {"step_times": step_times, "train_seconds": train_seconds, "setup_seconds": setup_seconds, "tokens": tokens,
@@ -368,13 +377,6 @@ class StreamRecipe:
         per_epoch = sum(self.model.example_length(e) for t in phase_tasks for e in t.train)
         epochs_done = len(records) / max(steps_per_epoch(phase_tasks, self.cfg.train.batch_size, comm.world_size), 1)
         return int(per_epoch * epochs_done)
-
-    def _progress_bar(self, phase: PhaseJob, spe: int, total: int, start: tuple[int, int]):
-        if not self.is_main:
-            return None
-        from tqdm import tqdm
-
-        return tqdm(total=total, initial=start[0] * spe + start[1], desc=f"task {phase.index}: {phase.key}", unit="step", mininterval=2.0)
 
     def finish_phase(self, phase, ctx, snapshot, losses, choices, timing: dict) -> PhaseOutcome:
         cfg, comm, method = self.cfg, self.comm, self.method

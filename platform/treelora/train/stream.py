@@ -101,9 +101,9 @@ class StreamLedger:
     """The driver's side of a running stream: every finished phase, once, in order."""
 
     def __init__(self, cfg: RunConfig, paths: StreamPaths, tree_stream: str, tracker, progress: StreamProgress, tree, uses_tree: bool,
-                 log: Callable[[str], None], on_phase: Callable | None = None):
+                 log: Callable[[str], None], on_phase: Callable | None = None, emit: Callable[[dict], None] | None = None):
         self.cfg, self.paths, self.tree_stream, self.tracker, self.progress = cfg, paths, tree_stream, tracker, progress
-        self.tree, self.uses_tree, self.log = tree, uses_tree, log
+        self.tree, self.uses_tree, self.log, self.emit = tree, uses_tree, log, emit
         self.mirror = paths.mirror
         self.on_phase = on_phase
         self.outcomes: dict[int, PhaseOutcome] = {}
@@ -158,8 +158,14 @@ class StreamLedger:
         self.reports[outcome.index] = _report(outcome, str(adapter_dir), seconds)
         if self.on_phase is not None:
             self.on_phase(outcome, names, R)
-        self.log(f"[treelora] {outcome.key}: model version {version}, tree version {outcome.tree_version}, "
-                 f"test {', '.join(f'{n}={v:.3f}' for n, v in zip(outcome.stream_tasks, outcome.accuracy_column))}")
+        tree = f" (tree v{outcome.tree_version})" if outcome.tree_version is not None else ""
+        line = (f"[{outcome.index + 1}/{len(outcome.stream_tasks)}] {outcome.key}: model version {version} registered{tree}; test "
+                + ", ".join(f"{n} {100 * v:.1f}%" for n, v in zip(outcome.stream_tasks, outcome.accuracy_column) if v == v)
+                + f" ({seconds:.1f} s)")
+        if self.emit is not None:
+            self.emit({"event": "phase_done", "index": outcome.index, "key": outcome.key, "seconds": seconds, "line": line})
+        else:
+            self.log(line)
 
 
 def _report(outcome: PhaseOutcome, adapter_dir: str, seconds: float) -> TaskReport:
@@ -206,19 +212,45 @@ def check_resume(cfg: RunConfig, paths: StreamPaths, run_id: str, resume: str) -
                       + ", ".join(f"{k} ({then.get(k, 'unset')} -> {now.get(k, 'unset')})" for k in changed))
 
 
+def _live(tracker, progress_out, log) -> Callable[[dict], None]:
+    """The driver's handler of worker events: training loss to MLflow as it comes (the stream's
+    parent run, ``loss/<task>`` by step), then to the console; without a console, worker warnings
+    go to ``log``. A tracking error here costs the live curve only, never the run."""
+    failed: list[Exception] = []
+
+    def on_event(event: dict) -> None:
+        if event.get("event") == "step" and not failed:
+            try:
+                tracker.log_live(event["key"], event["step"], event["loss"], event.get("penalty", 0.0))
+            except Exception as exc:  # noqa: BLE001 - the per-task run still gets every step at the phase's end
+                failed.append(exc)
+                log(f"[treelora] live metrics to MLflow stopped: {type(exc).__name__}: {exc}")
+        if progress_out is not None:
+            progress_out(event)
+        elif event.get("event") == "log":
+            log(event["line"])
+    return on_event
+
+
 def run_stream(cfg: RunConfig, *, executor: str = "ray", address: str | None = None, log=print,
                fail_at: dict[str, int] | None = None, resume: str | None = None,
                on_phase: Callable[[PhaseOutcome, list[str], np.ndarray], None] | None = None,
-               sweep_run_id: str | None = None) -> StreamResult:
+               sweep_run_id: str | None = None, progress: Callable[[dict], None] | None = None) -> StreamResult:
     """Run (or resume) a whole stream. ``executor``: "ray" (Ray Train + DeepSpeed) or "local"
     (this process); ``resume``: the id of the run this config must continue (refused, naming the
     fields, when the settings differ); ``on_phase(outcome, task names, R so far)`` is called as
     each phase is recorded (a Tune trial reports from it); ``sweep_run_id`` nests the stream's
-    MLflow run under a sweep's; ``fail_at`` {task: step} kills a worker there once (tests)."""
+    MLflow run under a sweep's; ``progress(event)`` receives the run's progress events (see
+    ``treelora.console.Console``): without it the per-task lines go to ``log``;
+    ``fail_at`` {task: step} kills a worker there once (tests)."""
+    progress_out = progress  # the name ``progress`` is the stream's progress.json below
     t0, started_at = time.perf_counter(), time.time()
     validate_config(cfg)
     check_tracking_reachable(cfg)
     stream = validate_stream(cfg)  # every record checked before anything trains
+    if progress_out is not None:
+        records = sum(len(t.train) + len(t.eval) + len(t.test) for t in stream.tasks)
+        progress_out({"event": "validated", "records": records, "seconds": time.perf_counter() - t0})
     if executor == "ray":
         from .ray_executor import RayTrain
 
@@ -264,13 +296,20 @@ def run_stream(cfg: RunConfig, *, executor: str = "ray", address: str | None = N
         progress.save()
         if method_cls.uses_tree:
             check_tree_holds_progress(tree, tree_stream, progress, paths.tree_uri)
-        ledger = StreamLedger(cfg, paths, tree_stream, tracker, progress, tree, method_cls.uses_tree, log, on_phase)
+        on_event = _live(tracker, progress_out, log)
+        ledger = StreamLedger(cfg, paths, tree_stream, tracker, progress, tree, method_cls.uses_tree, log, on_phase,
+                              emit=progress_out)
+        phases = [PhaseJob(0, "joint", tuple(names))] if joint else [PhaseJob(i, n, (n,)) for i, n in enumerate(names)]
+        if progress_out is not None:
+            progress_out({"event": "start", "run_id": tree_stream, "tasks": [p.key for p in phases],
+                          "done": sum(progress.done(p.key) is not None for p in phases), "stream_dir": redact(join_uri(paths.root, paths.rel)),
+                          "tree_uri": redact(paths.tree_uri), "tracking_uri": redact(tracking_uri), "registered_model": model_name})
         ledger.poll()  # phases that finished while no driver was listening
 
-        phases = [PhaseJob(0, "joint", tuple(names))] if joint else [PhaseJob(i, n, (n,)) for i, n in enumerate(names)]
         done = [p for p in phases if progress.done(p.key)]
         for p in done:
-            log(f"[treelora] {p.key}: already done (model version {progress.done(p.key)['model_version']}), skipped")
+            log(f"[treelora] [{p.index + 1}/{len(phases)}] {p.key}: already done (model version "
+                f"{progress.done(p.key)['model_version']}), skipped")
         pending = tuple(dataclasses.replace(p, fail_at_step=(fail_at or {}).get(p.key)) for p in phases if not progress.done(p.key))
         last = ledger.reports[max(ledger.reports)] if ledger.reports else None
         job = StreamJob(config=cfg.to_dict(), tree_stream=tree_stream, stream_dir=str(paths.stream_dir), tree_uri=paths.tree_uri,
@@ -279,7 +318,7 @@ def run_stream(cfg: RunConfig, *, executor: str = "ray", address: str | None = N
                         start_adapters=ledger.outcomes[max(ledger.outcomes)].adapters if last else ("default",),
                         done_count=len(done), joint=joint)
         if pending or paths.inbox.waiting():
-            runner.run(job, poll=ledger.poll, log=log)
+            runner.run(job, poll=ledger.poll, log=log, emit=on_event)
         ledger.poll()
 
         names, R = ledger.matrix()
