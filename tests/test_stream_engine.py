@@ -183,10 +183,12 @@ def test_a_registered_version_predicts_through_mlflow_pyfunc_as_the_evaluation_s
     from treelora.train.validate import validate_stream
 
     cfg, result = finished
-    monkeypatch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", None)  # restored after the test
+    # MLflow's process-wide URIs, through what mlflow.set_tracking_uri would set (its globals and
+    # the environment variables it exports to subprocesses), all restored after the test
+    monkeypatch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", None)
     monkeypatch.setattr(mlflow.tracking._model_registry.utils, "_registry_uri", None)
-    mlflow.set_tracking_uri(result.tracking_uri)
-    mlflow.set_registry_uri(result.tracking_uri)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", result.tracking_uri)
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", result.tracking_uri)
     model = mlflow.pyfunc.load_model(f"models:/{result.registered_model}@latest")
     assert model.metadata.get_input_schema().input_names() == ["task", "text"]
     assert model.metadata.get_output_schema().input_names() == ["prediction"]
@@ -195,3 +197,43 @@ def test_a_registered_version_predicts_through_mlflow_pyfunc_as_the_evaluation_s
         assert np.mean([p == e.target for p, e in zip(predicted, task.test)]) == pytest.approx(result.accuracy[i, -1])
     with pytest.raises(ValueError, match="task 'nope' is not in this adapter version"):
         model.predict(pd.DataFrame({"task": ["nope"], "text": ["x"]}))
+
+
+def test_mlflow_models_serve_answers_with_a_registered_version(finished, tmp_path):
+    """`mlflow models serve` on 127.0.0.1 (the current environment) answers /invocations with the
+    same predictions as the loaded model."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from conftest import free_port
+    from treelora.train.validate import validate_stream
+
+    cfg, result = finished
+    port, bindir = free_port(), str(Path(sys.executable).parent)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": result.tracking_uri, "PATH": bindir + os.pathsep + os.environ.get("PATH", "")}
+    proc = subprocess.Popen([str(Path(bindir) / "mlflow"), "models", "serve", "-m", f"models:/{result.registered_model}@latest",
+                             "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)], env=env, cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, "mlflow models serve did not come up"
+                time.sleep(0.5)
+        task = validate_stream(cfg).tasks[0]
+        rows = [[task.name, e.text] for e in task.test]
+        body = json.dumps({"dataframe_split": {"columns": ["task", "text"], "data": rows}}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body, headers={"Content-Type": "application/json"})
+        answers = [p["prediction"] for p in json.loads(urllib.request.urlopen(request, timeout=60).read())["predictions"]]
+        assert np.mean([a == e.target for a, e in zip(answers, task.test)]) == pytest.approx(result.accuracy[0, -1])
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)

@@ -83,7 +83,8 @@ class SignatureSpace:
         if isinstance(signature, np.ndarray):
             if signature.dtype != np.float32:
                 raise InvalidSignature(f"{where}: dtype must be float32, got {signature.dtype}")
-            signature = torch.from_numpy(signature)
+            # arrays from Ray's object store are read-only views; the tree keeps its own copy anyway
+            signature = torch.from_numpy(signature if signature.flags.writeable else signature.copy())
         if not isinstance(signature, torch.Tensor):
             raise InvalidSignature(f"{where}: expected a tensor or numpy array, got {type(signature).__name__}")
         if signature.dtype != torch.float32:

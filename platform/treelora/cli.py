@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -58,8 +57,18 @@ def cmd_validate(args) -> int:
     """The config and every record of every task, checked as a run would, and what a run would use."""
     import time
 
-    from .train.setup import build_model, split_sizes, steps_per_epoch, stream_kind, tree_stream_id
-    from .train.validate import check_tracking_reachable, validate_config, validate_stream
+    from .train.setup import (
+        build_model,
+        split_sizes,
+        steps_per_epoch,
+        stream_kind,
+        tree_stream_id,
+    )
+    from .train.validate import (
+        check_tracking_reachable,
+        validate_config,
+        validate_stream,
+    )
 
     t0 = time.perf_counter()
     cfg = load_config(args.config, args.set)

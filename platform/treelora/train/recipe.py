@@ -39,8 +39,22 @@ from ..methods.base import TaskContext
 from ..storage import Mirror, cache_root, inside
 from .inbox import Inbox, load_specs
 from .loop import DEFAULT_LR, epoch_batches, seed_everything, train_task
-from .phase import ADAPTER_DIR, OUTCOME_FILE, SEAM_VERSION, PhaseJob, PhaseOutcome, published_phases
-from .setup import build_model, build_stream, phase_parameters, split_sizes, steps_per_epoch, stream_kind
+from .phase import (
+    ADAPTER_DIR,
+    OUTCOME_FILE,
+    SEAM_VERSION,
+    PhaseJob,
+    PhaseOutcome,
+    published_phases,
+)
+from .setup import (
+    build_model,
+    build_stream,
+    phase_parameters,
+    split_sizes,
+    steps_per_epoch,
+    stream_kind,
+)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from pathlib import Path
 from typing import Callable
@@ -24,11 +25,11 @@ from ..config import ConfigError, RunConfig
 from ..evaluate import summary
 from ..storage import Mirror, cache_root, inside, is_remote, join_uri, redact
 from .inbox import Inbox, load_specs
-from .phase import OUTCOME_FILE, ADAPTER_DIR, PhaseJob, PhaseOutcome, published_phases
+from .phase import ADAPTER_DIR, OUTCOME_FILE, PhaseJob, PhaseOutcome, published_phases
 from .progress import StreamProgress
 from .recipe import StreamJob
-from .setup import split_sizes, tree_stream_id
 from .run_lock import RunLock
+from .setup import split_sizes, tree_stream_id
 from .validate import check_tracking_reachable, validate_config, validate_stream
 
 
@@ -160,7 +161,7 @@ class StreamLedger:
             self.on_phase(outcome, names, R)
         tree = f" (tree v{outcome.tree_version})" if outcome.tree_version is not None else ""
         line = (f"[{outcome.index + 1}/{len(outcome.stream_tasks)}] {outcome.key}: model version {version} registered{tree}; test "
-                + ", ".join(f"{n} {100 * v:.1f}%" for n, v in zip(outcome.stream_tasks, outcome.accuracy_column) if v == v)
+                + ", ".join(f"{n} {100 * v:.1f}%" for n, v in zip(outcome.stream_tasks, outcome.accuracy_column) if not math.isnan(v))
                 + f" ({seconds:.1f} s)")
         if self.emit is not None:
             self.emit({"event": "phase_done", "index": outcome.index, "key": outcome.key, "seconds": seconds, "line": line})
