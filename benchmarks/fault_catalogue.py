@@ -536,6 +536,40 @@ def _race_on_s3(tmp: Path) -> tuple[bool, str]:
         server.stop()
 
 
+OPEN_TRACKER = textwrap.dedent('''
+    import os, sys, time
+    from treelora.config import RunConfig
+    from treelora.tracking import StreamTracker
+    uri, go, i = sys.argv[1], sys.argv[2], sys.argv[3]
+    while not os.path.exists(go):  # both processes are imported and waiting: start together
+        time.sleep(0.01)
+    try:
+        StreamTracker(uri, "faults", f"model-{i}", RunConfig())
+        print("RESULT ok")
+    except Exception as exc:
+        print(f"RESULT {type(exc).__name__}: {str(exc).splitlines()[0][:80]}")
+''')
+
+
+def _two_runs_create_one_store(tmp: Path) -> tuple[bool, str]:
+    """Two runs starting on one workdir at the same moment both create (and migrate) its SQLite
+    tracking store; MLflow has no lock of its own there."""
+    import subprocess
+    import time
+
+    uri, go = f"sqlite:///{tmp / 'mlflow.db'}", tmp / "go"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "platform"), str(ROOT)])}
+    procs = [subprocess.Popen([sys.executable, "-c", OPEN_TRACKER, uri, str(go), str(i)], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL) for i in range(2)]
+    time.sleep(4)  # both past their imports
+    go.touch()
+    seen = []
+    for proc in procs:
+        out, _ = proc.communicate(timeout=180)
+        seen += [line.removeprefix("RESULT ") for line in out.splitlines() if line.startswith("RESULT ")] or [f"exit {proc.returncode}"]
+    return seen == ["ok", "ok"], f"{seen}"
+
+
 def _two_registries(tmp: Path) -> tuple[bool, str]:
     from tree_service import VersionConflict
 
@@ -560,6 +594,8 @@ TREE_CASES = [
          lambda tmp: _race(tmp, 3, use_threads=False)),
     Case("4 threads (own registries) write one version", "concurrency", "exactly one wins", lambda tmp: _race(tmp, 4, use_threads=True)),
     Case("two registries on one root", "concurrency", "each sees the other's writes", _two_registries),
+    Case("two runs create one workdir's MLflow store at once", "concurrency", "both start (the store is created once)",
+         _two_runs_create_one_store),
     Case("writers of one version on S3", "concurrency", "a conditional PUT: exactly one wins, a late writer VersionExists", _race_on_s3),
 ]
 

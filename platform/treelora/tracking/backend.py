@@ -9,6 +9,8 @@ where artifacts live.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import re
 from pathlib import Path
@@ -26,6 +28,24 @@ MAX_KEY = 250
 MAX_ALIAS = 255
 
 DB_FILE, ARTIFACT_DIR = "mlflow.db", "mlartifacts"
+
+
+@contextlib.contextmanager
+def store_init_lock(tracking_uri: str):
+    """One process at a time creates or migrates a SQLite store: MLflow runs its alembic
+    migrations on first use with no lock of its own, and two runs starting on one workdir at the
+    same moment failed ("table experiments already exists", a half-migrated schema)."""
+    if not tracking_uri.startswith("sqlite:///"):
+        yield
+        return
+    db = Path(tracking_uri.removeprefix("sqlite:///").split("?", 1)[0])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".init-lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _local_workdir(workdir: str | Path) -> Path:

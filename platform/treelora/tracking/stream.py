@@ -34,9 +34,11 @@ class StreamTracker:
         self.config = config
         self.config_hash = config.digest()
         # the tracking store is also the model registry (SQLite or the same server)
-        self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
         location = artifact_location if artifact_location is not None else backend.artifact_location_for(tracking_uri)
-        self.experiment_id = backend.ensure_experiment(self.client, experiment, location)
+        with backend.store_init_lock(tracking_uri):  # the stores are created (and migrated) on first use
+            self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+            self.experiment_id = backend.ensure_experiment(self.client, experiment, location)
+            self.client.search_registered_models(max_results=1)
         self.parent_run_id: str | None = None
         self.stream_name: str | None = None
 
