@@ -258,27 +258,31 @@ def _sigkilled_run(tmp: Path) -> tuple[bool, str]:
 
 def _tree_actor_killed(tmp: Path) -> tuple[bool, str]:
     """The tree service actor dies between two writes: Ray restarts it, it reads storage and goes on."""
+    import time
+
     import numpy as np
     import ray
 
     from tree_service.actor import get_tree_service
 
-    if not ray.is_initialized():
+    if not ray.is_initialized():  # standalone; in the test suite the session's Ray is used
         ray.init(num_cpus=2, object_store_memory=256 * 1024**2, include_dashboard=False, log_to_driver=False)
     service = get_tree_service(str(tmp / "trees"), name="fault-catalogue-tree", namespace="fault-catalogue")
-    sig = np.ones((3, 4), np.float32)
-    first = ray.get(service.add_task.remote("s", "a", sig, 0))
-    ray.kill(service, no_restart=False)
-    deadline = __import__("time").monotonic() + 60
-    while True:
-        try:
-            second = ray.get(service.add_task.remote("s", "b", sig * 2, 1), timeout=30)
-            break
-        except ray.exceptions.RayActorError:
-            if __import__("time").monotonic() > deadline:
-                raise
-    held = ray.get(service.snapshot.remote("s"))
-    ray.kill(service, no_restart=True)
+    try:
+        sig = np.ones((3, 4), np.float32)
+        first = ray.get(service.add_task.remote("s", "a", sig, 0))
+        ray.kill(service, no_restart=False)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                second = ray.get(service.add_task.remote("s", "b", sig * 2, 1), timeout=30)
+                break
+            except ray.exceptions.RayActorError:
+                if time.monotonic() > deadline:
+                    raise
+        held = ray.get(service.snapshot.remote("s"))
+    finally:
+        ray.kill(service, no_restart=True)
     return (first, second, held["task_ids"]) == (1, 2, ["a", "b"]), f"versions {first}, {second} around the kill; holds {held['task_ids']}"
 
 
@@ -672,7 +676,8 @@ def _truncated_checkpoint(tmp: Path) -> tuple[bool, str]:
     for step, folder in enumerate(folders):
         (folder / ENGINE / "ckpt").mkdir(parents=True)
         torch.save({"w": torch.full((1000,), float(step))}, folder / ENGINE / "ckpt" / "mp_rank_00_model_states.pt")
-        (folder / POSITION_FILE).write_text(json.dumps({"phase_index": 0, "next": [0, step]}))
+        (folder / POSITION_FILE).write_text(json.dumps({"phase_index": 0, "next": [0, step], "adapters": ["default"],
+                                                         "losses": [], "choices": []}))
     newest = folders[2] / ENGINE / "ckpt" / "mp_rank_00_model_states.pt"
     newest.write_bytes(newest.read_bytes()[:1500])  # cut off mid-write
     (folders[1] / POSITION_FILE).write_text('{"phase_index": 0, "ne')  # and the one before it too
@@ -696,8 +701,15 @@ CHECKPOINT_CASES = [
 def _redacted(tmp: Path) -> tuple[bool, str]:
     from treelora.storage import redact
 
-    shown = redact("s3://AKIAKEY:s3cr3t@bucket/runs?endpoint_override=127.0.0.1:9000")
-    return ("s3cr3t" not in shown and "AKIAKEY" not in shown and "bucket/runs" in shown), f"shown as {shown}"
+    secrets = {"s3://AKIAKEY:s3cr3t@bucket/runs?endpoint_override=127.0.0.1:9000": ("AKIAKEY", "s3cr3t"),
+               "s3://AKIAKEY:wJal/rXU+tnF@bucket/runs": ("wJal", "rXU+tnF"),  # AWS secret keys hold '/' and '+'
+               "http://admin:p@ss@mlflow:5000": ("admin", "p@ss"),
+               "s3://bucket/runs?secret_key=s3cr3t&region=eu": ("s3cr3t",),
+               "aws_secret_access_key: s3cr3t": ("s3cr3t",), '{"session_token": "s3cr3t"}': ("s3cr3t",)}
+    leaked = {text: redact(text) for text, words in secrets.items() if any(w in redact(text) for w in words)}
+    kept = redact("s3://bucket/runs?endpoint_override=127.0.0.1:9000 max_new_tokens=64")
+    ok = not leaked and kept == "s3://bucket/runs?endpoint_override=127.0.0.1:9000 max_new_tokens=64"
+    return ok, f"{len(secrets) - len(leaked)} of {len(secrets)} forms redacted" + (f"; leaked: {leaked}" if leaked else "")
 
 
 def _params_redacted(tmp: Path) -> tuple[bool, str]:

@@ -30,12 +30,17 @@ def _client(fs: pafs.S3FileSystem):
     from botocore.config import Config
 
     s = _s3_settings(fs)
+    unsupported = [k for k in ("role_arn", "external_id", "tls_ca_file_path") if s.get(k)]
+    if unsupported:  # boto3 would write as another identity, or trust other certificates, than pyarrow
+        raise TreeServiceError(f"tree storage on S3 with {unsupported} set: the conditional write that keeps tree versions "
+                               "race-free cannot use the same settings; give the credentials through the environment instead")
     endpoint = s.get("endpoint_override") or None
     if endpoint and "://" not in endpoint:
         endpoint = f"{s.get('scheme') or 'https'}://{endpoint}"
+    # pyarrow addresses buckets by path behind an endpoint override and virtually on AWS itself
+    style = "virtual" if s.get("force_virtual_addressing") or not endpoint else "path"
     kwargs = {"region_name": s.get("region") or None, "endpoint_url": endpoint,
-              "config": Config(retries={"max_attempts": 3, "mode": "standard"},
-                               s3={"addressing_style": "virtual" if s.get("force_virtual_addressing") else "path"})}
+              "config": Config(retries={"max_attempts": 3, "mode": "standard"}, s3={"addressing_style": style})}
     if s.get("anonymous"):
         from botocore import UNSIGNED
 
@@ -49,11 +54,13 @@ def _client(fs: pafs.S3FileSystem):
 def put_if_absent(fs: pafs.FileSystem, path: str, data: bytes, what: str) -> None:
     """Write ``data`` at ``path`` (``bucket/key``) only if nothing is there; ``VersionExists``
     naming ``what`` when another writer created it first."""
-    from botocore.exceptions import ClientError
+    from botocore.exceptions import BotoCoreError, ClientError
 
     bucket, _, key = path.partition("/")
     try:
         _client(fs).put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+    except BotoCoreError as exc:  # no credentials, no connection: named, as pyarrow's own errors are
+        raise TreeServiceError(f"s3://{path}: {what} could not be written: {type(exc).__name__}: {exc}") from exc
     except ClientError as exc:
         code = exc.response.get("Error", {}).get("Code", "")
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")

@@ -13,6 +13,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def format_result(result) -> str:
+    from .storage import redact
+
     names = result.task_names
     R = result.accuracy
     width = max(len(n) for n in names) + 2
@@ -30,12 +32,21 @@ def format_result(result) -> str:
     if result.tree_stream:
         lines.append(f"run id: {result.tree_stream}  (for `treelora tree show`, `add-task`, `run --resume`)")
     if result.registered_model:
-        lines.append(f"registered model: {result.registered_model} (MLflow {result.tracking_uri})")
+        lines.append(f"registered model: {result.registered_model} (MLflow {redact(result.tracking_uri)})")
         for v in result.versions or []:
             lines.append(f"  version {v[0]}: task {v[1]}  aliases {', '.join(v[2])}")
         lines.append(f"  load the newest with stock peft: treelora.tracking.load_registered_adapter("
-                     f"'models:/{result.registered_model}@latest', base_model, '{result.tracking_uri}')")
+                     f"'models:/{result.registered_model}@latest', base_model, '{redact(result.tracking_uri)}')")
     return "\n".join(lines)
+
+
+def one_line(exc: BaseException) -> str:
+    """An error as one redacted line: its type and its message's last line (where Ray and MLflow
+    put the cause)."""
+    from .storage import redact
+
+    last = (str(exc).strip().splitlines() or [""])[-1]
+    return f"{type(exc).__name__}: {redact(last)[:500]}"
 
 
 def cmd_run(args) -> int:
@@ -48,7 +59,9 @@ def cmd_run(args) -> int:
                         log=console.line, progress=console.event)
     summary = format_result(result)
     if result.tracking_uri:
-        summary += f"\n\nMLflow UI: mlflow ui --backend-store-uri {result.tracking_uri}  (then open http://127.0.0.1:5000)"
+        from .storage import redact
+
+        summary += f"\n\nMLflow UI: mlflow ui --backend-store-uri {redact(result.tracking_uri)}  (then open http://127.0.0.1:5000)"
     console.summary(summary)
     return 0
 
@@ -201,7 +214,14 @@ def main(argv=None) -> int:
     ap.add_argument("--verbose", "-v", action="store_true", help="show Ray's, DeepSpeed's, transformers' and MLflow's own output "
                     "and full tracebacks")
     sub = ap.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run (or resume) a stream; with no config: olora-cls, local Ray, CPU, 2 workers, ZeRO-2, MLflow on SQLite",
+    # -v after the subcommand too; SUPPRESS keeps a -v given before it
+    verbose = argparse.ArgumentParser(add_help=False)
+    verbose.add_argument("--verbose", "-v", action="store_true", default=argparse.SUPPRESS, help="as treelora --verbose")
+
+    def command(name: str, **kwargs) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[verbose], **kwargs)
+
+    run = command("run", help="run (or resume) a stream; with no config: olora-cls, local Ray, CPU, 2 workers, ZeRO-2, MLflow on SQLite",
                          description="Run (or resume) a stream. Everything goes under the config's workdir (default "
                                      "./treelora_runs): streams/<run id>/ (progress, each task's adapter), trees/, ray_train/ "
                                      "(checkpoints), mlflow.db and mlartifacts/ (unless tracking.tracking_uri is set).")
@@ -212,28 +232,28 @@ def main(argv=None) -> int:
                      "refused, naming the fields, when the config's settings make another run")
     run.add_argument("--local", action="store_true", help="one process, no Ray or DeepSpeed (the reference runner; uses the GPU if there is one)")
     run.set_defaults(fn=cmd_run)
-    tree = sub.add_parser("tree", help="the gradient-similarity tree")
+    tree = command("tree", help="the gradient-similarity tree")
     tree_sub = tree.add_subparsers(dest="tree_command", required=True)
-    show = tree_sub.add_parser("show", help="print a stream's tree (and draw it as PNG)")
+    show = tree_sub.add_parser("show", parents=[verbose], help="print a stream's tree (and draw it as PNG)")
     show.add_argument("stream", help="tree stream id (the run id printed by `treelora run`: <stream>.<method>.<model>.<hash>)")
     show.add_argument("--config", help="run config whose tree.storage_uri / workdir to read")
     show.add_argument("--storage", help="tree storage URI (overrides the config)")
     show.add_argument("--png", help="write the tree as a PNG here")
     show.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override a config field")
     show.set_defaults(fn=cmd_tree_show)
-    check = sub.add_parser("validate", help="check a config and every record of every task, and show what a run would use; "
+    check = command("validate", help="check a config and every record of every task, and show what a run would use; "
                            "trains nothing", description="Exit 0 when a run of this config would start; else one line naming "
                            "the first problem and exit 2.")
     check.add_argument("config", nargs="?", help="run config YAML (default: the built-in olora-cls run)")
     check.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override a config field")
     check.set_defaults(fn=cmd_validate)
-    add = sub.add_parser("add-task", help="add a task to a stream (running or not): it is validated and trained after the stream's tasks")
+    add = command("add-task", help="add a task to a stream (running or not): it is validated and trained after the stream's tasks")
     add.add_argument("stream", help="the stream id (the run id printed by `treelora run`: <stream>.<method>.<model>.<hash>)")
     add.add_argument("task_spec", help="YAML task spec: one stream-manifest entry (name, path or splits, kind, metric, ...)")
     add.add_argument("--config", help="the stream's run config (for its workdir and subsample sizes)")
     add.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override a config field")
     add.set_defaults(fn=cmd_add_task)
-    tune = sub.add_parser("tune", help="sweep config fields with Ray Tune (tasks are iterations; ASHA stops poor trials early)")
+    tune = command("tune", help="sweep config fields with Ray Tune (tasks are iterations; ASHA stops poor trials early)")
     tune.add_argument("config", nargs="?", help="the run config every trial starts from")
     tune.add_argument("--space", required=True, help="sweep YAML: space (field -> {choice|grid|uniform|loguniform|randint: [...]}), "
                       "metric, mode, num_samples, max_concurrent, scheduler, grace_tasks, reduction_factor")
@@ -242,7 +262,7 @@ def main(argv=None) -> int:
     tune.add_argument("--address", help="Ray address of an existing cluster (default: start or join a local one)")
     tune.set_defaults(fn=cmd_tune)
     address_help = "Ray dashboard address (default: $RAY_ADDRESS, else http://127.0.0.1:8265)"
-    submit = sub.add_parser("submit", help="run a stream as a Ray Job on a cluster and follow its logs")
+    submit = command("submit", help="run a stream as a Ray Job on a cluster and follow its logs")
     submit.add_argument("config", nargs="?", help="run config YAML (workdir must be storage every node reaches, e.g. s3://)")
     submit.add_argument("--address", help=address_help)
     submit.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override a config field")
@@ -250,7 +270,7 @@ def main(argv=None) -> int:
     submit.add_argument("--submission-id", help="the job id to use (default: Ray chooses one)")
     submit.set_defaults(fn=cmd_submit)
     for name, text in (("status", "a job's status"), ("logs", "a job's logs"), ("stop", "stop a job")):
-        job = sub.add_parser(name, help=text)
+        job = command(name, help=text)
         job.add_argument("job_id", help="the id `treelora submit` printed")
         job.add_argument("--address", help=address_help)
         if name == "logs":
@@ -278,8 +298,7 @@ def main(argv=None) -> int:
     except Exception as exc:  # noqa: BLE001 - one line for people; the traceback with --verbose
         if args.verbose:
             raise
-        first = (str(exc).strip().splitlines() or [""])[-1]
-        print(f"treelora: {type(exc).__name__}: {redact(first)[:500]} (rerun with --verbose for the traceback)", file=sys.stderr)
+        print(f"treelora: {one_line(exc)} (rerun with --verbose for the traceback)", file=sys.stderr)
         return 1
 
 

@@ -60,7 +60,10 @@ def submit(cfg: RunConfig, config_path: str | None, overrides: list[str], addres
         if config_path is not None:
             shutil.copy(config_path, staging / "config.yaml")
         entrypoint = shlex.join(entrypoint_args("config.yaml" if config_path is not None else None, overrides))
-        runtime_env = {"working_dir": str(staging), "py_modules": package_dirs(), "env_vars": worker_env(cfg),
+        from .console import verbose
+
+        env = {**worker_env(cfg), **({"TREELORA_VERBOSE": "1"} if verbose() else {})}
+        runtime_env = {"working_dir": str(staging), "py_modules": package_dirs(), "env_vars": env,
                        "excludes": ["__pycache__", "*.pyc"]}
         jobs = client(address)
         deadline = time.monotonic() + AGENT_WAIT_S

@@ -87,31 +87,34 @@ class AdapterPredictor:
         restore_adapter_folder(self.model, folder, meta["adapters"])
         self.model.eval()
 
-    def _task(self, name: str, text: str):
+    def _task(self, name: str):
+        """The Task ``predict`` needs: name, kind, labels, metric; its one row is a placeholder
+        (a Task must have rows; prediction never reads them)."""
         from .data.tasks import Example, Task
 
         if name not in self.tasks:
             raise ValueError(f"task {name!r} is not in this adapter version; it has {sorted(self.tasks)}")
         t = self.tasks[name]
-        row = (Example(text, t["labels"][0] if t["labels"] else ""),)  # Task needs rows; predict reads name, labels, metric
+        row = (Example("", t["labels"][0] if t["labels"] else ""),)
         return Task(name, t["kind"], tuple(t["labels"]), t["metric"], row, (), row, "mlflow model")
 
     def predict(self, model_input, params=None):
         import pandas as pd
 
+        from .data.tasks import Example
+
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
         missing = [c for c in ("task", "text") if c not in frame.columns]
         if missing:
             raise ValueError(f"input needs columns 'task' and 'text'; missing {missing}")
-        from .data.tasks import Example
-
+        frame = frame.reset_index(drop=True)
+        if frame["task"].isna().any():
+            raise ValueError(f"rows {frame.index[frame['task'].isna()].tolist()} have no task")
         out = [""] * len(frame)
-        for name, rows in frame.groupby("task", sort=False).groups.items():
-            positions = [frame.index.get_loc(i) for i in rows]
-            texts = [str(frame["text"].iloc[p]) for p in positions]
-            task = self._task(str(name), texts[0])
-            placeholder = task.labels[0] if task.labels else ""  # a batch carries a target; prediction never reads it
-            for p, answer in zip(positions, self.model.predict(task, [Example(t, placeholder) for t in texts])):
+        for name, positions in frame.groupby("task", sort=False).indices.items():
+            task = self._task(str(name))
+            examples = [Example(str(frame["text"].iat[p]), task.train[0].target) for p in positions]
+            for p, answer in zip(positions, self.model.predict(task, examples)):
                 out[p] = answer
         return pd.DataFrame({"prediction": out})
 

@@ -48,10 +48,12 @@ def inside(root: str | Path, *parts: str, what: str) -> Path:
     return path
 
 
-# userinfo of any URI (s3://KEY:SECRET@bucket, http://user:pass@host) and secret-looking query
-# or key=value settings (secret_key=..., session_token=..., password=...)
-_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s'\"]+@")
-_SECRET_SETTING = re.compile(r"(?P<key>\b[\w.-]*(?:secret|password|passwd|token|access_key|credential)[\w.-]*=)[^&\s'\"]+", re.IGNORECASE)
+# userinfo of any URI, up to its last '@' (secret keys hold '/' and '+', passwords '@'), and
+# secret-looking settings in key=value, YAML (key: value) and JSON ("key": "value") form
+_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)[^\s'\"]*@(?=[^\s'\"@/]*)")
+_SECRET_SETTING = re.compile(
+    r"(?P<key>\b[\w.-]*(?:secret|password|passwd|session_token|api_token|auth_token|access_token|credential)[\w.-]*"
+    r"[\"']?\s*[:=]\s*[\"']?)[^\s&'\",}]+", re.IGNORECASE)
 
 
 def redact(text: str) -> str:

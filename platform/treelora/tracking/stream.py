@@ -86,12 +86,14 @@ class StreamTracker:
             self.client.log_artifacts(run_id, tmp)
         self.client.set_terminated(run_id, status="FINISHED")
 
-    def log_live(self, task_name: str, step: int, loss: float, penalty: float = 0.0) -> None:
-        """A training step's loss while the task trains, on the stream's run (``loss/<task>``,
-        ``penalty/<task>``); the task's own run gets every step when it ends."""
-        now, key = _now_ms(), backend.safe_key_part(task_name)
-        self.client.log_batch(self._parent(), metrics=[Metric(f"loss/{key}", float(loss), now, int(step)),
-                                                       Metric(f"penalty/{key}", float(penalty), now, int(step))])
+    def log_live(self, steps: Sequence[tuple[str, int, float, float]]) -> None:
+        """Training steps' losses while their task trains, on the stream's run: (task, step, loss,
+        penalty) as ``loss/<task>`` and ``penalty/<task>``; the task's own run gets every step
+        when it ends."""
+        now = _now_ms()
+        metrics = [Metric(f"{name}/{backend.safe_key_part(task)}", float(value), now, int(step))
+                   for task, step, loss, penalty in steps for name, value in (("loss", loss), ("penalty", penalty))]
+        self._log_metrics(self._parent(), metrics)
 
     # -- one task ----------------------------------------------------------------------------
     def log_task(self, task_index: int, task_name: str, *, step_losses: Sequence[tuple[int, float, float]],

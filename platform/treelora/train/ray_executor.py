@@ -71,28 +71,53 @@ class EventChannel:
         self.queue = Queue(maxsize=10_000, actor_options={
             "num_cpus": 0, "scheduling_strategy": PlacementGroupSchedulingStrategy(placement_group=None)})
 
-    def drain(self, emit) -> None:
-        n = self.queue.qsize()
-        if n:
-            for event in self.queue.get_nowait_batch(n):
+        self.broken: str | None = None
+
+    def drain(self, emit, log) -> None:
+        """Hand every waiting event to ``emit``; a failure here costs the progress output only."""
+        if self.broken:
+            return
+        try:
+            n = self.queue.qsize()
+            for event in self.queue.get_nowait_batch(n) if n else []:
                 emit(event)
+        except Exception as exc:  # noqa: BLE001 - progress output is never fatal to the stream
+            from ..storage import redact
+
+            self.broken = f"{type(exc).__name__}: {exc}"
+            log(f"[treelora] progress output stopped: {redact(self.broken)}")
 
     def close(self) -> None:
-        self.queue.shutdown()
+        try:
+            self.queue.shutdown()
+        except Exception:  # noqa: BLE001 - the actor is gone already
+            pass
 
 
 def _sender(queue):
-    """put() for a worker: an event that cannot be delivered is dropped, never fatal to training."""
-    broken = []
+    """An event to the driver without waiting for it: the training step must not wait on a round
+    trip to the queue actor (``Queue.put_nowait`` does, so the put goes to its actor directly).
+    An event that cannot be delivered is dropped, never fatal to training."""
+    if queue is None:
+        return lambda event: None
+    import ray
+
+    state: dict = {"last": None, "stopped": False}
 
     def send(event: dict) -> None:
-        if queue is None or broken:
+        if state["stopped"]:
             return
-        try:
-            queue.put_nowait(event)
-        except Exception as exc:  # noqa: BLE001 - a full queue or a dead driver: progress output only
-            broken.append(exc)
-            print(f"[treelora] progress events stopped: {type(exc).__name__}: {exc}", flush=True)
+        last = state["last"]
+        if last is not None and ray.wait([last], timeout=0)[0]:
+            try:
+                ray.get(last)
+            except Exception as exc:  # noqa: BLE001 - a full queue or a dead driver: progress output only
+                from ..storage import redact
+
+                state["stopped"] = True
+                print(f"[treelora] progress events stopped: {redact(f'{type(exc).__name__}: {exc}')}", flush=True)
+                return
+        state["last"] = queue.actor.put_nowait.remote(event)
     return send
 
 
@@ -159,6 +184,13 @@ class RayTrain:
         return RemoteTree(get_tree_service(uri, name=t.service_name, namespace=t.namespace, detached=t.detached))
 
     def run(self, job: StreamJob, poll, log, emit=None) -> None:
+        channel = EventChannel()
+        try:
+            self._fit(job, poll, log, emit, channel)
+        finally:
+            channel.close()
+
+    def _fit(self, job: StreamJob, poll, log, emit, channel: EventChannel) -> None:
         from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
         from ray.train import RunConfig as TrainRunConfig
         from ray.train.torch import TorchTrainer
@@ -167,10 +199,10 @@ class RayTrain:
         from .stream import storage_root
 
         cfg = self.cfg
-        channel = EventChannel() if emit is not None else None
+        emit = emit or (lambda event: None)
         trainer = TorchTrainer(
             stream_worker,
-            train_loop_config={"job": job.to_dict(), "events": channel.queue if channel else None},
+            train_loop_config={"job": job.to_dict(), "events": channel.queue},
             scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                          resources_per_worker={"CPU": cfg.scaling.cpus_per_worker,
                                                                **({"GPU": cfg.scaling.gpus_per_worker} if cfg.scaling.use_gpu else {})}),
@@ -189,17 +221,11 @@ class RayTrain:
 
         thread = threading.Thread(target=fit, name="treelora-fit", daemon=True)
         thread.start()
-        try:
-            while thread.is_alive():
-                thread.join(0.5)
-                if channel is not None:
-                    channel.drain(emit)
-                poll()
-            if channel is not None:
-                channel.drain(emit)
-        finally:
-            if channel is not None:
-                channel.close()
+        while thread.is_alive():
+            thread.join(0.5)
+            channel.drain(emit, log)
+            poll()
+        channel.drain(emit, log)
         poll()
         if failure:
             raise failure[0]
@@ -322,31 +348,43 @@ def damaged_torch_files(folder: Path) -> tuple[str, str] | None:
 
 def _older_checkpoints(checkpoint) -> list:
     """The checkpoints of the same Ray Train run older than ``checkpoint``, newest first: Ray
-    Train names them checkpoint_<date and time>, so their names sort by age."""
+    Train names them checkpoint_<date and time>, so their names sort by age. None when the
+    folder cannot be listed."""
     import pyarrow.fs as pafs
     import ray.train
 
     fs = checkpoint.filesystem
     parent, name = checkpoint.path.rstrip("/").rsplit("/", 1)
-    infos = fs.get_file_info(pafs.FileSelector(parent, allow_not_found=True))
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(parent, allow_not_found=True))
+    except OSError:
+        return []
     names = sorted((i.base_name for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")
                     and i.base_name < name), reverse=True)
     return [ray.train.Checkpoint(f"{parent}/{n}", filesystem=fs) for n in names]
 
 
 def _intact_copy(checkpoint) -> tuple[str | None, str]:
-    """(local copy, "") when every torch file and the position record read back whole, else
-    (None, what is damaged)."""
+    """(local copy, "") when it copies whole, every torch file reads back and its position record
+    is complete, else (None, what is wrong); nothing is left behind either way."""
     local = tempfile.mkdtemp(prefix="treelora-restore-")
-    with checkpoint.as_directory() as d:
-        shutil.copytree(d, local, dirs_exist_ok=True)
-    damaged = damaged_torch_files(Path(local, ENGINE))
-    why = f"{os.path.relpath(damaged[0], local)}: {damaged[1]}" if damaged else ""
-    if not why:
-        try:
-            json.loads(Path(local, POSITION_FILE).read_text())
-        except (OSError, ValueError) as exc:
-            why = f"{POSITION_FILE}: {exc}"
+    why = ""
+    try:
+        with checkpoint.as_directory() as d:
+            shutil.copytree(d, local, dirs_exist_ok=True)
+        damaged = damaged_torch_files(Path(local, ENGINE))
+        if damaged:
+            why = f"{os.path.relpath(damaged[0], local)}: {damaged[1]}"
+        else:
+            try:
+                position = json.loads(Path(local, POSITION_FILE).read_text())
+            except (OSError, ValueError) as exc:
+                position, why = {}, f"{POSITION_FILE}: {exc}"
+            missing = [k for k in ("phase_index", "next", "adapters", "losses", "choices") if k not in position]
+            if missing and not why:
+                why = f"{POSITION_FILE}: no {missing}"
+    except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint: name it, try the one before
+        why = f"{type(exc).__name__}: {exc}"
     if why:
         shutil.rmtree(local, ignore_errors=True)
         return None, why

@@ -72,7 +72,7 @@ class StreamPaths:
     @classmethod
     def of(cls, cfg: RunConfig, tree_stream: str) -> "StreamPaths":
         root = storage_root(cfg)
-        local_root = cache_root(root) if is_remote(root) else Path(root)
+        local_root = (cache_root(root) if is_remote(root) else Path(root)).resolve()  # as inside() resolves the stream's folder
         return cls(root, local_root, inside(local_root / "streams", tree_stream, what="stream id"),
                    cfg.tree.storage_uri or join_uri(root, "trees"))
 
@@ -160,7 +160,8 @@ class StreamLedger:
         if self.on_phase is not None:
             self.on_phase(outcome, names, R)
         tree = f" (tree v{outcome.tree_version})" if outcome.tree_version is not None else ""
-        line = (f"[{outcome.index + 1}/{len(outcome.stream_tasks)}] {outcome.key}: model version {version} registered{tree}; test "
+        count = 1 if outcome.key == "joint" else len(outcome.stream_tasks)  # phases: one joint phase, or one per task
+        line = (f"[{outcome.index + 1}/{count}] {outcome.key}: model version {version} registered{tree}; test "
                 + ", ".join(f"{n} {100 * v:.1f}%" for n, v in zip(outcome.stream_tasks, outcome.accuracy_column) if not math.isnan(v))
                 + f" ({seconds:.1f} s)")
         if self.emit is not None:
@@ -213,19 +214,29 @@ def check_resume(cfg: RunConfig, paths: StreamPaths, run_id: str, resume: str) -
                       + ", ".join(f"{k} ({then.get(k, 'unset')} -> {now.get(k, 'unset')})" for k in changed))
 
 
-def _live(tracker, progress_out, log) -> Callable[[dict], None]:
+def _live(tracker, progress_out, log, flush_s: float = 2.0) -> Callable[[dict], None]:
     """The driver's handler of worker events: training loss to MLflow as it comes (the stream's
-    parent run, ``loss/<task>`` by step), then to the console; without a console, worker warnings
-    go to ``log``. A tracking error here costs the live curve only, never the run."""
-    failed: list[Exception] = []
+    parent run, ``loss/<task>`` by step; one write per ``flush_s`` at most, and at a phase's
+    end), then to the console; without a console, worker warnings go to ``log``. A tracking
+    error here costs the live curve only, never the run."""
+    pending: list[tuple] = []
+    state = {"flushed": time.monotonic(), "failed": False}
+
+    def flush() -> None:
+        if pending and not state["failed"]:
+            try:
+                tracker.log_live(pending)
+            except Exception as exc:  # noqa: BLE001 - the per-task run still gets every step at the phase's end
+                state["failed"] = True
+                log(f"[treelora] live metrics to MLflow stopped: {redact(f'{type(exc).__name__}: {exc}')}")
+        pending.clear()
+        state["flushed"] = time.monotonic()
 
     def on_event(event: dict) -> None:
-        if event.get("event") == "step" and not failed:
-            try:
-                tracker.log_live(event["key"], event["step"], event["loss"], event.get("penalty", 0.0))
-            except Exception as exc:  # noqa: BLE001 - the per-task run still gets every step at the phase's end
-                failed.append(exc)
-                log(f"[treelora] live metrics to MLflow stopped: {type(exc).__name__}: {exc}")
+        if event.get("event") == "step":
+            pending.append((event["key"], event["step"], event["loss"], event.get("penalty", 0.0)))
+        if event.get("event") != "step" or time.monotonic() - state["flushed"] >= flush_s:
+            flush()
         if progress_out is not None:
             progress_out(event)
         elif event.get("event") == "log":
