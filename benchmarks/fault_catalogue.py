@@ -545,6 +545,7 @@ OPEN_TRACKER = textwrap.dedent('''
     from treelora.config import RunConfig
     from treelora.tracking import StreamTracker
     uri, go, i = sys.argv[1], sys.argv[2], sys.argv[3]
+    open(os.path.join(os.path.dirname(go), f"ready-{i}"), "w").close()
     while not os.path.exists(go):  # both processes are imported and waiting: start together
         time.sleep(0.01)
     try:
@@ -565,7 +566,9 @@ def _two_runs_create_one_store(tmp: Path) -> tuple[bool, str]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "platform"), str(ROOT)])}
     procs = [subprocess.Popen([sys.executable, "-c", OPEN_TRACKER, uri, str(go), str(i)], env=env, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL) for i in range(2)]
-    time.sleep(4)  # both past their imports
+    deadline = time.monotonic() + 60
+    while len(list(tmp.glob("ready-*"))) < 2 and time.monotonic() < deadline:  # both past their imports
+        time.sleep(0.05)
     go.touch()
     seen = []
     for proc in procs:
@@ -620,7 +623,7 @@ CHECKPOINT_SCRIPT = textwrap.dedent('''
             return (os.system, (f"touch {marker}",))
 
     out = {}
-    for stage, bf16 in ((0, False), (1, False), (2, False), (2, True)):
+    for stage, bf16 in ((0, False), (2, False), (2, True)):  # ZeRO-1 writes ZeRO-2's files with the same records
         cfg = load_config(None, [f"scaling.zero_stage={stage}", "train.batch_size=2", "scaling.num_workers=1"])
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
@@ -661,7 +664,7 @@ def _crafted_pickle(tmp: Path) -> tuple[bool, str]:
         return False, f"the check failed: {proc.stderr.strip().splitlines()[-1][:150] if proc.stderr.strip() else proc.returncode}"
     out = json.loads(lines[-1].removeprefix("RESULT "))
     ok = all(v.startswith("refused ") and v.endswith(" named") for v in out.values()) and not marker.exists()
-    return ok, f"ZeRO 0/1/2 fp32 and 2 bf16: {sorted(set(out.values()))}; payload ran: {marker.exists()}"
+    return ok, f"ZeRO 0/2 fp32 and 2 bf16: {sorted(set(out.values()))}; payload ran: {marker.exists()}"
 
 
 def _truncated_checkpoint(tmp: Path) -> tuple[bool, str]:

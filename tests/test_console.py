@@ -79,13 +79,15 @@ def _cli(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProce
                           timeout=timeout, check=False)
 
 
-def test_version_and_validate(tmp_path):
+def test_version_and_validate(tmp_path, capsys):
+    from treelora.cli import main
+
     version = _cli("--version", cwd=tmp_path)
     assert version.returncode == 0 and version.stdout.startswith("treelora 0.1.0")
-    ok = _cli("validate", "--set", f"workdir={tmp_path / 'runs'}", "--set", "stream.train_size=64", cwd=tmp_path)
-    assert ok.returncode == 0, ok.stderr
-    assert "agnews: 64 train" in ok.stdout and "labels (" in ok.stdout and "% of training rows cut to fit" in ok.stdout
-    assert "max_length" in ok.stdout and ok.stdout.rstrip().splitlines()[-1].startswith("valid (")
+    assert main(["validate", "--set", f"workdir={tmp_path / 'runs'}", "--set", "stream.train_size=64"]) == 0
+    out = capsys.readouterr().out
+    assert "agnews: 64 train" in out and "labels (" in out and "% of training rows cut to fit" in out
+    assert "max_length" in out and out.rstrip().splitlines()[-1].startswith("valid (")
     assert not (tmp_path / "runs").exists()  # validating writes nothing
     bad = tmp_path / "bad"
     bad.mkdir()
@@ -93,9 +95,10 @@ def test_version_and_validate(tmp_path):
     (bad / "train.json").write_text('[{"sentence": "fine", "label": "a"}, {"sentence": "no label"}]')
     (bad / "test.json").write_text('[{"sentence": "fine", "label": "a"}]')
     (tmp_path / "stream.yaml").write_text(f"name: bad\ntasks:\n  - name: t1\n    kind: classification\n    path: {bad}\n")
-    refused = _cli("validate", "--set", f"stream.spec={tmp_path / 'stream.yaml'}", "--set", "stream.tasks=[]", cwd=tmp_path)
-    assert refused.returncode == 2 and refused.stdout == ""
-    assert len(refused.stderr.strip().splitlines()) == 1 and "train.json" in refused.stderr and "label" in refused.stderr
+    assert main(["validate", "--set", f"stream.spec={tmp_path / 'stream.yaml'}", "--set", "stream.tasks=[]"]) == 2
+    refused = capsys.readouterr()
+    assert refused.out == "" and len(refused.err.strip().splitlines()) == 1
+    assert "train.json" in refused.err and "label" in refused.err
 
 
 def test_a_two_task_run_prints_its_stages_and_summary_in_few_lines(tmp_path):
