@@ -77,17 +77,11 @@ def cmd_validate(args) -> int:
         stream_kind,
         tree_stream_id,
     )
-    from .train.validate import (
-        check_tracking_reachable,
-        validate_config,
-        validate_stream,
-    )
+    from .train.validate import preflight
 
     t0 = time.perf_counter()
     cfg = load_config(args.config, args.set)
-    validate_config(cfg)
-    check_tracking_reachable(cfg)
-    stream = validate_stream(cfg)
+    stream = preflight(cfg)
     kind = stream_kind(stream)
     model = build_model(cfg, kind)  # the tokenizer and the lengths a run would use
     cut = model.prepare(stream.tasks)

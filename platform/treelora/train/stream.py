@@ -30,7 +30,7 @@ from .progress import StreamProgress
 from .recipe import StreamJob
 from .run_lock import RunLock
 from .setup import split_sizes, tree_stream_id
-from .validate import check_tracking_reachable, validate_config, validate_stream
+from .validate import preflight
 
 
 @dataclasses.dataclass
@@ -257,9 +257,7 @@ def run_stream(cfg: RunConfig, *, executor: str = "ray", address: str | None = N
     ``fail_at`` {task: step} kills a worker there once (tests)."""
     progress_out = progress  # the name ``progress`` is the stream's progress.json below
     t0, started_at = time.perf_counter(), time.time()
-    validate_config(cfg)
-    check_tracking_reachable(cfg)
-    stream = validate_stream(cfg)  # every record checked before anything trains
+    stream = preflight(cfg)  # every record checked before anything trains
     if progress_out is not None:
         records = sum(len(t.train) + len(t.eval) + len(t.test) for t in stream.tasks)
         progress_out({"event": "validated", "records": records, "seconds": time.perf_counter() - t0})

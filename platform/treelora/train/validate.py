@@ -153,3 +153,11 @@ def validate_stream(cfg: RunConfig):
         except ModelNotAvailable as exc:
             raise ConfigError(f"model.name {cfg.model.name!r}: {exc}") from exc
     return stream
+
+
+def preflight(cfg: RunConfig):
+    """Everything checked before a run starts, in the order a run does it: the config's fields,
+    the tracking server, every record of every task. Returns the stream."""
+    validate_config(cfg)
+    check_tracking_reachable(cfg)
+    return validate_stream(cfg)
