@@ -7,7 +7,6 @@ exported concatenated, treelora follows the LCB bandit and pulls toward the chos
 treelora-reference samples like the authors' code and scales its term to the loss."""
 
 import copy
-import dataclasses
 import json
 import warnings
 from pathlib import Path
@@ -24,10 +23,10 @@ from treelora.config import load_config
 from treelora.data import SAMPLE_ROOT
 from treelora.methods import METHODS, make_method
 from treelora.methods.base import TaskContext
-from treelora.methods.l2_anchor import L2Anchor
-from treelora.methods.o_lora import OLoRA
+from treelora.methods.l2_anchor import L2Anchor, L2AnchorConfig
+from treelora.methods.o_lora import OLoRA, OLoRAConfig
 from treelora.methods.seq_lora import SeqLoRA
-from treelora.methods.treelora import TreeLoRA, TreeLoRAReference, signature_space_for
+from treelora.methods.treelora import TreeLoRA, TreeLoRAConfig, TreeLoRAReference, signature_space_for
 from treelora.train.stream import run_stream
 from treelora.train.loop import TorchStepper, epoch_batches, step_seed, train_task
 from treelora.train.setup import build_model, build_stream, steps_per_epoch
@@ -260,7 +259,7 @@ def test_seq_lora_adds_nothing_to_the_loop(tasks):
 def test_l2_anchor_penalty_is_the_squared_distance_to_the_previous_adapter(tasks):
     strength = 3.0
     model = new_model(tasks)
-    method = make_method(dataclasses.replace(config("l2-anchor", "unused").method, l2_strength=strength))
+    method = make_method(L2AnchorConfig(l2_strength=strength))
     assert isinstance(method, L2Anchor)
     _, records = train(model, method, tasks[0], 0)
     assert all(r.penalty == 0.0 for r in records)
@@ -304,7 +303,7 @@ def test_l2_anchor_keeps_the_adapter_near_the_previous_task(tasks):
     task1_adapter = lora_state(after_first)
     moved = {}
     for name, method in (("seq-lora", SeqLoRA()),
-                         ("l2-anchor", make_method(dataclasses.replace(config("l2-anchor", "unused").method, l2_strength=1000.0)))):
+                         ("l2-anchor", L2Anchor(L2AnchorConfig(l2_strength=1000.0)))):
         model = copy.deepcopy(after_first)
         if name == "l2-anchor":  # its begin_task of task 0 is seq-lora's (tested above); task 1 sets the anchor
             method.begin_task(context(model, tasks[0], 0))
@@ -318,7 +317,7 @@ def test_l2_anchor_keeps_the_adapter_near_the_previous_task(tasks):
 # -- o-lora ----------------------------------------------------------------------------------
 def olora_after_first_task(tasks, **overrides):
     model = new_model(tasks)
-    method = make_method(dataclasses.replace(config("o-lora", "unused").method, **overrides))
+    method = make_method(OLoRAConfig(**overrides))
     assert isinstance(method, OLoRA)
     torch.manual_seed(3)
     train(model, method, tasks[0], 0)
@@ -398,7 +397,7 @@ def flat(grads, d):
 
 def test_treelora_follows_the_bandit_and_pulls_toward_the_chosen_signature(tasks, tmp_path):
     model = new_model(tasks)
-    method_cfg = dataclasses.replace(config("treelora", "unused").method, strength=0.5)
+    method_cfg = TreeLoRAConfig(strength=0.5)
     space = signature_space_for(model, method_cfg)
     assert (space.projection, space.metric, space.shape) == ("exact", "l1", (4, 512))
     snapshot = known_tree(tmp_path, space, 3, scale=1e-3)
@@ -580,7 +579,7 @@ def test_treelora_sketched_signature_and_direction_match_the_per_module_projecti
     """Above signature_max_width a module's signature is Cauchy-sketched; the method projects all
     modules of one size with one matmul, which must equal projecting each module on its own."""
     model = new_model(tasks)
-    method_cfg = dataclasses.replace(config("treelora", "unused").method, signature_max_width=64, signature_sketch_width=32)
+    method_cfg = TreeLoRAConfig(signature_max_width=64, signature_sketch_width=32)
     space = signature_space_for(model, method_cfg)
     assert (space.projection, space.shape) == ("cauchy", (4, 32))
     snapshot = known_tree(tmp_path, space, 2, scale=1e-3)

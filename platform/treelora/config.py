@@ -3,7 +3,8 @@
 Every field has a default that works on one laptop-class CPU machine; a GPU cluster changes the
 ``scaling`` section only. The config is a tree of frozen dataclasses: it is logged whole to
 MLflow, hashed into every adapter version, and travels to Ray workers as a plain dict
-(``to_dict``/``from_dict``), never pickled into storage.
+(``to_dict``/``from_dict``), never pickled into storage. The ``method`` section is the chosen
+method's own config class (methods/): ``name`` and that method's settings only, flat in YAML.
 """
 
 from __future__ import annotations
@@ -54,17 +55,33 @@ class AdapterConfig:
     targets: tuple[str, ...] = ("q", "v")  # short names mapped per model family (BERT query/value, Llama q_proj/v_proj)
 
 
-@dataclasses.dataclass(frozen=True)
-class MethodConfig:
-    name: str = "treelora"  # treelora | treelora-reference | seq-lora | l2-anchor | o-lora | joint
-    strength: float = 0.1  # treelora: regulariser step as a fraction of the module's mean |gradient|
-    bandit_c: float = 3.0  # treelora: LCB exploration constant (in units of the module's mean gap)
-    reference_reg: float = 0.5  # treelora-reference: the authors' `reg` (loss-relative, ramped over the epoch)
-    l2_strength: float = 1.0  # l2-anchor: weight of the squared L2 pull toward the previous task's adapter
-    olora_lambda: float = 0.5  # o-lora: weight of the orthogonality loss
-    olora_l2: float = 0.0  # o-lora: weight of an L2 penalty on the new adapter (O-LoRA's lamda_2)
-    signature_max_width: int = 16384  # above this a module's signature is sketched (Cauchy) ...
-    signature_sketch_width: int = 1024  # ... to this width
+DEFAULT_METHOD = "treelora"
+
+
+def _method_section(data: Any, where: str):
+    """The ``method`` section: ``name`` plus the chosen method's own settings, built (and so
+    checked) by that method's config class (``config_class`` in methods/)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: method must be a mapping, got {type(data).__name__}")
+    # imported here, not at the top: methods/ imports torch and peft, seconds that every CLI
+    # command would pay at start-up, even those that never build a config
+    from .methods import METHODS
+
+    name = _coerce(data.get("name", DEFAULT_METHOD), str, f"{where}: field method.name")
+    if name not in METHODS:
+        raise ConfigError(f"{where}: method.name {name!r} is not one of {sorted(METHODS)}")
+    cls = METHODS[name].config_class
+    known = cls.setting_names()
+    unknown = sorted(set(data) - {"name", *known})
+    if unknown:
+        raise ConfigError(f"{where}: method.{unknown[0]} is not a setting of method {name!r} "
+                          f"(its settings: {', '.join(known) or 'none'})")
+    hints = typing.get_type_hints(cls)
+    kwargs = {k: _coerce(v, hints[k], f"{where}: field method.{k}") for k, v in data.items() if k != "name"}
+    try:
+        return cls(**kwargs)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,7 +147,10 @@ class RunConfig:
     stream: StreamConfig = StreamConfig()
     model: ModelConfig = ModelConfig()
     adapter: AdapterConfig = AdapterConfig()
-    method: MethodConfig = MethodConfig()
+    # the chosen method's own config object (methods/: name, then that method's settings), flat
+    # in YAML; typed Any because its class is known only once method.name is
+    method: Any = dataclasses.field(default_factory=lambda: _method_section({}, "defaults"),
+                                    metadata={"build": _method_section})
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     scaling: ScalingConfig = ScalingConfig()
@@ -145,21 +165,34 @@ class RunConfig:
         return _build(cls, data or {}, where, prefix="")
 
     def with_overrides(self, overrides: list[str] | tuple[str, ...]) -> "RunConfig":
-        data = self.to_dict()
+        """This config with ``section.field=value`` overrides (values read as YAML), in order."""
+        pairs = []
         for item in overrides:
             if "=" not in item:
                 raise ConfigError(f"override {item!r}: expected section.field=value")
             key, raw = item.split("=", 1)
-            node = data
-            parts = key.split(".")
-            for p in parts[:-1]:
-                if not isinstance(node.get(p), dict):
-                    raise ConfigError(f"override {item!r}: unknown section {p!r}")
-                node = node[p]
-            if parts[-1] not in node:
-                raise ConfigError(f"override {item!r}: unknown field {key!r}")
-            node[parts[-1]] = yaml.safe_load(raw)
-        return RunConfig.from_dict(data, where="overrides")
+            pairs.append((key, yaml.safe_load(raw)))
+        return self.with_values(pairs)
+
+    def with_values(self, values: dict[str, Any] | list[tuple[str, Any]], where: str = "overrides") -> "RunConfig":
+        """This config with dotted fields set to values, in order, checked as a config file is.
+
+        ``method.name`` switching to another method drops the old method's settings for the new
+        one's defaults; method settings given here, before or after the switch, are kept and
+        checked against the final method (so a setting it lacks is refused, not dropped).
+        """
+        data = self.to_dict()
+        given: dict[str, Any] = {}
+        for key, value in (values.items() if isinstance(values, dict) else values):
+            section, _, leaf = key.rpartition(".")
+            if key == "method.name":
+                if value != data["method"]["name"]:
+                    data["method"] = {"name": value, **given}
+            elif section == "method":
+                given[leaf] = data["method"][leaf] = value  # from_dict names it if the method lacks it
+            else:
+                _set(data, key, value, where)
+        return RunConfig.from_dict(data, where=where)
 
     # what does not change a run's results: where it is stored and tracked, how it is spread
     # over workers (the global batch and its order stay the same), logging cadence
@@ -211,6 +244,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return cfg.with_overrides(overrides) if overrides else cfg
 
 
+def _set(data: dict[str, Any], key: str, value: Any, where: str) -> None:
+    node = data
+    *parents, leaf = key.split(".")
+    for p in parents:
+        if not isinstance(node.get(p), dict):
+            raise ConfigError(f"{where}: {key!r}: unknown section {p!r}")
+        node = node[p]
+    if leaf not in node:
+        raise ConfigError(f"{where}: unknown field {key!r}")
+    node[leaf] = value
+
+
 def _build(cls, data: dict[str, Any], where: str, prefix: str):
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: {prefix.rstrip('.') or 'top level'} must be a mapping, got {type(data).__name__}")
@@ -221,8 +266,10 @@ def _build(cls, data: dict[str, Any], where: str, prefix: str):
         raise ConfigError(f"{where}: unknown field '{prefix}{unknown[0]}'; known: {sorted(fields)}")
     kwargs = {}
     for name, value in data.items():
-        hint = hints[name]
-        if dataclasses.is_dataclass(hint):
+        hint, build = hints[name], fields[name].metadata.get("build")
+        if build is not None:
+            kwargs[name] = build(value, where)
+        elif dataclasses.is_dataclass(hint):
             kwargs[name] = _build(hint, value, where, f"{prefix}{name}.")
         else:
             kwargs[name] = _coerce(value, hint, f"{where}: field {prefix}{name}")

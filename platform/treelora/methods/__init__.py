@@ -1,4 +1,10 @@
-"""Continual-learning methods as plugins behind one small interface (see base.Method)."""
+"""Continual-learning methods as plugins behind one small interface (see base.Method).
+
+To add a method, write one module here holding the method class and its frozen config class
+(a ``settings.MethodSettings`` with ``setting(...)`` fields, named by the method's
+``config_class``), add the class to ``METHODS`` below, and add its tests: the run config, its
+overrides and its validation pick the method's settings up from the registry.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +12,14 @@ from .base import Method, TaskContext, TaskOutcome
 from .l2_anchor import L2Anchor
 from .o_lora import OLoRA
 from .seq_lora import Joint, SeqLoRA
+from .settings import MethodSettings
 from .treelora import TreeLoRA, TreeLoRAReference
 
 METHODS = {m.name: m for m in (TreeLoRA, TreeLoRAReference, SeqLoRA, L2Anchor, OLoRA, Joint)}
 
 
-def make_method(cfg) -> Method:
-    """A fresh method from the ``method`` section of the run config."""
+def make_method(cfg: MethodSettings) -> Method:
+    """A fresh method from the ``method`` section of the run config (its method's config object)."""
     try:
         cls = METHODS[cfg.name]
     except KeyError:
@@ -20,4 +27,4 @@ def make_method(cfg) -> Method:
     return cls(cfg)
 
 
-__all__ = ["METHODS", "Method", "TaskContext", "TaskOutcome", "make_method"]
+__all__ = ["METHODS", "Method", "MethodSettings", "TaskContext", "TaskOutcome", "make_method"]

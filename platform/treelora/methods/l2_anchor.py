@@ -6,15 +6,25 @@ gradients. No pull on the first task.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from .base import NoExtraState, TaskContext, TaskOutcome
+from .settings import MethodSettings, method_name, setting
+
+
+@dataclasses.dataclass(frozen=True)
+class L2AnchorConfig(MethodSettings):
+    name: str = method_name("l2-anchor")
+    l2_strength: float = setting(1.0, "weight of the squared L2 pull toward the previous task's adapter", lo=0)
 
 
 class L2Anchor(NoExtraState):
     name = "l2-anchor"
+    config_class = L2AnchorConfig
 
-    def __init__(self, cfg):
+    def __init__(self, cfg: L2AnchorConfig):
         self.strength = cfg.l2_strength
         self.anchor: list[torch.Tensor] | None = None
         self.params: list[torch.nn.Parameter] = []

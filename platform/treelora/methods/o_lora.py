@@ -11,15 +11,26 @@ test checks both).
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from .base import NoExtraState, TaskContext, TaskOutcome
+from .settings import MethodSettings, method_name, setting
+
+
+@dataclasses.dataclass(frozen=True)
+class OLoRAConfig(MethodSettings):
+    name: str = method_name("o-lora")
+    olora_lambda: float = setting(0.5, "weight of the orthogonality loss", lo=0)
+    olora_l2: float = setting(0.0, "weight of an L2 penalty on the new adapter (O-LoRA's lamda_2)", lo=0)
 
 
 class OLoRA(NoExtraState):
     name = "o-lora"
+    config_class = OLoRAConfig
 
-    def __init__(self, cfg):
+    def __init__(self, cfg: OLoRAConfig):
         self.lam, self.l2 = cfg.olora_lambda, cfg.olora_l2
         self.adapters: list[str] = []
 

@@ -2,14 +2,28 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from .base import NoExtraState, TaskContext, TaskOutcome
+from .settings import MethodSettings, method_name
+
+
+@dataclasses.dataclass(frozen=True)
+class SeqLoRAConfig(MethodSettings):
+    name: str = method_name("seq-lora")
+
+
+@dataclasses.dataclass(frozen=True)
+class JointConfig(MethodSettings):
+    name: str = method_name("joint")
 
 
 class SeqLoRA(NoExtraState):
     name = "seq-lora"
+    config_class = SeqLoRAConfig
 
-    def __init__(self, cfg=None):
-        pass
+    def __init__(self, cfg: SeqLoRAConfig | None = None):
+        pass  # no settings: the config is taken for the factory's uniform call
 
     def begin_task(self, ctx: TaskContext):
         return ctx.model.trainable_for(ctx.task)
@@ -29,4 +43,5 @@ class Joint(SeqLoRA):
     """
 
     name = "joint"
+    config_class = JointConfig
     trains_jointly = True

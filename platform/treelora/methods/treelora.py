@@ -26,15 +26,33 @@ Points the paper leaves open, decided here (DESIGN notes in the README say the s
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 
 from tree_service import CompiledTree, Projector, ReferenceSampler, SignatureSpace, TreeLCBBandit
 
 from .base import TaskContext, TaskOutcome
+from .settings import MethodSettings, method_name, setting
 
 
-def signature_space_for(model, cfg) -> SignatureSpace:
+@dataclasses.dataclass(frozen=True)
+class TreeLoRAConfig(MethodSettings):
+    name: str = method_name("treelora")
+    strength: float = setting(0.1, "regulariser step as a fraction of the module's mean |gradient|", lo=0)
+    bandit_c: float = setting(3.0, "LCB exploration constant (in units of the module's mean gap)", lo=0)
+    signature_max_width: int = setting(16384, "above this a module's signature is sketched (Cauchy) ...", lo=1)
+    signature_sketch_width: int = setting(1024, "... to this width", lo=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class TreeLoRAReferenceConfig(MethodSettings):
+    name: str = method_name("treelora-reference")
+    reference_reg: float = setting(0.5, "the authors' `reg` (loss-relative, ramped over the epoch)", lo=0)
+
+
+def signature_space_for(model, cfg: TreeLoRAConfig) -> SignatureSpace:
     sizes = [m.A().numel() + m.B().numel() for m in model.modules_in_order]
     if max(sizes) <= cfg.signature_max_width:
         return SignatureSpace(len(sizes), max(sizes), projection="exact", metric="l1")
@@ -57,9 +75,10 @@ class TreeLoRA:
     """
 
     name = "treelora"
+    config_class = TreeLoRAConfig
     uses_tree = True
 
-    def __init__(self, cfg):
+    def __init__(self, cfg: TreeLoRAConfig | TreeLoRAReferenceConfig):
         self.cfg = cfg
         self.space: SignatureSpace | None = None
         self.projector: Projector | None = None
@@ -235,6 +254,7 @@ class TreeLoRAReference(TreeLoRA):
     """
 
     name = "treelora-reference"
+    config_class = TreeLoRAReferenceConfig
 
     def begin_task(self, ctx: TaskContext):
         trainable = ctx.model.trainable_for(ctx.task)
