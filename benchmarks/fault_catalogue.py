@@ -127,11 +127,12 @@ def _second_driver(tmp: Path) -> tuple[bool, str]:
 
     from treelora.config import ConfigError
     from treelora.train.run_lock import LOCK_FILE
-    from treelora.train.setup import build_stream, tree_stream_id
-    from treelora.train.stream import StreamPaths, run_stream
+    from treelora.train.setup import build_stream, run_id_of
+    from treelora.layout import RunLayout
+    from treelora.train.stream import run_stream
 
     cfg = _tiny_stream(tmp, "stream.tasks=[agnews]")
-    folder = StreamPaths.of(cfg, tree_stream_id(cfg, build_stream(cfg))).stream_dir
+    folder = RunLayout.of(cfg, run_id_of(cfg, build_stream(cfg))).stream_dir
     folder.mkdir(parents=True)
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # a live driver holding the run
     try:
@@ -672,7 +673,7 @@ def _truncated_checkpoint(tmp: Path) -> tuple[bool, str]:
 
     import ray.train
     import torch
-    from treelora.train.ray_executor import ENGINE, POSITION_FILE, latest_intact
+    from treelora.train.ray_checkpoints import ENGINE, POSITION_FILE, latest_intact
 
     run = tmp / "ray_train" / "stream"
     folders = [run / f"checkpoint_2026-11-29_10-00-0{i}.000000" for i in range(3)]  # Ray Train's names: oldest first

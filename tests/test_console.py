@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from treelora import events
 from treelora.console import Console
 
 pytestmark = pytest.mark.unit
@@ -23,19 +24,17 @@ class Clock:
 
 
 def _phase(console: Console, clock: Clock, index: int, key: str, total: int, seconds_per_step: float) -> None:
-    console.event({"event": "phase_start", "index": index, "key": key, "total": total, "start": 0})
+    console.event(events.PhaseStarted(index, key, total, 0))
     for step in range(total):
         clock.now += seconds_per_step
-        console.event({"event": "step", "index": index, "key": key, "step": step, "total": total, "loss": 1.0 / (step + 1)})
-    console.event({"event": "evaluating", "index": index, "key": key, "steps": total, "train_seconds": total * seconds_per_step})
+        console.event(events.StepLogged(index, key, step, total, 1.0 / (step + 1), 0.0))
+    console.event(events.Evaluating(index, key, total, total * seconds_per_step))
     clock.now += 2
-    console.event({"event": "phase_done", "index": index, "key": key, "seconds": total * seconds_per_step + 2,
-                   "line": f"[{index + 1}/2] {key}: model version {index + 1} registered"})
+    console.event(events.PhaseDone(index, key, total * seconds_per_step + 2, f"[{index + 1}/2] {key}: model version {index + 1} registered"))
 
 
 def _start(console: Console) -> None:
-    console.event({"event": "start", "run_id": "s.treelora.minilm.abc", "tasks": ["agnews", "amazon"], "done": 0,
-                   "stream_dir": "/w/streams/s", "tree_uri": "/w/trees", "tracking_uri": "sqlite:///w/mlflow.db", "registered_model": "m"})
+    console.event(events.RunStarted("s.treelora.minilm.abc", ("agnews", "amazon"), 0, "/w/streams/s", "/w/trees", "sqlite:///w/mlflow.db", "m"))
 
 
 def test_on_a_terminal_training_progress_is_one_line_redrawn_in_place():

@@ -166,7 +166,7 @@ def test_kuberay_cluster_autoscales_gpu_workers_from_zero_as_rays_autoscaler_rea
 def test_the_rayjob_runs_an_example_config_on_the_cluster_and_its_mlflow_service():
     import shlex
 
-    from treelora.storage import is_remote
+    from treelora.layout import is_remote
 
     docs = _manifests()
     job = docs[("RayJob", "treelora-olora-cls")]["spec"]

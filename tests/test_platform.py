@@ -15,6 +15,7 @@ import torch
 
 from treelora.config import ConfigError, load_config
 from treelora.data import SAMPLE_ROOT
+from treelora.testing import die_at_step
 
 pytestmark = pytest.mark.integration
 
@@ -53,7 +54,7 @@ def test_three_task_stream_end_to_end(ray_session, tmp_path, capsys):
     assert "[3/3] SST-2: trained" in text and "[3/3] SST-2: model version 3 registered" in text
     assert "stream: 3 of 3 tasks done" in text and "Traceback" not in text
     # the training loss reached MLflow while the stream ran, step by step, on the stream's run
-    progress = StreamProgress.load(tmp_path / "streams" / result.tree_stream / "progress.json")
+    progress = StreamProgress.load(tmp_path / "streams" / result.run_id / "progress.json")
     client, versions = _registry(result)
     live = client.get_metric_history(progress.parent_run_id, "loss/agnews")
     assert [m.step for m in live] == list(range(len(progress.done("agnews")["outcome"]["losses"])))
@@ -61,12 +62,12 @@ def test_three_task_stream_end_to_end(ray_session, tmp_path, capsys):
     assert result.accuracy.shape == (3, 3) and np.isfinite(result.accuracy).all()
     assert np.isfinite(result.metrics["op"]) and np.isfinite(result.metrics["bwt"])
     # the tree holds the 3 tasks
-    tree = TreeRegistry(str(tmp_path / "trees")).describe(result.tree_stream)
+    tree = TreeRegistry(str(tmp_path / "trees")).describe(result.run_id)
     assert [t["task_id"] for t in tree["tasks"]] == ["agnews", "amazon", "SST-2"] and tree["version"] == 3
     # the registry: 3 versions, aliases latest and task-<name>
     assert [v.tags["task"] for v in versions] == ["agnews", "amazon", "SST-2"]
     from treelora.tracking import task_alias
-    from treelora.tracking.registry import resolve_model_uri
+    from treelora.tracking.versions import resolve_model_uri
 
     model = client.get_registered_model(result.registered_model)
     assert str(model.aliases[task_alias("agnews")]) == "1" and str(model.aliases[task_alias("SST-2")]) == "3"
@@ -76,7 +77,7 @@ def test_three_task_stream_end_to_end(ray_session, tmp_path, capsys):
     assert all(progress.done(t)["outcome"]["ranks_agree"] for t in ["agnews", "amazon", "SST-2"])
     assert progress.done("SST-2")["outcome"]["choices"] is not None and np.array(progress.done("SST-2")["outcome"]["choices"]).shape[0] == 2
     # one long-lived worker group for the whole stream: one Ray Train run, the model loaded once
-    assert [p.name for p in (tmp_path / "ray_train").iterdir()] == [result.tree_stream]
+    assert [p.name for p in (tmp_path / "ray_train").iterdir()] == [result.run_id]
     assert all(o.world_size == 2 for o in result.outcomes)
     # models:/<name>@latest downloads and loads with stock peft to identical weights
     from safetensors.torch import load_file
@@ -100,7 +101,7 @@ def test_three_task_stream_end_to_end(ray_session, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "Accuracy matrix" in out and "OP " in out and "BWT " in out and "registered model:" in out and "aliases latest" in out
     assert "[1/3] agnews: already done (model version 1), skipped" in out and out.rstrip().splitlines()[-1].startswith("MLflow UI:")
-    assert main(["tree", "show", result.tree_stream, "--config", str(cfg_path), "--png", str(tmp_path / "tree.png")]) == 0
+    assert main(["tree", "show", result.run_id, "--config", str(cfg_path), "--png", str(tmp_path / "tree.png")]) == 0
     assert "agnews" in capsys.readouterr().out and (tmp_path / "tree.png").stat().st_size > 1000
 
 
@@ -116,13 +117,13 @@ def test_crashed_stream_resumes_with_the_tree_service_restarted(ray_session, tmp
     service = get_tree_service(str(tmp_path / "trees"), name=cfg.tree.service_name, namespace=cfg.tree.namespace)
     logs = []
     with pytest.raises(TrainingFailedError):
-        run_stream(cfg, fail_at={"SST-2": 0}, log=lambda line: (logs.append(line), "agnews: model" in line and ray_session.kill(service, no_restart=False)))
+        run_stream(cfg, step_hooks=[die_at_step("SST-2", 0)], log=lambda line: (logs.append(line), "agnews: model" in line and ray_session.kill(service, no_restart=False)))
     assert any("agnews: model version 1" in line for line in logs)
     logs.clear()
     result = run_stream(cfg, log=logs.append)
     assert any("agnews: already done" in line for line in logs) and not any("SST-2: already done" in line for line in logs)
     assert result.accuracy.shape == (2, 2) and np.isfinite(result.accuracy).all()
-    snap = ray_session.get(service.snapshot.remote(result.tree_stream))
+    snap = ray_session.get(service.snapshot.remote(result.run_id))
     assert snap["task_ids"] == ["agnews", "SST-2"] and snap["version"] == 2
     _, versions = _registry(result)
     assert [v.tags["task"] for v in versions] == ["agnews", "SST-2"]
@@ -134,9 +135,9 @@ def test_killed_worker_resumes_from_checkpoint_and_task_completes(ray_session, t
 
     # task 2, so the bandit runs (a tree of 1 task) and the resumed ranks must still agree
     cfg = _cfg(tmp_path, "stream.tasks=[agnews, amazon]", "stream.train_size=32", "scaling.max_failures=2")
-    result = run_stream(cfg, fail_at={"amazon": 2})  # the last rank dies at step 2 of task 2
+    result = run_stream(cfg, step_hooks=[die_at_step("amazon", 2)])  # the last rank dies at step 2 of task 2
     assert np.isfinite(result.accuracy).all()
-    progress = StreamProgress.load(tmp_path / "streams" / result.tree_stream / "progress.json")
+    progress = StreamProgress.load(tmp_path / "streams" / result.run_id / "progress.json")
     amazon = progress.done("amazon")["outcome"]
     losses = amazon["losses"]
     assert [s for s, _, _ in losses] == list(range(len(losses)))  # every step once: resumed, not restarted
@@ -144,7 +145,7 @@ def test_killed_worker_resumes_from_checkpoint_and_task_completes(ray_session, t
     # the bandit's counts survived the restart: one pull per module per step, over all 4 steps
     assert (np.array(amazon["choices"]).sum(0) == 4).all()
     # checkpoints: a bounded number, holding only what trains (no frozen base weight, no pickled model)
-    ckpts = sorted(p for p in (tmp_path / "ray_train" / result.tree_stream).glob("checkpoint_*") if p.is_dir())
+    ckpts = sorted(p for p in (tmp_path / "ray_train" / result.run_id).glob("checkpoint_*") if p.is_dir())
     # bounded: 6 steps + 2 task ends were checkpointed (every step here); Ray Train keeps the newest
     # scaling.keep_checkpoints of the attempt it is in; the ones the killed attempt kept are no
     # longer tracked after the restart and stay on disk (Ray Train 2.60; seen on a fresh clone)
@@ -199,10 +200,10 @@ def test_a_running_stream_takes_new_tasks_from_its_inbox(ray_session, tmp_path, 
     from treelora.cli import main
     from treelora.train.stream import run_stream
 
-    from treelora.train.setup import build_stream, tree_stream_id
+    from treelora.train.setup import build_stream, run_id_of
 
     cfg = _cfg(tmp_path, "stream.tasks=[agnews, amazon]")
-    run_id = tree_stream_id(cfg, build_stream(cfg))
+    run_id = run_id_of(cfg, build_stream(cfg))
     cfg_path = tmp_path / "run.yaml"
     cfg_path.write_text(json.dumps(cfg.to_dict()))
     good, bad = tmp_path / "good.yaml", tmp_path / "bad.yaml"
@@ -213,9 +214,10 @@ def test_a_running_stream_takes_new_tasks_from_its_inbox(ray_session, tmp_path, 
 
     def log(line):
         if "agnews: model version" in line and not dropped:  # the worker group is on amazon now
-            from treelora.train.stream import StreamPaths
+            from treelora.layout import RunLayout
+            from treelora.train.inbox import Inbox
 
-            inbox = StreamPaths.of(cfg, run_id).inbox
+            inbox = Inbox.of(RunLayout.of(cfg, run_id))
             dropped.append(inbox.drop({"name": "broken", "path": str(tmp_path / "no-such-task")}))
             assert main(["add-task", run_id, str(good), "--config", str(cfg_path)]) == 0
 
@@ -223,10 +225,10 @@ def test_a_running_stream_takes_new_tasks_from_its_inbox(ray_session, tmp_path, 
     assert dropped and result.task_names == ["agnews", "amazon", "SST-2-extra"]
     assert result.accuracy.shape == (3, 3) and np.isfinite(result.accuracy[:, 2]).all()
     assert np.isnan(result.accuracy[2, 0])  # not in the stream yet when agnews finished (it is scored from then on)
-    assert [p.name for p in (tmp_path / "ray_train").iterdir()] == [result.tree_stream]  # the same worker group
+    assert [p.name for p in (tmp_path / "ray_train").iterdir()] == [result.run_id]  # the same worker group
     _, versions = _registry(result)
     assert [v.tags["task"] for v in versions] == ["agnews", "amazon", "SST-2-extra"]
-    rejected = list((tmp_path / "streams" / result.tree_stream / "inbox" / "rejected").glob("*.error.txt"))
+    rejected = list((tmp_path / "streams" / result.run_id / "inbox" / "rejected").glob("*.error.txt"))
     assert len(rejected) == 1 and "no-such-task" in rejected[0].read_text()
     # a rerun knows the task that joined: nothing left to do
     logs = []
@@ -248,7 +250,7 @@ def test_both_executors_run_the_same_recipe_to_the_same_result(ray_session, tmp_
               f"train.grad_accum={accum}"]
     local = run_stream(_cfg(tmp_path / "local", *common), executor="local", log=lambda *_: None)
     ray_run = run_stream(_cfg(tmp_path / "ray", *common), executor="ray", log=lambda *_: None)
-    assert local.task_names == ray_run.task_names and local.tree_stream == ray_run.tree_stream
+    assert local.task_names == ray_run.task_names and local.run_id == ray_run.run_id
     np.testing.assert_allclose(local.accuracy, ray_run.accuracy)
     for a, b in zip(local.outcomes, ray_run.outcomes, strict=True):
         np.testing.assert_allclose([x[1] for x in a.losses], [x[1] for x in b.losses], rtol=1e-4)
@@ -264,7 +266,7 @@ def test_a_stream_on_s3_keeps_everything_a_resume_needs_there(ray_session, s3_se
     rerun finds every task done from the storage alone."""
     import shutil
 
-    from treelora.storage import cache_root
+    from treelora.layout import cache_root
     from treelora.train.stream import run_stream
 
     monkeypatch.setenv("TREELORA_CACHE", str(tmp_path / "cache"))
@@ -273,7 +275,7 @@ def test_a_stream_on_s3_keeps_everything_a_resume_needs_there(ray_session, s3_se
     first = run_stream(cfg, log=lambda *_: None)
     keys = [o["Key"] for page in s3_server.client.get_paginator("list_objects_v2").paginate(Bucket="treelora-runs")
             for o in page.get("Contents", [])]
-    stream = f"runs/one/streams/{first.tree_stream}"
+    stream = f"runs/one/streams/{first.run_id}"
     for key in (f"{stream}/progress.json", f"{stream}/phases/00-agnews/outcome.json", f"{stream}/phases/01-SST-2/outcome.json",
                 f"{stream}/phases/01-SST-2/adapter/adapter_model.safetensors"):
         assert key in keys, key

@@ -2,7 +2,9 @@
 
 import pytest
 
-from treelora.storage import Mirror, join_uri, redact
+from treelora.config import RunConfig
+from treelora.layout import RunLayout, join_uri
+from treelora.storage import Mirror, redact
 
 pytestmark = pytest.mark.unit
 
@@ -20,7 +22,7 @@ def test_credentials_are_redacted():
 
 
 def test_a_local_storage_mirrors_nothing(tmp_path):
-    m = Mirror(str(tmp_path), tmp_path)
+    m = RunLayout.of(RunConfig(workdir=f"file://{tmp_path}")).mirror
     assert m.remote is None and m.pull_folder("streams") == set()
     m.push_folder("streams")  # no-op
 

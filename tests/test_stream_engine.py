@@ -14,8 +14,10 @@ from treelora.data import SAMPLE_ROOT
 from treelora.train.executors import InProcess
 from treelora.train.loop import TorchStepper
 from treelora.train.phase import PhaseJob
-from treelora.train.recipe import MidPhase, SingleProcess, StreamJob, StreamRecipe
-from treelora.train.stream import StreamPaths, run_stream
+from treelora.layout import RunLayout
+from treelora.train.job import MidPhase, SingleProcess, StreamJob
+from treelora.train.recipe import StreamRecipe
+from treelora.train.stream import run_stream
 
 pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_torch_thread")]
 
@@ -34,13 +36,13 @@ def finished(tmp_path_factory):
 
 
 def _recipe(cfg, result, done_count=0):
-    paths = StreamPaths.of(cfg, result.tree_stream)
-    job = StreamJob(config=cfg.to_dict(), tree_stream=result.tree_stream, stream_dir=str(paths.stream_dir), tree_uri=paths.tree_uri,
+    layout = RunLayout.of(cfg, result.run_id)
+    job = StreamJob(config=cfg.to_dict(), layout=layout.to_dict(),
                     pending=tuple(PhaseJob(i, n, (n,)) for i, n in enumerate(result.task_names) if i >= done_count),
-                    start_adapter_dir=None, done_count=done_count)
+                    start_phase=None, done_count=done_count)
     executor = InProcess(cfg)
     recipe = StreamRecipe(job, comm=SingleProcess(), device=torch.device("cpu"), use_bf16=False,
-                          make_stepper=lambda m, p, lr, n: TorchStepper(torch.optim.AdamW(p, lr=lr)), tree=executor.tree(job.tree_uri),
+                          make_stepper=lambda m, p, lr, n: TorchStepper(torch.optim.AdamW(p, lr=lr)), tree=executor.tree(layout.tree_uri),
                           log=lambda *_: None)
     recipe.setup()
     return recipe
@@ -84,7 +86,7 @@ def test_a_retried_phase_trains_against_the_tree_it_started_from(finished):
     assert snap["task_ids"] == ["agnews"] and snap["version"] == 1
     assert recipe._phase_snapshot(PhaseJob(0, "agnews", ("agnews",)))["task_ids"] == []
     assert recipe._added_in("amazon") == 2 and recipe._added_in("SST-2") is None
-    latest = recipe.tree.snapshot(result.tree_stream)
+    latest = recipe.tree.snapshot(result.run_id)
     assert latest["task_ids"] == ["agnews", "amazon"] and latest["version"] == 2
 
 
@@ -111,7 +113,7 @@ def test_the_inbox_refuses_any_bad_spec_and_keeps_the_good_ones(tmp_path):
 def test_the_tree_of_each_phase_is_read_at_its_own_version(finished):
     cfg, result = finished
     recipe = _recipe(cfg, result)
-    first, latest = recipe.tree.describe(result.tree_stream, 1), recipe.tree.describe(result.tree_stream)
+    first, latest = recipe.tree.describe(result.run_id, 1), recipe.tree.describe(result.run_id)
     assert first["version"] == 1 and [t["task_id"] for t in first["tasks"]] == ["agnews"]
     assert latest["version"] == 2 and latest["num_tasks"] == 2 and "amazon" in latest["tree_text"]
 
@@ -120,20 +122,20 @@ def test_changed_settings_make_another_run_and_resuming_with_them_names_the_fiel
     from treelora.config import ConfigError
 
     cfg, result = finished
-    assert result.tree_stream.startswith("olora-cls.treelora.tiny-bert.") and result.tree_stream.endswith(cfg.identity_digest())
+    assert result.run_id.startswith("olora-cls.treelora.tiny-bert.") and result.run_id.endswith(cfg.identity_digest())
     # what does not change results keeps the identity: a rerun resumes
     same = load_config(None, [f"{k}={v}" for k, v in {"scaling.num_workers": 1, "train.log_every": 3, "eval.batch_size": 5}.items()])
     assert same.identity_digest() == load_config(None).identity_digest()
     logs = []
     again = run_stream(dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, batch_size=3)), executor="local", log=logs.append)
-    assert again.tree_stream == result.tree_stream and sum("already done" in line for line in logs) == 2
+    assert again.run_id == result.run_id and sum("already done" in line for line in logs) == 2
     # a new learning rate is a new run: its own id, progress, tree stream and registered model; nothing skipped
     changed = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=0.05))
     with pytest.raises(ConfigError, match=r"fields that differ: train\.lr \(None -> 0\.05\)"):
-        run_stream(changed, executor="local", resume=result.tree_stream, log=lambda *_: None)
+        run_stream(changed, executor="local", resume=result.run_id, log=lambda *_: None)
     logs.clear()
     other = run_stream(changed, executor="local", log=logs.append)
-    assert other.tree_stream != result.tree_stream and other.registered_model != result.registered_model
+    assert other.run_id != result.run_id and other.registered_model != result.registered_model
     assert not any("already done" in line for line in logs) and len(other.versions) == 2
     with pytest.raises(ConfigError, match="no run 'nope'"):
         run_stream(cfg, executor="local", resume="nope", log=lambda *_: None)

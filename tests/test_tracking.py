@@ -23,11 +23,12 @@ from safetensors.torch import load_file
 from conftest import free_port
 from treelora.adapters import ContinualModel, save_adapter_folder, tiny_backbone
 from treelora.config import RunConfig
-from treelora.tracking import (StreamTracker, default_artifact_location, default_tracking_uri, load_registered_adapter,
-                               task_alias)
-from treelora.tracking.backend import safe_alias, safe_key
+from treelora.layout import RunLayout
+from treelora.tracking import StreamTracker, load_registered_adapter, task_alias
+from treelora.tracking.backend import artifact_location_for, safe_alias, safe_key
 from treelora.tracking.plots import accuracy_heatmap_png
-from treelora.tracking.registry import resolve_model_uri
+from treelora.tracking.versions import resolve_model_uri
+from treelora.train.phase import PhaseOutcome
 from tree_service import SignatureSpace, TaskTree
 
 TASKS = ["sst2", "ag news", "yelp:full"]  # a space and a colon: aliases and metric keys must be sanitised
@@ -72,12 +73,21 @@ def run_stream(tracker: StreamTracker, adapters: list[dict]) -> tuple[str, list[
         acc[: index + 1, index] = 0.9 - 0.1 * np.arange(index + 1) + 0.01 * index
         tree = TaskTree.build(SignatureSpace(NUM_MODULES, 6), TASKS[: index + 1], signatures[: index + 1])
         choices = np.arange(index * NUM_MODULES, dtype=float).reshape(index, NUM_MODULES) if index else None
-        logged.append(tracker.log_task(
-            index, item["name"], step_losses=[(s, 1.0 / (s + 1), 0.01 * s) for s in range(5)],
-            metrics={"accuracy": float(acc[index, index]), "train/seconds": 1.5}, accuracy_matrix=acc.copy(),
-            task_names=TASKS, adapter_dir=item["folder"], tree_text=tree.to_text(), tree_structure=tree.structure(),
-            tree_version=index + 1, choices=choices, prev_task_names=TASKS[:index], method="treelora"))
+        outcome = phase_outcome(index, item["name"], losses=[(s, 1.0 / (s + 1), 0.01 * s) for s in range(5)],
+                                column=acc[:, index], tree_version=index + 1, choices=choices, previous=TASKS[:index])
+        logged.append(tracker.log_task(outcome, adapter_dir=item["folder"], accuracy_matrix=acc.copy(), task_names=TASKS,
+                                       tree={"tree_text": tree.to_text(), "tree": tree.structure()}, method="treelora"))
     return parent, logged
+
+
+def phase_outcome(index, name, losses=((0, 1.0, 0.0),), column=(0.5,), tree_version=None, choices=None, previous=()):
+    """A phase's outcome as the recipe publishes it (1.5 s of training)."""
+    return PhaseOutcome(index=index, key=name, stream_tasks=tuple(TASKS[: len(column)]) if len(column) > 1 else (name,),
+                        accuracy_column=tuple(float(v) for v in column), losses=tuple(tuple(x) for x in losses),
+                        tree_version=tree_version, choices=None if choices is None else tuple(tuple(int(v) for v in r) for r in choices),
+                        previous_tasks=tuple(previous), adapters=("default",), world_size=1, ranks_agree=True, tokens=100,
+                        train_seconds=1.5, eval_seconds=0.5, step_seconds_median=0.1, setup_seconds=0.1, checkpoint_seconds=0.0,
+                        checkpoints=0, load_seconds=1.0, started_at=0.0, finished_at=1.0)
 
 
 def assert_weights_equal(peft_model, heads, expected: dict) -> None:
@@ -92,8 +102,9 @@ def assert_weights_equal(peft_model, heads, expected: dict) -> None:
 
 @pytest.mark.unit
 def test_names_and_defaults(tmp_path):
-    assert default_tracking_uri(tmp_path) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
-    assert default_artifact_location(tmp_path) == str(tmp_path.resolve() / "mlartifacts")
+    layout = RunLayout.of(RunConfig(workdir=str(tmp_path)))
+    assert layout.tracking_uri == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    assert artifact_location_for(layout.tracking_uri) == str(tmp_path.resolve() / "mlartifacts")
     assert task_alias("sst2") == "task-sst2"
     assert task_alias("a.b") != task_alias("a_b")  # sanitising alike must not share an alias
     assert task_alias("a.b").startswith("task-a_b-")
@@ -122,7 +133,7 @@ def test_stream_on_sqlite(tmp_path, adapters, monkeypatch):
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     monkeypatch.chdir(cwd)  # nothing may land in the current directory (MLflow's ./mlruns, ./mlflow.db)
-    uri = default_tracking_uri(tmp_path)
+    uri = RunLayout.of(RunConfig(workdir=str(tmp_path))).tracking_uri
     config = RunConfig(name="x" * 7000)  # a param value over MLflow's 6000-character limit is clipped, not refused
     tracker = StreamTracker(uri, "treelora-test", "toy-adapters", config)
     parent, logged = run_stream(tracker, adapters)
@@ -160,7 +171,7 @@ def test_stream_on_sqlite(tmp_path, adapters, monkeypatch):
         assert [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)] == [(s, 1.0 / (s + 1)) for s in range(5)]
         assert [m.value for m in sorted(client.get_metric_history(child, "penalty"), key=lambda m: m.step)] == \
             pytest.approx([0.01 * s for s in range(5)])
-        assert run.data.metrics["train/seconds"] == 1.5
+        assert run.data.metrics["train_seconds"] == 1.5
         acc_keys = sorted(k for k in run.data.metrics if k.startswith("acc/"))
         assert len(acc_keys) == sum(range(index + 2))  # only measured cells, NaN ones skipped
         assert run.data.metrics[f"acc/sst2/after_{TASKS[index].replace(':', '_')}"] == pytest.approx(0.9 + 0.01 * index)
@@ -205,10 +216,8 @@ def test_stream_on_sqlite(tmp_path, adapters, monkeypatch):
     again = StreamTracker(uri, "treelora-test", "toy-adapters", config)
     assert again.start_stream("toy", TASKS, resume_run_id=parent) == parent
     assert client.get_run(parent).info.status == "RUNNING"
-    child, version = again.log_task(
-        3, "sst2", step_losses=[(0, 0.5, 0.0)], metrics={}, accuracy_matrix=acc, task_names=TASKS,
-        adapter_dir=adapters[0]["folder"], tree_text=None, tree_structure=None, tree_version=None, choices=None,
-        prev_task_names=[], method="treelora")
+    child, version = again.log_task(phase_outcome(3, "sst2", losses=[(0, 0.5, 0.0)]), adapter_dir=adapters[0]["folder"],
+                                    accuracy_matrix=acc, task_names=TASKS, tree=None, method="treelora")
     assert version == "4" and client.get_run(child).data.tags["mlflow.parentRunId"] == parent
     assert str(client.get_model_version_by_alias("toy-adapters", task_alias("sst2")).version) == "4"  # the alias moved
     assert str(client.get_model_version_by_alias("toy-adapters", "latest").version) == "4"
@@ -287,8 +296,7 @@ def test_a_task_logged_twice_keeps_one_run_and_one_version(tmp_path, adapters):
     adapter = adapters[0]["folder"]
     tracker = StreamTracker(uri, "e", "m", RunConfig())
     tracker.start_stream("s", ["a"])
-    args = dict(step_losses=[(0, 1.0, 0.0)], metrics={}, accuracy_matrix=np.array([[0.5]]), task_names=["a"], adapter_dir=adapter,
-                tree_text=None, tree_structure=None, tree_version=None, choices=None, prev_task_names=[], method="seq-lora")
-    first = tracker.log_task(0, "a", **args)
-    again = tracker.log_task(0, "a", **args)
+    args = dict(accuracy_matrix=np.array([[0.5]]), task_names=["a"], adapter_dir=adapter, tree=None, method="seq-lora")
+    first = tracker.log_task(phase_outcome(0, "a"), **args)
+    again = tracker.log_task(phase_outcome(0, "a"), **args)
     assert first == again and [v.version for v in tracker.versions()] == ["1"]

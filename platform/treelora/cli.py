@@ -1,4 +1,8 @@
-"""The ``treelora`` command: run a stream, show a tree, submit a job to a Ray cluster."""
+"""The ``treelora`` command: run a stream, show a tree, submit a job to a Ray cluster.
+
+Imports of the heavy parts (torch through tree_service, Ray, MLflow) sit inside each command:
+``treelora --version`` and ``--help`` must answer at once, and a command pays only for what it uses.
+"""
 
 from __future__ import annotations
 
@@ -29,8 +33,8 @@ def format_result(result) -> str:
     if "bwt" in m:
         lines.append(f"BWT {m['bwt'] * 100:6.2f}   (backward transfer, unclipped; negative = forgetting)")
     lines.append(f"wall time {result.wall_seconds / 60:.1f} min")
-    if result.tree_stream:
-        lines.append(f"run id: {result.tree_stream}  (for `treelora tree show`, `add-task`, `run --resume`)")
+    if result.run_id:
+        lines.append(f"run id: {result.run_id}  (for `treelora tree show`, `add-task`, `run --resume`)")
     if result.registered_model:
         lines.append(f"registered model: {result.registered_model} (MLflow {redact(result.tracking_uri)})")
         for v in result.versions or []:
@@ -75,7 +79,7 @@ def cmd_validate(args) -> int:
         split_sizes,
         steps_per_epoch,
         stream_kind,
-        tree_stream_id,
+        run_id_of,
     )
     from .train.validate import preflight
 
@@ -85,7 +89,7 @@ def cmd_validate(args) -> int:
     kind = stream_kind(stream)
     model = build_model(cfg, kind)  # the tokenizer and the lengths a run would use
     cut = model.prepare(stream.tasks)
-    print(f"stream {stream.name}: {len(stream.tasks)} {kind} tasks, run id {tree_stream_id(cfg, stream)}")
+    print(f"stream {stream.name}: {len(stream.tasks)} {kind} tasks, run id {run_id_of(cfg, stream)}")
     for task in stream.tasks:
         n_cut, n = cut[task.name]
         labels = f"{len(task.labels)} labels ({', '.join(task.labels[:6])}{', ...' if len(task.labels) > 6 else ''})" if task.labels \
@@ -105,11 +109,11 @@ def cmd_validate(args) -> int:
 def cmd_tree_show(args) -> int:
     from tree_service import TreeRegistry
 
-    cfg = load_config(args.config, args.set)
-    from .storage import join_uri, redact
-    from .train.stream import storage_root
+    from .layout import RunLayout
+    from .storage import redact
 
-    registry = TreeRegistry(args.storage or cfg.tree.storage_uri or join_uri(storage_root(cfg), "trees"))
+    cfg = load_config(args.config, args.set)
+    registry = TreeRegistry(args.storage or RunLayout.of(cfg).tree_uri)
     streams = registry.list_streams()
     if args.stream not in streams:
         print(f"no tree stream {args.stream!r} in {redact(registry.store.uri)}; known: {streams}", file=sys.stderr)
@@ -129,8 +133,9 @@ def cmd_tree_show(args) -> int:
 def cmd_add_task(args) -> int:
     """Validate a task spec and drop it into a stream's inbox (the running stream trains it next)."""
     from .data.streams import load_task_spec
+    from .layout import RunLayout
+    from .train.inbox import Inbox
     from .train.setup import split_sizes
-    from .train.stream import StreamPaths
 
     cfg = load_config(args.config, args.set)
     try:
@@ -138,14 +143,14 @@ def cmd_add_task(args) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"treelora: task spec refused: {exc}", file=sys.stderr)
         return 2
-    paths = StreamPaths.of(cfg, args.stream)
-    paths.mirror.pull_file(f"{paths.rel}/progress.json")  # a remote workdir: is the stream there?
-    if not paths.stream_dir.is_dir():
-        print(f"treelora: no stream {args.stream!r} under {paths.local_root / 'streams'} (the stream id is printed by `treelora run`)",
+    layout = RunLayout.of(cfg, args.stream)
+    layout.mirror.pull_file(layout.rel(layout.progress_file))  # a remote workdir: is the stream there?
+    if not layout.stream_dir.is_dir():
+        print(f"treelora: no stream {args.stream!r} under {layout.local_root / 'streams'} (the stream id is printed by `treelora run`)",
               file=sys.stderr)
         return 2
-    dropped = paths.inbox.drop(spec)
-    paths.mirror.push_file(str(dropped.relative_to(paths.local_root)))
+    dropped = Inbox.of(layout).drop(spec)
+    layout.mirror.push_file(layout.rel(dropped))
     print(f"task {task.name!r} ({task.kind}, {len(task.train)} train / {len(task.test)} test rows) is in the inbox: {dropped}\n"
           f"a running stream trains it after its current tasks; otherwise the next `treelora run` of this stream does")
     return 0

@@ -16,6 +16,8 @@ import time
 import warnings
 from typing import TextIO
 
+from . import events
+
 
 def quiet_libraries(verbose: bool) -> None:
     """Library logs and known warnings off (before those libraries are imported), unless verbose.
@@ -54,7 +56,8 @@ class Console:
         self.skipped = 0
         self._first_start: float | None = None
         self._bar = ""  # the in-place line on a terminal
-        self._phase: dict | None = None
+        self._phase: events.PhaseStarted | None = None
+        self._phase_t0 = 0.0
         self._last_print = 0.0
         self._seen: set[str] = set()
 
@@ -88,8 +91,8 @@ class Console:
             self._bar = ""
 
     # -- events -------------------------------------------------------------------------------
-    def _tag(self, ev: dict) -> str:
-        return f"[{ev['index'] + 1}/{max(self.total, ev['index'] + 1)}] {ev['key']}"
+    def _tag(self, ev) -> str:
+        return f"[{ev.index + 1}/{max(self.total, ev.index + 1)}] {ev.key}"
 
     def _stream_status(self) -> str:
         elapsed = self.clock() - self.t0
@@ -99,46 +102,46 @@ class Console:
             status += f", about {_seconds(left * (self.clock() - self._first_start) / self.done)} left"
         return status
 
-    def event(self, ev: dict) -> None:
-        kind = ev.get("event")
-        if kind == "start":
-            self.total, self.skipped = len(ev["tasks"]), ev.get("done", 0)
-            self.line(f"treelora run {ev['run_id']}: {self.total} tasks ({', '.join(ev['tasks'])})"
-                      + (f", {self.skipped} done already" if self.skipped else ""))
-            self.line(f"  files   {ev['stream_dir']}")
-            self.line(f"  tree    {ev['tree_uri']}")
-            self.line(f"  MLflow  {ev['tracking_uri']}  (registered model {ev['registered_model']})")
-        elif kind == "validated":
-            self.line(f"validated the config and {ev['records']} records ({_seconds(ev['seconds'])})")
-        elif kind == "ready":
-            self.line(f"model ready: {ev['model']}, {ev['workers']} worker(s) ({_seconds(ev['seconds'])})")
-        elif kind == "phase_start":
-            self._phase = {**ev, "t0": self.clock()}
-            if self._first_start is None:
-                self._first_start = self.clock()
-            self._last_print = self.clock()
-            if not self.tty:
-                self.line(f"{self._tag(ev)}: training {ev['total']} steps" + (f" from step {ev['start']}" if ev.get("start") else ""))
-        elif kind == "step":
-            self._step(ev)
-        elif kind == "evaluating":
-            self.close_bar()
-            self.line(f"{self._tag(ev)}: trained {ev['steps']} steps in {_seconds(ev['train_seconds'])}; evaluating")
-        elif kind == "phase_done":
-            self.close_bar()
-            self.done += 1
-            self.line(ev["line"])
-            self.line(f"  {self._stream_status()}")
-        elif kind == "log":
-            self.close_bar()
-            self.line(ev["line"])
+    def event(self, ev: events.Event) -> None:
+        match ev:
+            case events.RunStarted():
+                self.total, self.skipped = len(ev.tasks), ev.done
+                self.line(f"treelora run {ev.run_id}: {self.total} tasks ({', '.join(ev.tasks)})"
+                          + (f", {self.skipped} done already" if self.skipped else ""))
+                self.line(f"  files   {ev.stream_dir}")
+                self.line(f"  tree    {ev.tree_uri}")
+                self.line(f"  MLflow  {ev.tracking_uri}  (registered model {ev.registered_model})")
+            case events.Validated():
+                self.line(f"validated the config and {ev.records} records ({_seconds(ev.seconds)})")
+            case events.ModelReady():
+                self.line(f"model ready: {ev.model}, {ev.workers} worker(s) ({_seconds(ev.seconds)})")
+            case events.PhaseStarted():
+                self._phase, self._phase_t0 = ev, self.clock()
+                if self._first_start is None:
+                    self._first_start = self.clock()
+                self._last_print = self.clock()
+                if not self.tty:
+                    self.line(f"{self._tag(ev)}: training {ev.total} steps" + (f" from step {ev.start}" if ev.start else ""))
+            case events.StepLogged():
+                self._step(ev)
+            case events.Evaluating():
+                self.close_bar()
+                self.line(f"{self._tag(ev)}: trained {ev.steps} steps in {_seconds(ev.train_seconds)}; evaluating")
+            case events.PhaseDone():
+                self.close_bar()
+                self.done += 1
+                self.line(ev.line)
+                self.line(f"  {self._stream_status()}")
+            case events.LogLine():
+                self.close_bar()
+                self.line(ev.line)
 
-    def _step(self, ev: dict) -> None:
-        phase = self._phase or {"t0": self.clock(), "start": 0}
-        elapsed = self.clock() - phase["t0"]
-        ran = ev["step"] + 1 - (phase.get("start") or 0)
-        left = (ev["total"] - ev["step"] - 1) * elapsed / ran if ran > 0 else 0.0
-        text = (f"{self._tag(ev)}: step {ev['step'] + 1}/{ev['total']}, loss {ev['loss']:.3f}, "
+    def _step(self, ev: events.StepLogged) -> None:
+        t0 = self._phase_t0 if self._phase is not None else self.clock()
+        elapsed = self.clock() - t0
+        ran = ev.step + 1 - (self._phase.start if self._phase is not None else 0)
+        left = (ev.total - ev.step - 1) * elapsed / ran if ran > 0 else 0.0
+        text = (f"{self._tag(ev)}: step {ev.step + 1}/{ev.total}, loss {ev.loss:.3f}, "
                 f"{_seconds(elapsed)} elapsed, about {_seconds(left)} left | {self._stream_status()}")
         if self.tty:
             self._redraw(text)

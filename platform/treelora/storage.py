@@ -3,7 +3,7 @@
 The stream's files (phase folders, the inbox, progress.json) are read and written in a local
 folder by every process that needs them. With a local workdir that folder *is* the storage, so
 nothing moves. With a remote workdir each process keeps a cache of the stream's folder
-(``cache_root``) and mirrors it: a phase folder is uploaded with its ``outcome.json`` last (the
+(``RunLayout.local_root``) and mirrors it: a phase folder is uploaded with its ``outcome.json`` last (the
 marker that it is complete) and downloaded only when that marker is there, progress.json is
 one object written whole, and inbox files move by copy-then-delete. So everything a resume
 needs lives in the storage; the cache can be wiped at any time.
@@ -11,36 +11,21 @@ needs lives in the storage; the cache can be wiped at any time.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import pyarrow.fs as pafs
 
 from tree_service.store import open_filesystem
 
-
-def is_remote(uri: str) -> bool:
-    return "://" in uri and not uri.startswith("file://")
-
-
-def join_uri(uri: str, *parts: str) -> str:
-    """``uri`` with path ``parts`` appended before its query string (s3://b/p?x=1 + a -> s3://b/p/a?x=1)."""
-    if not is_remote(uri):
-        return str(Path(uri.removeprefix("file://"), *parts))
-    split = urlsplit(uri)
-    path = "/".join([split.path.rstrip("/"), *[p.strip("/") for p in parts]])
-    return urlunsplit((split.scheme, split.netloc, path, split.query, split.fragment))
+from .config import ConfigError
 
 
 def inside(root: str | Path, *parts: str, what: str) -> Path:
     """``root/parts`` after resolving, refused unless it is still under ``root``: names from
     configs, manifests and the inbox are already checked against one pattern, and this is the
     second lock on every path built from them."""
-    from .config import ConfigError
-
     base = Path(root).resolve()
     path = base.joinpath(*parts).resolve()
     if path == base or not path.is_relative_to(base):
@@ -64,19 +49,13 @@ def redact(text: str) -> str:
     return _SECRET_SETTING.sub(lambda m: m.group("key") + "***", text)
 
 
-def cache_root(uri: str) -> Path:
-    """Where this machine caches the files of a remote run storage: stable across processes and
-    jobs on one machine (never a job's temporary working directory)."""
-    base = Path(os.environ.get("TREELORA_CACHE") or Path.home() / ".cache" / "treelora")
-    return base / hashlib.sha256(uri.encode()).hexdigest()[:16]
-
-
 class Mirror:
     """Keeps a local folder and its place in a remote storage in step (no-op for local storage)."""
 
-    def __init__(self, uri: str | None, local: str | Path):
+    def __init__(self, remote: str | None, local: str | Path):
+        """``remote``: the run storage's URI when it is remote (``RunLayout`` decides), else None."""
         self.local = Path(local)
-        self.remote = uri if uri is not None and is_remote(uri) else None
+        self.remote = remote
         if self.remote is not None:
             self.fs, self.root = open_filesystem(self.remote)
 

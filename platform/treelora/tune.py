@@ -31,8 +31,17 @@ from typing import Any
 import numpy as np
 import yaml
 
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
 from .config import ConfigError, RunConfig
-from .storage import join_uri, redact
+from .layout import RunLayout, join_uri
+from .storage import redact
+from .tracking import StreamTracker
+from .train.ray_runtime import ensure_ray
+from .train.setup import build_stream
+from .train.stream import run_stream
+from .train.validate import validate_config
 
 SAMPLERS = ("choice", "grid", "uniform", "loguniform", "randint")
 # The trial function only drives its stream; the stream's Ray Train workers ask for their own CPUs
@@ -81,8 +90,6 @@ class SweepSpec:
         return spec
 
     def param_space(self) -> dict[str, Any]:
-        from ray import tune
-
         make = {"choice": tune.choice, "grid": tune.grid_search, "uniform": tune.uniform, "loguniform": tune.loguniform,
                 "randint": tune.randint}
         return {field: make[kind](args) if kind in ("choice", "grid") else make[kind](*args) for field, (kind, args) in self.space.items()}
@@ -111,10 +118,6 @@ def seen_so_far_op(R: np.ndarray) -> float:
 
 def trial(params: dict, *, base: dict, sweep_run_id: str | None) -> None:
     """One Tune trial: a whole stream with ``params`` applied, reporting after every task."""
-    from ray import tune
-
-    from .train.stream import run_stream
-
     cfg = with_overrides(RunConfig.from_dict(base), params, where="trial")
 
     def report(outcome, names, R) -> None:
@@ -123,7 +126,7 @@ def trial(params: dict, *, base: dict, sweep_run_id: str | None) -> None:
     result = run_stream(cfg, on_phase=report, log=lambda *_: None, sweep_run_id=sweep_run_id)
     tune.report({"op": float(result.metrics["op"]), "tasks_done": result.accuracy.shape[1] + 1,
                  "final_op": float(result.metrics["op"]), "bwt": float(result.metrics.get("bwt", float("nan"))),
-                 "run_id": result.tree_stream})
+                 "run_id": result.run_id})
 
 
 @dataclasses.dataclass
@@ -137,50 +140,32 @@ class SweepResult:
     sweep_run_id: str | None
 
 
-def run_sweep(cfg: RunConfig, spec: SweepSpec, name: str, *, address: str | None = None, log=print) -> SweepResult:
-    """Run (or resume: the same ``name`` in the same workdir) a sweep; the best config goes to a
-    YAML that ``treelora run`` takes as is."""
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-
-    from .storage import cache_root, is_remote
-    from .tracking import StreamTracker, default_tracking_uri
-    from .train.ray_executor import ensure_ray
-    from .train.stream import storage_root
-    from .train.validate import validate_config
-
-    validate_config(cfg)
-    # one tree service for all trials, outliving each of them (a trial that ASHA stops must not
-    # take the service of the others down with it); trials use their own streams in it
-    cfg = with_overrides(cfg, {"tree.detached": True})
-    ensure_ray(cfg, address)
-    from .train.setup import build_stream
-
-    num_tasks = len(build_stream(cfg).tasks)
-    local_root = cache_root(storage_root(cfg)) if is_remote(storage_root(cfg)) else Path(storage_root(cfg))
-    tracking_uri = cfg.tracking.tracking_uri or default_tracking_uri(local_root)  # where run_stream logs the trials
-    tracker = StreamTracker(tracking_uri, cfg.tracking.experiment, f"treelora-sweep-{name}", cfg)
+def _open_sweep(cfg: RunConfig, layout: RunLayout, spec: SweepSpec, name: str) -> tuple[StreamTracker, str]:
+    """The sweep's MLflow run, in the store where ``run_stream`` logs the trials."""
+    tracker = StreamTracker(layout.tracking_uri, cfg.tracking.experiment, f"treelora-sweep-{name}", cfg)
     sweep_run = tracker.client.create_run(tracker.experiment_id, run_name=f"sweep-{name}",
                                           tags={"treelora.kind": "sweep", "treelora.sweep": name})
-    sweep_run_id = sweep_run.info.run_id
-    tracker.client.log_param(sweep_run_id, "space", json.dumps({k: [s, a] for k, (s, a) in spec.space.items()})[:6000])
+    tracker.client.log_param(sweep_run.info.run_id, "space", json.dumps({k: [s, a] for k, (s, a) in spec.space.items()})[:6000])
+    return tracker, sweep_run.info.run_id
+
+
+def _tuner(cfg: RunConfig, layout: RunLayout, spec: SweepSpec, name: str, num_tasks: int, sweep_run_id: str, log) -> tune.Tuner:
     # tasks are the iterations; the final report counts one more, so ASHA never stops a trial
     # between its last task and its end of stream
     scheduler = (ASHAScheduler(time_attr="tasks_done", max_t=num_tasks + 1, grace_period=spec.grace_tasks,
                                reduction_factor=spec.reduction_factor) if spec.scheduler == "asha" else FIFOScheduler())
     trainable = tune.with_resources(functools.partial(trial, base=cfg.to_dict(), sweep_run_id=sweep_run_id), TRIAL_RESOURCES)
-    storage = join_uri(storage_root(cfg), "tune")
-    path = join_uri(storage, name)
+    path = join_uri(layout.tune_uri, name)
     if tune.Tuner.can_restore(path):
-        log(f"[treelora] resuming sweep {name} from {path}")
-        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True,
-                                   param_space=spec.param_space())
-    else:
-        tuner = tune.Tuner(trainable, param_space=spec.param_space(),
-                           tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, scheduler=scheduler,
-                                                       num_samples=spec.num_samples, max_concurrent_trials=spec.max_concurrent),
-                           run_config=tune.RunConfig(name=name, storage_path=storage, verbose=0))
-    grid = tuner.fit()
+        log(f"[treelora] resuming sweep {name} from {redact(path)}")
+        return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True, param_space=spec.param_space())
+    return tune.Tuner(trainable, param_space=spec.param_space(),
+                      tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, scheduler=scheduler,
+                                                  num_samples=spec.num_samples, max_concurrent_trials=spec.max_concurrent),
+                      run_config=tune.RunConfig(name=name, storage_path=layout.tune_uri, verbose=0))
+
+
+def _trials(grid, spec: SweepSpec, num_tasks: int) -> list[dict]:
     trials = []
     for r in grid:
         metrics = r.metrics or {}
@@ -189,6 +174,21 @@ def run_sweep(cfg: RunConfig, spec: SweepSpec, name: str, *, address: str | None
         trials.append({"params": {k: r.config.get(k) for k in spec.space}, "op": metrics.get(spec.metric),
                        "tasks_done": min(done, num_tasks), "stopped_early": not complete and r.error is None,
                        "error": str(r.error) if r.error else None, "complete": complete})
+    return trials
+
+
+def run_sweep(cfg: RunConfig, spec: SweepSpec, name: str, *, address: str | None = None, log=print) -> SweepResult:
+    """Run (or resume: the same ``name`` in the same workdir) a sweep; the best config goes to a
+    YAML that ``treelora run`` takes as is."""
+    validate_config(cfg)
+    # one tree service for all trials, outliving each of them (a trial that ASHA stops must not
+    # take the service of the others down with it); trials use their own streams in it
+    cfg = with_overrides(cfg, {"tree.detached": True})
+    ensure_ray(cfg, address)
+    layout = RunLayout.of(cfg)
+    num_tasks = len(build_stream(cfg).tasks)
+    tracker, sweep_run_id = _open_sweep(cfg, layout, spec, name)
+    trials = _trials(_tuner(cfg, layout, spec, name, num_tasks, sweep_run_id, log).fit(), spec, num_tasks)
     stopped = sum(t["stopped_early"] for t in trials)
     # OP is defined over the whole stream: a trial stopped after task k reported an OP over k tasks
     # (one easy task can score higher than three), so only complete trials compete for best
@@ -199,10 +199,11 @@ def run_sweep(cfg: RunConfig, spec: SweepSpec, name: str, *, address: str | None
     best = (max if spec.mode == "max" else min)(finished, key=lambda t: t["op"])
     best_params, best_metric = best["params"], float(best["op"])
     best_cfg = with_overrides(cfg, best_params)
-    out = Path(f"{name}-best.yaml").resolve() if "://" in storage else Path(storage_root(cfg)) / "tune" / name / "best.yaml"
+    out = layout.tune_best_yaml(name)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(f"# best of sweep {name}: {spec.metric} {best_metric:.4f} ({spec.mode}); params {json.dumps(best_params)}\n"
                    + yaml.safe_dump(best_cfg.to_dict(), sort_keys=False))
+    layout.mirror.push_file(layout.rel(out))  # a remote workdir keeps it too, beside the sweep's trials
     client = tracker.client
     client.log_metric(sweep_run_id, f"best_{spec.metric}", best_metric)
     client.log_metric(sweep_run_id, "trials_stopped_early", stopped)

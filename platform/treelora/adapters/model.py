@@ -162,6 +162,11 @@ class ContinualModel(torch.nn.Module):
         need = lengths[min(int(len(lengths) * self.LENGTH_QUANTILE), len(lengths) - 1)]
         return int(min(max(32, -(-need // 8) * 8), self.LENGTH_CAPS[self.family]))
 
+    @property
+    def derived_new_tokens(self) -> dict[str, int]:
+        """{task: greedy decoding budget derived from its answers}, for the tasks prepared so far."""
+        return dict(self._new_tokens)
+
     def new_tokens_for(self, task: Task) -> int:
         """Greedy decoding budget: ``model.max_new_tokens`` if set, else the longest training answer."""
         if self.max_new_tokens is not None:

@@ -18,7 +18,7 @@ from pathlib import Path
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from ..config import ConfigError, RunConfig
+from ..layout import ARTIFACT_DIR
 
 # MLflow's own limits (mlflow.utils.validation, the same in every 3.x): values over them are
 # refused, so long values are clipped here rather than failing a task at its end.
@@ -27,7 +27,6 @@ MAX_TAG_VALUE = 8000
 MAX_KEY = 250
 MAX_ALIAS = 255
 
-DB_FILE, ARTIFACT_DIR = "mlflow.db", "mlartifacts"
 
 
 @contextlib.contextmanager
@@ -48,40 +47,11 @@ def store_init_lock(tracking_uri: str):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _local_workdir(workdir: str | Path) -> Path:
-    text = str(workdir)
-    if "://" in text and not text.startswith("file://"):
-        # SQLite needs a local file: an s3:// workdir cannot hold the embedded store
-        raise ConfigError(f"workdir {text!r} is not a local folder: set tracking.tracking_uri (e.g. an http:// MLflow server)")
-    return Path(text.removeprefix("file://")).expanduser().resolve()
-
-
-def default_tracking_uri(workdir: str | Path) -> str:
-    return f"sqlite:///{_local_workdir(workdir) / DB_FILE}"
-
-
-def default_artifact_location(workdir: str | Path) -> str:
-    return str(_local_workdir(workdir) / ARTIFACT_DIR)
-
-
 def artifact_location_for(tracking_uri: str) -> str | None:
     """The artifact folder beside a SQLite store; None (the server's choice) for anything else."""
     if tracking_uri.startswith("sqlite:///"):
-        return str(Path(tracking_uri.removeprefix("sqlite:///")).parent / ARTIFACT_DIR)
+        return str(Path(tracking_uri.removeprefix("sqlite:///")).parent / ARTIFACT_DIR)  # as RunLayout.artifact_location
     return None
-
-
-def tracking_uri_for(config: RunConfig) -> str:
-    return config.tracking.tracking_uri or default_tracking_uri(config.workdir)
-
-
-def registered_model_for(config: RunConfig) -> str:
-    """``tracking.registered_model``, else treelora-<stream>-<method> with the stream's short name."""
-    if config.tracking.registered_model:
-        return config.tracking.registered_model
-    spec = config.stream.spec.rstrip("/\\")
-    stream = Path(spec).stem if ("/" in spec or "\\" in spec or spec.endswith((".yaml", ".yml"))) else spec
-    return safe_model_name(f"treelora-{stream}-{config.method.name}")
 
 
 def ensure_experiment(client: MlflowClient, name: str, artifact_location: str | None) -> str:

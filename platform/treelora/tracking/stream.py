@@ -19,8 +19,9 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from ..config import RunConfig
+from ..train.phase import PhaseOutcome
 from . import backend, plots
-from .registry import VersionInfo, list_versions, register_adapter
+from .versions import VersionInfo, list_versions, register_adapter
 
 METRICS_PER_BATCH = 1000  # MLflow's log_batch limit
 PARAMS_PER_BATCH = 100
@@ -41,10 +42,6 @@ class StreamTracker:
             self.client.search_registered_models(max_results=1)
         self.parent_run_id: str | None = None
         self.stream_name: str | None = None
-
-    @classmethod
-    def from_config(cls, config: RunConfig) -> "StreamTracker":
-        return cls(backend.tracking_uri_for(config), config.tracking.experiment, backend.registered_model_for(config), config)
 
     # -- the stream's parent run ------------------------------------------------------------
     def start_stream(self, stream_name: str, task_names: Sequence[str], resume_run_id: str | None = None,
@@ -96,65 +93,66 @@ class StreamTracker:
         self._log_metrics(self._parent(), metrics)
 
     # -- one task ----------------------------------------------------------------------------
-    def log_task(self, task_index: int, task_name: str, *, step_losses: Sequence[tuple[int, float, float]],
-                 metrics: dict[str, float], accuracy_matrix: np.ndarray, task_names: Sequence[str],
-                 adapter_dir: str | Path, tree_text: str | None, tree_structure: dict | None, tree_version: int | None,
-                 choices: np.ndarray | None, prev_task_names: Sequence[str], method: str) -> tuple[str, str]:
-        """Child run with everything about the task, then the adapter registered: (child run id, version).
+    def log_task(self, outcome: PhaseOutcome, *, adapter_dir: str | Path, accuracy_matrix: np.ndarray, task_names: Sequence[str],
+                 tree: dict | None, method: str) -> tuple[str, str]:
+        """Child run with everything about the phase, then its adapter registered: (child run id, version).
 
-        ``choices`` is [N_prev, L]: how often the bandit picked previous task i at LoRA module l.
+        ``tree``: the tree service's description of the tree the phase made (methods that use one).
         """
         parent = self._parent()
-        logged = self._logged_version(task_name, task_index, parent)
+        logged = self._logged_version(outcome.key, outcome.index, parent)
         if logged is not None:  # a driver that died after logging this task and before recording it
             return logged
-        pulls = _pulls_per_task(choices, prev_task_names)
-        tags = {MLFLOW_PARENT_RUN_ID: parent, "stream": self.stream_name or "", "task": task_name,
-                "task_index": str(task_index), "method": method, "config_hash": self.config_hash,
-                "tree_version": "none" if tree_version is None else str(tree_version)}
-        run = self.client.create_run(self.experiment_id, run_name=f"{task_index:02d}-{task_name}", tags=tags)
+        tree_version = "none" if outcome.tree_version is None else str(outcome.tree_version)
+        tags = {MLFLOW_PARENT_RUN_ID: parent, "stream": self.stream_name or "", "task": outcome.key,
+                "task_index": str(outcome.index), "method": method, "config_hash": self.config_hash, "tree_version": tree_version}
+        run = self.client.create_run(self.experiment_id, run_name=f"{outcome.index:02d}-{outcome.key}", tags=tags)
         child = run.info.run_id
         try:
             self._log_config(child)
-            now = _now_ms()
-            batch = []
-            for step, loss, penalty in step_losses:
-                batch.append(Metric("loss", float(loss), now, int(step)))
-                batch.append(Metric("penalty", float(penalty), now, int(step)))
-            batch += [Metric(backend.safe_key(k), float(v), now, task_index) for k, v in metrics.items()]
-            batch += _matrix_metrics(accuracy_matrix, task_names, now)
-            self._log_metrics(child, batch)
-            with tempfile.TemporaryDirectory(prefix="treelora-mlflow-") as tmp:
-                out = Path(tmp)
-                _write_matrix(out, accuracy_matrix, task_names, f"accuracy after {task_name}")
-                _write_tree(out, tree_text, tree_structure)
-                plots.choices_histogram_png(pulls, out / "bandit_choices.png")
-                per_module = {} if choices is None else {n: np.asarray(choices)[i].tolist() for i, n in enumerate(prev_task_names)}
-                (out / "bandit_choices.json").write_text(json.dumps({"pulls_per_task": pulls, "pulls_per_module": per_module}, indent=1))
-                self.client.log_artifacts(child, tmp)
+            self._log_metrics(child, _phase_metrics(outcome, accuracy_matrix, task_names))
+            pulls = self._log_phase_artifacts(child, outcome, accuracy_matrix, task_names, tree)
             self._log_model(child, Path(adapter_dir))
-
-            backend.ensure_registered_model(self.client, self.registered_model,
-                                            description="treelora adapters, one version per task: MLflow pyfunc models "
-                                                        "holding a standard PEFT folder (data/adapter)")
-            choices_json = json.dumps(pulls, separators=(",", ":"))
-            version_tags = {"task": task_name, "task_index": str(task_index), "method": method,
-                            "tree_version": tags["tree_version"], "config_hash": self.config_hash,
-                            "bandit_choices": backend.clip(choices_json, backend.MAX_TAG_VALUE),
-                            "stream": self.stream_name or "", "parent_run_id": parent}
-            top = ", ".join(f"{k}:{v:g}" for k, v in sorted(pulls.items(), key=lambda kv: -kv[1])[:5]) or "none"
-            lineage = (f"task {task_index} '{task_name}' of stream '{self.stream_name}' by {method}; "
-                       f"tree v{tags['tree_version']}; bandit chose {top}; config {self.config_hash}; run {child}")
-            version = register_adapter(self.client, self.registered_model, source=f"{run.info.artifact_uri}/model",
-                                       run_id=child, tags=version_tags, description=lineage,
-                                       aliases=[backend.task_alias(task_name)])
-            self.client.set_tag(child, "model_version", version)
-            self.client.set_tag(child, "registered_model", self.registered_model)
+            version = self._register(outcome, child, f"{run.info.artifact_uri}/model", pulls, method, tree_version, parent)
         except BaseException:
             self.client.set_terminated(child, status=RunStatus.to_string(RunStatus.FAILED))
             raise
         self.client.set_terminated(child, status="FINISHED")
         return child, version
+
+    def _log_phase_artifacts(self, child: str, outcome: PhaseOutcome, accuracy_matrix: np.ndarray, task_names: Sequence[str],
+                             tree: dict | None) -> dict[str, float]:
+        """The matrix, the tree and the bandit's choices as files; returns the pulls per previous task."""
+        choices = np.array(outcome.choices) if outcome.choices is not None else None  # [N_prev, L] pulls per module
+        previous = list(outcome.previous_tasks)
+        pulls = _pulls_per_task(choices, previous)
+        with tempfile.TemporaryDirectory(prefix="treelora-mlflow-") as tmp:
+            out = Path(tmp)
+            _write_matrix(out, accuracy_matrix, task_names, f"accuracy after {outcome.key}")
+            _write_tree(out, tree["tree_text"] if tree else None, tree["tree"] if tree else None)
+            plots.choices_histogram_png(pulls, out / "bandit_choices.png")
+            per_module = {} if choices is None else {n: choices[i].tolist() for i, n in enumerate(previous)}
+            (out / "bandit_choices.json").write_text(json.dumps({"pulls_per_task": pulls, "pulls_per_module": per_module}, indent=1))
+            self.client.log_artifacts(child, tmp)
+        return pulls
+
+    def _register(self, outcome: PhaseOutcome, child: str, source: str, pulls: dict, method: str, tree_version: str, parent: str) -> str:
+        """The phase's model as a new version of the registered model, with its lineage; the task's alias moves to it."""
+        backend.ensure_registered_model(self.client, self.registered_model,
+                                        description="treelora adapters, one version per task: MLflow pyfunc models "
+                                                    "holding a standard PEFT folder (data/adapter)")
+        version_tags = {"task": outcome.key, "task_index": str(outcome.index), "method": method, "tree_version": tree_version,
+                        "config_hash": self.config_hash,
+                        "bandit_choices": backend.clip(json.dumps(pulls, separators=(",", ":")), backend.MAX_TAG_VALUE),
+                        "stream": self.stream_name or "", "parent_run_id": parent}
+        top = ", ".join(f"{k}:{v:g}" for k, v in sorted(pulls.items(), key=lambda kv: -kv[1])[:5]) or "none"
+        lineage = (f"task {outcome.index} '{outcome.key}' of stream '{self.stream_name}' by {method}; "
+                   f"tree v{tree_version}; bandit chose {top}; config {self.config_hash}; run {child}")
+        version = register_adapter(self.client, self.registered_model, source=source, run_id=child, tags=version_tags,
+                                   description=lineage, aliases=[backend.task_alias(outcome.key)])
+        self.client.set_tag(child, "model_version", version)
+        self.client.set_tag(child, "registered_model", self.registered_model)
+        return version
 
     def versions(self) -> list[VersionInfo]:
         """(version, task, aliases) of every registered adapter version, oldest first."""
@@ -219,6 +217,18 @@ def _matrix_metrics(accuracy_matrix: np.ndarray, task_names: Sequence[str], time
     names = [backend.safe_key_part(n) for n in task_names]
     return [Metric(backend.safe_key(f"acc/{names[i]}/after_{names[j]}"), float(v), timestamp, j)
             for (i, j), v in np.ndenumerate(matrix) if np.isfinite(v)]
+
+
+def _phase_metrics(outcome: PhaseOutcome, accuracy_matrix: np.ndarray, task_names: Sequence[str]) -> list[Metric]:
+    """Loss and penalty per step, the phase's scores and timings, the accuracy matrix so far."""
+    now = _now_ms()
+    batch = [Metric(name, float(value), now, int(step)) for step, loss, penalty in outcome.losses
+             for name, value in (("loss", loss), ("penalty", penalty))]
+    metrics = {f"test/{n}": v for n, v in zip(outcome.stream_tasks, outcome.accuracy_column)}
+    metrics.update(train_seconds=outcome.train_seconds, eval_seconds=outcome.eval_seconds, setup_seconds=outcome.setup_seconds,
+                   tokens_per_second=outcome.tokens / max(outcome.train_seconds, 1e-9))
+    batch += [Metric(backend.safe_key(k), float(v), now, outcome.index) for k, v in metrics.items()]
+    return batch + _matrix_metrics(accuracy_matrix, task_names, now)
 
 
 def _pulls_per_task(choices: np.ndarray | None, prev_task_names: Sequence[str]) -> dict[str, float]:

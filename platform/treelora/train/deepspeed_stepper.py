@@ -4,13 +4,23 @@ The model stays loaded for the whole stream; what changes between phases is the 
 (the task's head, o-lora's new adapter) and a fresh optimizer, so each phase wraps the same
 module in a new engine and the previous one is destroyed first (its ZeRO gradient hooks would
 otherwise stay on parameters that train again).
+
+DeepSpeed picks its accelerator when it is imported: a worker sets DS_ACCELERATOR first and
+only then imports this module.
 """
 
 from __future__ import annotations
 
+import deepspeed
+import deepspeed.comm as dist
 import torch
+from deepspeed.runtime.fp16.loss_scaler import LossScaler
+from deepspeed.runtime.zero.config import ZeroStageEnum
+from deepspeed.utils import safe_get_full_grad
+from deepspeed.utils.tensor_fragment import fragment_address
 
 from ..config import RunConfig
+from .loop import optimizer_and_schedule
 
 
 def deepspeed_config(cfg: RunConfig, micro_batch: int, use_bf16: bool) -> dict:
@@ -36,10 +46,6 @@ def _weights_only_load(path: str, map_location=None):
     shared workdir would run code in every worker on resume. Its files hold tensors plus three
     plain records (the loss scaler, the ZeRO stage enum, fragment addresses), allowed by name.
     """
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
     try:
         with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
             return torch.load(path, map_location=map_location, weights_only=True)
@@ -53,12 +59,7 @@ class DeepSpeedStepper:
 
     def __init__(self, model: torch.nn.Module, params: list[torch.nn.Parameter], cfg: RunConfig, world_size: int, use_bf16: bool,
                  lr: float, total_steps: int):
-        import deepspeed
-
-        from .loop import lr_scheduler
-
-        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.train.weight_decay)
-        schedule = lr_scheduler(optimizer, total_steps, cfg.train.schedule, cfg.train.warmup_ratio)
+        optimizer, schedule = optimizer_and_schedule(params, cfg.train, lr, total_steps)
         micro = max(cfg.train.batch_size // world_size, 1)
         # the engine steps the schedule with the optimizer and keeps its state in its checkpoints
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
@@ -76,8 +77,6 @@ class DeepSpeedStepper:
         self.engine.step()
 
     def grad_of(self, p: torch.nn.Parameter) -> torch.Tensor | None:
-        from deepspeed.utils import safe_get_full_grad
-
         return safe_get_full_grad(p)
 
     def grads_of(self, params: list[torch.nn.Parameter]) -> list[torch.Tensor | None]:
@@ -106,8 +105,6 @@ class DeepSpeedStepper:
             flat.narrow(0, offset + address.start, address.numel).copy_(fragment)
             offset += n
         if self.world_size > 1:
-            import deepspeed.comm as dist
-
             dist.all_reduce(flat, group=params[0]._dp_group)
         return [g.view_as(p) for g, p in zip(torch.split(flat, sizes), params)]
 

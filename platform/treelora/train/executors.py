@@ -10,36 +10,28 @@ from __future__ import annotations
 import torch
 
 from ..config import RunConfig
-from .loop import TorchStepper, lr_scheduler
-from .recipe import SingleProcess, StreamJob, StreamRecipe
+from .job import SingleProcess, StreamJob
+from .loop import torch_stepper
+from .recipe import StreamRecipe
+from .setup import open_tree, use_bf16
 
 
 class InProcess:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
         self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-        self.use_bf16 = self.device.type == "cuda" and cfg.scaling.precision != "fp32"
         self._trees: dict = {}
 
     def tree(self, uri: str):
-        """One registry per storage URI in this process: the stream and the recipe must read
-        the same one (a registry caches what it has read)."""
-        from tree_service import TreeRegistry
-
-        if uri not in self._trees:
-            self._trees[uri] = TreeRegistry(uri)
+        if uri not in self._trees:  # one registry per storage URI: the stream and the recipe read the same one
+            self._trees[uri] = open_tree(self.cfg, uri, service=False)
         return self._trees[uri]
 
     def run(self, job: StreamJob, poll, log, emit=None) -> None:
-        cfg = self.cfg
-
-        def make_stepper(model, params, lr, total_steps):
-            optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.train.weight_decay)
-            return TorchStepper(optimizer, lr_scheduler(optimizer, total_steps, cfg.train.schedule, cfg.train.warmup_ratio),
-                                cfg.train.grad_clip, cfg.train.grad_accum)
-
-        # the ledger takes each phase as soon as its folder is written
-        recipe = StreamRecipe(job, comm=SingleProcess(), device=self.device, use_bf16=self.use_bf16, make_stepper=make_stepper,
-                              tree=self.tree(job.tree_uri), log=log, after_phase=poll, emit=emit)
+        train = self.cfg.train
+        # the ledger takes each phase as soon as its folder is written (after_phase)
+        recipe = StreamRecipe(job, comm=SingleProcess(), device=self.device, use_bf16=use_bf16(self.cfg, self.device),
+                              make_stepper=lambda model, params, lr, total: torch_stepper(params, train, lr, total),
+                              tree=self.tree(job.run_layout.tree_uri), log=log, after_phase=poll, emit=emit)
         recipe.setup()
         recipe.run()

@@ -18,15 +18,23 @@ import yaml
 
 from ..data.streams import load_task_spec
 from ..data.tasks import Task
+from ..layout import RunLayout
+from ..storage import Mirror
 
 SAFE_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
 class Inbox:
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, mirror: Mirror | None = None, rel: str | None = None):
+        """``mirror``/``rel``: the run storage and the inbox's place in it, for a remote workdir."""
         self.folder = Path(folder)
         self.accepted_dir = self.folder / "accepted"
         self.rejected_dir = self.folder / "rejected"
+        self.mirror, self.rel = mirror, rel
+
+    @classmethod
+    def of(cls, layout: RunLayout) -> "Inbox":
+        return cls(layout.inbox_dir, layout.mirror, layout.rel(layout.inbox_dir))
 
     # -- writers (the `treelora add-task` side) ---------------------------------------------
     def drop(self, spec: dict) -> Path:
@@ -72,6 +80,28 @@ class Inbox:
             accepted.append(target)
             known = [*known, task.name]
         return accepted, errors
+
+    def pull(self, accepted_only: bool = False) -> set[str]:
+        """Fetch the inbox (or only its accepted specs) from a remote workdir; the files fetched."""
+        if self.mirror is None:
+            return set()
+        return self.mirror.pull_folder(f"{self.rel}/accepted" if accepted_only else self.rel)
+
+    def intake(self, known: list[str], kind: str, sizes: dict, seed: int, refuse: str | None = None) -> tuple[list[Path], list[str]]:
+        """``take`` on the storage's inbox: fetched first, the moves written back after."""
+        fetched = self.pull()
+        result = self.take(known, kind, sizes, seed, refuse)
+        if self.mirror is not None:
+            self.mirror.push_moves(self.rel, fetched)
+        return result
+
+    def spec_of(self, task_name: str) -> dict | None:
+        """The accepted spec of ``task_name`` (a task that joined through the inbox), else None."""
+        for path in self.accepted():
+            spec = yaml.safe_load(path.read_text())
+            if isinstance(spec, dict) and spec.get("name") == task_name:
+                return spec
+        return None
 
     def _reject(self, path: Path, error: str) -> str:
         self.rejected_dir.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
-from typing import Callable, Protocol, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Protocol, Sequence
 
 import torch
 
@@ -18,16 +19,29 @@ from ..adapters.model import ContinualModel
 from ..data.tasks import Example, Task
 from ..methods.base import Method, TaskContext
 
+if TYPE_CHECKING:
+    from ..config import TrainConfig
+
 Batch = tuple[Task, Sequence[Example]]
 
 
 class Stepper(Protocol):
+    """What differs between a plain torch process and a DeepSpeed engine (the one declaration)."""
+
     # ``boundary``: this micro-batch ends its optimizer step's group (always true without accumulation)
     def backward(self, loss: torch.Tensor, boundary: bool = True) -> None: ...
 
     def step(self, boundary: bool = True) -> None: ...
 
     def grad_of(self, p: torch.nn.Parameter) -> torch.Tensor | None: ...
+
+    def grads_of(self, params: list[torch.nn.Parameter]) -> list[torch.Tensor | None]: ...
+
+    def save(self, folder: str) -> None: ...  # what trains beyond the weights: optimizer and schedule state
+
+    def load(self, folder: str) -> None: ...
+
+    def close(self) -> None: ...
 
 
 SCHEDULES = ("constant", "linear", "cosine")
@@ -49,6 +63,13 @@ def lr_multiplier(step: int, total_steps: int, schedule: str, warmup_ratio: floa
 
 def lr_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, schedule: str, warmup_ratio: float):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, total_steps, schedule, warmup_ratio))
+
+
+def optimizer_and_schedule(params: list[torch.nn.Parameter], train: "TrainConfig", lr: float, total_steps: int):
+    """AdamW and its learning-rate schedule over a phase's ``total_steps`` optimizer steps: the
+    one recipe every stepper uses (DeepSpeed's engine is handed the same two objects)."""
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=train.weight_decay)
+    return optimizer, lr_scheduler(optimizer, total_steps, train.schedule, train.warmup_ratio)
 
 
 @dataclasses.dataclass
@@ -82,8 +103,24 @@ class TorchStepper:
     def grads_of(self, params: list[torch.nn.Parameter]) -> list[torch.Tensor | None]:
         return [p.grad for p in params]
 
+    def save(self, folder: str) -> None:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        torch.save({"optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None}, Path(folder) / "stepper.pt")
+
+    def load(self, folder: str) -> None:
+        state = torch.load(Path(folder) / "stepper.pt", weights_only=True)  # never unpickle objects from storage
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state["scheduler"] is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+
     def close(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
+
+
+def torch_stepper(params: list[torch.nn.Parameter], train: "TrainConfig", lr: float, total_steps: int) -> TorchStepper:
+    optimizer, schedule = optimizer_and_schedule(params, train, lr, total_steps)
+    return TorchStepper(optimizer, schedule, train.grad_clip, train.grad_accum)
 
 
 def batch_bounds(n: int, batch_size: int, min_size: int = 1) -> list[tuple[int, int]]:

@@ -16,17 +16,21 @@ from pathlib import Path
 SEAM_VERSION = 1
 
 
+def folder_name(index: int, key: str) -> str:
+    """A phase's folder under the stream's ``phases/``: ``NN-<key>``."""
+    return f"{index:02d}-{key}"
+
+
 @dataclasses.dataclass(frozen=True)
 class PhaseJob:
     index: int  # position of the phase in the stream (0 for a joint phase)
     key: str  # the task's name, or "joint"
     task_names: tuple[str, ...]  # the tasks the phase trains on (one, or all for joint)
-    fail_at_step: int | None = None  # fault injection for tests: the last rank dies at this step on its first attempt
     version: int = SEAM_VERSION
 
     @property
     def folder_name(self) -> str:
-        return f"{self.index:02d}-{self.key}"
+        return folder_name(self.index, self.key)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +88,10 @@ class PhaseOutcome:
         data["previous_tasks"] = tuple(data["previous_tasks"])
         data["adapters"] = tuple(data["adapters"])
         return cls(**data)
+
+    @property
+    def folder_name(self) -> str:
+        return folder_name(self.index, self.key)
 
     @property
     def final_loss(self) -> float:

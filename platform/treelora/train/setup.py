@@ -6,9 +6,13 @@ import re
 
 import torch
 
+from tree_service import TreeRegistry
+
 from ..adapters import ContinualModel, load_backbone
 from ..config import RunConfig
 from ..data import Stream, load_stream
+from ..data.streams import Stream as StreamCls
+from .loop import batch_bounds
 
 
 def split_sizes(cfg: RunConfig) -> dict:
@@ -25,8 +29,6 @@ def build_stream(cfg: RunConfig) -> Stream:
         missing = [t for t in cfg.stream.tasks if t not in names]
         if missing:
             raise ValueError(f"stream.tasks names {missing} that stream {stream.name!r} does not have; it has {names}")
-        from ..data.streams import Stream as StreamCls
-
         stream = StreamCls(stream.name, tuple(t for t in stream.tasks if t.name in cfg.stream.tasks), stream.description)
     return stream
 
@@ -49,7 +51,25 @@ def build_model(cfg: RunConfig, kind: str, dtype: torch.dtype = torch.float32, d
                           chat_template=cfg.model.chat_template)
 
 
-def tree_stream_id(cfg: RunConfig, stream: Stream) -> str:
+def use_bf16(cfg: RunConfig, device: torch.device) -> bool:
+    """The one precision decision: bf16 base weights on a GPU unless ``scaling.precision`` says
+    fp32; a CPU always trains in fp32 (validation refuses precision bf16 without a GPU)."""
+    return device.type == "cuda" and cfg.scaling.precision != "fp32"
+
+
+def open_tree(cfg: RunConfig, uri: str, *, service: bool):
+    """The tree a run talks to: the Ray actor shared by every job (``service``), or a registry in
+    this process (the caller keeps one per storage URI: the stream and the recipe must read the
+    same one, as a registry caches what it has read)."""
+    if not service:
+        return TreeRegistry(uri)
+    from tree_service.actor import RemoteTree, get_tree_service  # Ray: only the distributed runner imports it
+
+    t = cfg.tree
+    return RemoteTree(get_tree_service(uri, name=t.service_name, namespace=t.namespace, detached=t.detached))
+
+
+def run_id_of(cfg: RunConfig, stream: Stream) -> str:
     """A run's identity: ``<stream>.<method>.<model>.<hash of every result-defining setting>``.
     It names the run's tree stream, its folder (progress, phases), its MLflow parent run and
     registered model, so runs of other settings never share any of them."""
@@ -58,8 +78,6 @@ def tree_stream_id(cfg: RunConfig, stream: Stream) -> str:
 
 
 def steps_per_epoch(tasks, batch_size: int, world_size: int = 1) -> int:
-    from .loop import batch_bounds
-
     return sum(len(batch_bounds(len(t.train), batch_size, world_size)) for t in tasks)
 
 

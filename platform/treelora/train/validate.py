@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..config import ConfigError, RunConfig
+from ..layout import RunLayout
 from .loop import SCHEDULES
 
 # (lowest, highest, lowest allowed itself) per numeric field not checked with its own message
@@ -37,19 +38,7 @@ def _check_numbers(cfg: RunConfig) -> None:
 
 
 def _check_workdir(cfg: RunConfig) -> None:
-    import os
-    from pathlib import Path
-
-    from ..storage import is_remote
-
-    if is_remote(cfg.workdir):
-        return
-    path = Path(cfg.workdir.removeprefix("file://")).expanduser()
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"workdir {cfg.workdir!r} is a file, not a folder")
-    existing = next(p for p in (path, *path.parents) if p.exists())
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"workdir {cfg.workdir!r} cannot be written ({existing} is not writable)")
+    RunLayout.of(cfg).check_writable()
 
 
 def check_tracking_reachable(cfg: RunConfig, timeout_s: float = 5.0) -> None:

@@ -1,0 +1,27 @@
+"""Test-only hooks a test can ask a run to call, by name, in every process of the run.
+
+Production code never calls these on its own: a test passes ``step_hooks=[die_at_step(...)]``
+to ``run_stream``, the job carries the names to the workers, and the recipe calls each hook
+after every training step. They live in the package (as ``torch.testing`` does) because Ray
+workers must import them.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def die_at_step(task: str, step: int) -> tuple[str, dict]:
+    """The last rank's process dies (``os._exit``) at ``step`` of ``task``, on the worker group's
+    first attempt only: a restarted group then resumes from its checkpoint."""
+    return ("treelora.testing:DieAtStep", {"task": task, "step": step})
+
+
+class DieAtStep:
+    def __init__(self, task: str, step: int):
+        self.task, self.step = task, step
+
+    def __call__(self, recipe, phase, rec) -> None:
+        comm = recipe.comm
+        if phase.key == self.task and rec.step == self.step and not recipe.restarted and comm.rank == comm.world_size - 1:
+            os._exit(1)
