@@ -281,10 +281,10 @@ def _tree_actor_killed(tmp: Path) -> tuple[bool, str]:
             except ray.exceptions.RayActorError:
                 if time.monotonic() > deadline:
                     raise
-        held = ray.get(service.snapshot.remote("s"))
+        held = list(ray.get(service.snapshot.remote("s")).task_ids)
     finally:
         ray.kill(service, no_restart=True)
-    return (first, second, held["task_ids"]) == (1, 2, ["a", "b"]), f"versions {first}, {second} around the kill; holds {held['task_ids']}"
+    return (first, second, held) == (1, 2, ["a", "b"]), f"versions {first}, {second} around the kill; holds {held}"
 
 
 RUNNING_CASES = [
@@ -433,7 +433,7 @@ def _retried_write(tmp: Path) -> tuple[bool, str]:
     reg = _registry(tmp)
     first = reg.add_task("s", "a", SIG, expected_version=0)
     again = reg.add_task("s", "a", SIG, expected_version=0)
-    tasks = reg.snapshot("s")["task_ids"]
+    tasks = list(reg.snapshot("s").task_ids)
     return (first == again == 1 and tasks == ["a"]), f"recovered: both answers version {again}, tasks {tasks}"
 
 
@@ -443,7 +443,7 @@ def _delete_unconfirmed(tmp: Path) -> tuple[bool, str]:
     reg = _registry(tmp)
     reg.add_task("s", "a", SIG, expected_version=0)
     handled, seen = refused(lambda: reg.delete("s"), TreeServiceError, "confirm")
-    return handled and reg.snapshot("s")["task_ids"] == ["a"], seen
+    return handled and reg.snapshot("s").task_ids == ("a",), seen
 
 
 def _corrupt_snapshot(tmp: Path) -> tuple[bool, str]:
@@ -456,7 +456,7 @@ def _corrupt_snapshot(tmp: Path) -> tuple[bool, str]:
     path.write_bytes(b"not arrow")
     fresh = _registry(tmp)  # starts despite the damaged stream and serves the others
     handled, seen = refused(lambda: fresh.snapshot("bad"), SnapshotFormatError, "v00000001.arrow")
-    return handled and fresh.snapshot("good")["task_ids"] == ["a"], seen + "; other streams served"
+    return handled and fresh.snapshot("good").task_ids == ("a",), seen + "; other streams served"
 
 
 def _stray_entries(tmp: Path) -> tuple[bool, str]:
@@ -504,7 +504,7 @@ def _race(tmp: Path, n: int, use_threads: bool, root: str | None = None) -> tupl
     if not use_threads:
         manager.shutdown()
     winners = [t for t, r in outcome.items() if r == 2]
-    stored = TreeRegistry(root).snapshot("race")["task_ids"]
+    stored = list(TreeRegistry(root).snapshot("race").task_ids)
     ok = len(outcome) == n and len(winners) == 1 and stored == ["seed", *winners]
     return ok, f"{len(winners)} of {n} told they wrote version 2; storage holds {stored}"
 
@@ -583,7 +583,7 @@ def _two_registries(tmp: Path) -> tuple[bool, str]:
 
     first, second = _registry(tmp), _registry(tmp)
     first.add_task("s", "a", SIG, expected_version=0)
-    seen = second.snapshot("s")["task_ids"]
+    seen = list(second.snapshot("s").task_ids)
     second.add_task("s", "b", SIG * 2, expected_version=1)
     handled, msg = refused(lambda: first.add_task("s", "c", SIG * 3, expected_version=1), VersionConflict, "current version is 2")
     return handled and seen == ["a"], f"second sees {seen}; first's stale write {msg}"

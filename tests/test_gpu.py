@@ -33,7 +33,7 @@ def test_three_task_stream_on_gpus(ray_session, tmp_path, workers):
     result = run_stream(cfg)
     assert result.accuracy.shape == (3, 3) and np.isfinite(result.accuracy).all()
     tree = TreeRegistry(str(tmp_path / "trees")).describe(result.run_id)
-    assert [t["task_id"] for t in tree["tasks"]] == ["agnews", "amazon", "SST-2"]
+    assert [t.task_id for t in tree.tasks] == ["agnews", "amazon", "SST-2"]
     client = MlflowClient(tracking_uri=result.tracking_uri)
     versions = sorted(client.search_model_versions(f"name='{result.registered_model}'"), key=lambda v: int(v.version))
     assert [v.tags["task"] for v in versions] == ["agnews", "amazon", "SST-2"]

@@ -17,7 +17,7 @@ import torch
 from peft import PeftModel, get_peft_model_state_dict
 from safetensors.torch import load_file
 
-from tree_service import CompiledTree, Projector, ReferenceSampler, SignatureSpace, TreeLCBBandit, TreeRegistry
+from tree_service import CompiledTree, Projector, ReferenceSampler, SignatureSpace, TreeLCBBandit, TreeRegistry, TreeSnapshot
 from treelora.adapters import save_adapter_folder, tiny_backbone
 from treelora.config import load_config
 from treelora.data import SAMPLE_ROOT
@@ -378,7 +378,7 @@ def test_o_lora_keeps_old_adapters_frozen_and_exports_the_concatenation(tasks, t
 
 
 # -- treelora --------------------------------------------------------------------------------
-def known_tree(tmp_path, space: SignatureSpace, n: int, scale: float) -> dict:
+def known_tree(tmp_path, space: SignatureSpace, n: int, scale: float) -> TreeSnapshot:
     registry = TreeRegistry(str(tmp_path / "trees"))
     gen = np.random.default_rng(11)
     for i in range(n):
@@ -401,8 +401,8 @@ def test_treelora_follows_the_bandit_and_pulls_toward_the_chosen_signature(tasks
     space = signature_space_for(model, method_cfg)
     assert (space.projection, space.metric, space.shape) == ("exact", "l1", (4, 512))
     snapshot = known_tree(tmp_path, space, 3, scale=1e-3)
-    signatures = torch.from_numpy(np.array(snapshot["signatures"]))
-    replay = TreeLCBBandit(SignatureSpace(**snapshot["space"]), CompiledTree.from_structure(snapshot["tree"]), c=method_cfg.bandit_c)
+    _, _, signatures = snapshot.arrays()
+    replay = TreeLCBBandit(SignatureSpace(**snapshot.space), CompiledTree.from_structure(snapshot.tree), c=method_cfg.bandit_c)
     projector = Projector(space)
 
     method = make_method(method_cfg)
@@ -533,7 +533,7 @@ def test_treelora_reference_samples_like_the_authors_and_scales_to_the_loss(task
     L, width = len(model.modules_in_order), max(m.A().numel() for m in model.modules_in_order)
     space = SignatureSpace(L, width, projection="exact", metric="dot")
     snapshot = known_tree(tmp_path, space, 3, scale=0.1)
-    signatures = torch.from_numpy(np.array(snapshot["signatures"]))
+    _, _, signatures = snapshot.arrays()
     method = make_method(method_cfg)
     assert isinstance(method, TreeLoRAReference)
     task = tasks[2]
@@ -541,7 +541,7 @@ def test_treelora_reference_samples_like_the_authors_and_scales_to_the_loss(task
     optimizer = torch.optim.AdamW(method.begin_task(ctx), lr=LR)
     assert isinstance(method.bandit, ReferenceSampler)
     spe = ctx.steps_per_epoch
-    replay = ReferenceSampler(SignatureSpace(**snapshot["space"]), CompiledTree.from_structure(snapshot["tree"]),
+    replay = ReferenceSampler(SignatureSpace(**snapshot.space), CompiledTree.from_structure(snapshot.tree),
                               num_tasks=3, steps_per_epoch=spe, seed=ctx.seed)
     accumulated = [torch.zeros(width) for _ in range(L)]  # their insert_grad: A parameters / steps per epoch
     model.train()

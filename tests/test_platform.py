@@ -63,7 +63,7 @@ def test_three_task_stream_end_to_end(ray_session, tmp_path, capsys):
     assert np.isfinite(result.metrics["op"]) and np.isfinite(result.metrics["bwt"])
     # the tree holds the 3 tasks
     tree = TreeRegistry(str(tmp_path / "trees")).describe(result.run_id)
-    assert [t["task_id"] for t in tree["tasks"]] == ["agnews", "amazon", "SST-2"] and tree["version"] == 3
+    assert [t.task_id for t in tree.tasks] == ["agnews", "amazon", "SST-2"] and tree.version == 3
     # the registry: 3 versions, aliases latest and task-<name>
     assert [v.tags["task"] for v in versions] == ["agnews", "amazon", "SST-2"]
     from treelora.tracking import task_alias
@@ -124,7 +124,7 @@ def test_crashed_stream_resumes_with_the_tree_service_restarted(ray_session, tmp
     assert any("agnews: already done" in line for line in logs) and not any("SST-2: already done" in line for line in logs)
     assert result.accuracy.shape == (2, 2) and np.isfinite(result.accuracy).all()
     snap = ray_session.get(service.snapshot.remote(result.run_id))
-    assert snap["task_ids"] == ["agnews", "SST-2"] and snap["version"] == 2
+    assert snap.task_ids == ("agnews", "SST-2") and snap.version == 2
     _, versions = _registry(result)
     assert [v.tags["task"] for v in versions] == ["agnews", "SST-2"]
 

@@ -119,11 +119,11 @@ def test_add_task_versions_idempotence_and_conflicts(tmp_path):
     with pytest.raises(TaskConflict, match="'a'"):
         reg.add_task("s", "a", b, expected_version=2)
     snap = reg.snapshot("s")
-    assert snap["version"] == 2 and snap["task_ids"] == ["a", "b"] and snap["signatures"].shape == (2, 3, 4)
+    assert snap.version == 2 and snap.task_ids == ("a", "b") and snap.signatures.shape == (2, 3, 4)
     # a new registry on the same storage restores everything
     again = TreeRegistry(str(tmp_path))
-    assert again.snapshot("s")["task_ids"] == ["a", "b"]
-    assert np.array_equal(again.snapshot("s")["signatures"], snap["signatures"])
+    assert again.snapshot("s").task_ids == ("a", "b")
+    assert np.array_equal(again.snapshot("s").signatures, snap.signatures)
 
 
 bad_signatures = st.one_of(
@@ -151,7 +151,7 @@ def test_refusals_leave_store_and_memory_unchanged(tmp_path_factory, bad, stale)
         reg.delete("s")
     after = reg.snapshot("s")
     assert _files(root) == before_files
-    assert after["version"] == before["version"] and after["task_ids"] == before["task_ids"]
+    assert after.version == before.version and after.task_ids == before.task_ids
 
 
 def test_invalid_signature_message_names_stream_task_and_shape(tmp_path):
@@ -169,10 +169,10 @@ def test_rebuild_describe_and_confirmed_delete(tmp_path):
     for i in range(6):
         reg.add_task("s", f"t{i}", g.standard_normal((4, 2)).astype(np.float32), i)
     info = reg.describe("s")
-    assert info["num_tasks"] == 6 and info["built_from"] == 1 and info["depth"] <= 4
+    assert info.num_tasks == 6 and info.built_from == 1 and info.depth <= 4
     assert reg.rebuild("s", expected_version=6) == 7
-    assert reg.describe("s")["built_from"] == 6
-    assert TreeRegistry(str(tmp_path)).describe("s")["built_from"] == 6
+    assert reg.describe("s").built_from == 6
+    assert TreeRegistry(str(tmp_path)).describe("s").built_from == 6
     reg.delete("s", confirm="s")
     assert reg.list_streams() == [] and not (tmp_path / "s").exists()
 
@@ -190,7 +190,7 @@ def test_s3_round_trip_through_a_local_server(s3_server):
     sig = np.random.default_rng(1).standard_normal((3, 5)).astype(np.float32)
     assert reg.add_task("s3stream", "a", sig, 0) == 1
     restored = TreeRegistry(uri)
-    assert np.array_equal(restored.snapshot("s3stream")["signatures"][0], sig)
+    assert np.array_equal(restored.snapshot("s3stream").signatures[0], sig)
     keys = [o["Key"] for o in s3_server.client.list_objects_v2(Bucket="treelora-store")["Contents"]]
     # pyarrow also writes folder markers ("trees/", ...); the only object with content is the version
     assert [k for k in keys if not k.endswith("/")] == ["trees/s3stream/v00000001.arrow"]
@@ -222,7 +222,7 @@ def test_on_s3_a_version_is_created_only_if_absent(s3_server):
         t.join(60)
     winners = [t for t, r in results.items() if r == 2]
     assert len(results) == 4 and len(winners) == 1, results
-    assert TreeRegistry(uri).snapshot("race")["task_ids"] == ["seed", winners[0]]
+    assert TreeRegistry(uri).snapshot("race").task_ids == ("seed", winners[0])
 
 
 def _racer(root: str, task: str, barrier, results) -> None:
@@ -254,14 +254,14 @@ def test_writers_in_separate_processes_never_lose_an_update(tmp_path):
         winners = [t for t, r in outcome.items() if r == 2]
         assert len(outcome) == 3 and len(winners) == 1, outcome
         assert all(r == "conflict: current 2" for t, r in outcome.items() if t not in winners)
-        assert TreeRegistry(root).snapshot("race")["task_ids"] == ["seed", winners[0]]
+        assert TreeRegistry(root).snapshot("race").task_ids == ("seed", winners[0])
 
 
 def test_a_registry_sees_writes_of_another_registry_on_the_same_root(tmp_path):
     first, second = TreeRegistry(str(tmp_path)), TreeRegistry(str(tmp_path))  # e.g. two actors
     a = np.ones((3, 4), np.float32)
     assert first.add_task("s", "a", a, expected_version=0) == 1
-    assert second.snapshot("s")["task_ids"] == ["a"]  # reads the latest from storage
+    assert second.snapshot("s").task_ids == ("a",)  # reads the latest from storage
     assert second.add_task("s", "b", a * 2, expected_version=1) == 2
     with pytest.raises(VersionConflict, match="current version is 2"):
         first.add_task("s", "c", a * 3, expected_version=1)
@@ -275,4 +275,4 @@ def test_stray_entries_in_the_storage_root_are_ignored(tmp_path):
     (tmp_path / "notes.txt").write_text("not a stream")
     (tmp_path / "empty-folder").mkdir()
     reg = TreeRegistry(str(tmp_path))
-    assert reg.list_streams() == ["s"] and reg.snapshot("s")["task_ids"] == ["a"]
+    assert reg.list_streams() == ["s"] and reg.snapshot("s").task_ids == ("a",)

@@ -83,11 +83,11 @@ def test_a_retried_phase_trains_against_the_tree_it_started_from(finished):
     cfg, result = finished
     recipe = _recipe(cfg, result, done_count=0)
     snap = recipe._phase_snapshot(PhaseJob(1, "amazon", ("amazon",)))
-    assert snap["task_ids"] == ["agnews"] and snap["version"] == 1
-    assert recipe._phase_snapshot(PhaseJob(0, "agnews", ("agnews",)))["task_ids"] == []
+    assert snap.task_ids == ("agnews",) and snap.version == 1
+    assert recipe._phase_snapshot(PhaseJob(0, "agnews", ("agnews",))).task_ids == ()
     assert recipe._added_in("amazon") == 2 and recipe._added_in("SST-2") is None
     latest = recipe.tree.snapshot(result.run_id)
-    assert latest["task_ids"] == ["agnews", "amazon"] and latest["version"] == 2
+    assert latest.task_ids == ("agnews", "amazon") and latest.version == 2
 
 
 def test_the_inbox_refuses_any_bad_spec_and_keeps_the_good_ones(tmp_path):
@@ -114,8 +114,8 @@ def test_the_tree_of_each_phase_is_read_at_its_own_version(finished):
     cfg, result = finished
     recipe = _recipe(cfg, result)
     first, latest = recipe.tree.describe(result.run_id, 1), recipe.tree.describe(result.run_id)
-    assert first["version"] == 1 and [t["task_id"] for t in first["tasks"]] == ["agnews"]
-    assert latest["version"] == 2 and latest["num_tasks"] == 2 and "amazon" in latest["tree_text"]
+    assert first.version == 1 and [t.task_id for t in first.tasks] == ["agnews"]
+    assert latest.version == 2 and latest.num_tasks == 2 and "amazon" in latest.tree_text
 
 
 def test_changed_settings_make_another_run_and_resuming_with_them_names_the_fields(finished):

@@ -29,7 +29,7 @@ from treelora.tracking.backend import artifact_location_for, safe_alias, safe_ke
 from treelora.tracking.plots import accuracy_heatmap_png
 from treelora.tracking.versions import resolve_model_uri
 from treelora.train.phase import PhaseOutcome
-from tree_service import SignatureSpace, TaskTree
+from tree_service import SignatureSpace, TaskEntry, TaskTree, TreeDescription
 
 TASKS = ["sst2", "ag news", "yelp:full"]  # a space and a colon: aliases and metric keys must be sanitised
 NUM_MODULES = 4  # tiny-bert: 2 layers x (query, value)
@@ -76,8 +76,15 @@ def run_stream(tracker: StreamTracker, adapters: list[dict]) -> tuple[str, list[
         outcome = phase_outcome(index, item["name"], losses=[(s, 1.0 / (s + 1), 0.01 * s) for s in range(5)],
                                 column=acc[:, index], tree_version=index + 1, choices=choices, previous=TASKS[:index])
         logged.append(tracker.log_task(outcome, adapter_dir=item["folder"], accuracy_matrix=acc.copy(), task_names=TASKS,
-                                       tree={"tree_text": tree.to_text(), "tree": tree.structure()}, method="treelora"))
+                                       tree=described(tree, index + 1), method="treelora"))
     return parent, logged
+
+
+def described(tree: TaskTree, version: int) -> TreeDescription:
+    """The tree service's describe() answer for a tree built from all its tasks at once."""
+    tasks = tuple(TaskEntry(t, 0, "toy", i + 1) for i, t in enumerate(tree.task_ids))
+    return TreeDescription("toy", version, len(tasks), tree.space.to_dict(), tree.leaf_size, len(tasks), tree.depth(), tasks,
+                           tree.to_text(), tree.structure(), f"trees/toy/v{version:08d}.arrow")
 
 
 def phase_outcome(index, name, losses=((0, 1.0, 0.0),), column=(0.5,), tree_version=None, choices=None, previous=()):

@@ -1,13 +1,14 @@
 """The tree service as a Ray actor on a local cluster: sharing, conflicts, restarts, S3."""
 
+import inspect
 import time
 import uuid
 
 import numpy as np
 import pytest
 
-from tree_service import VersionConflict
-from tree_service.actor import get_tree_service
+from tree_service import TaskEntry, TreeClient, TreeDescription, TreeRegistry, TreeSnapshot, VersionConflict
+from tree_service.actor import RemoteTree, get_tree_service
 
 pytestmark = pytest.mark.ray
 
@@ -22,7 +23,7 @@ def test_same_name_gives_the_same_actor(ray_session, tmp_path):
     a = get_tree_service(str(tmp_path), name=name)
     b = get_tree_service(str(tmp_path), name=name)
     ray.get(a.add_task.remote("s", "x", np.ones((2, 3), np.float32), 0))
-    assert ray.get(b.snapshot.remote("s"))["task_ids"] == ["x"]
+    assert ray.get(b.snapshot.remote("s")).task_ids == ("x",)
 
 
 def test_two_clients_add_tasks_concurrently_without_losing_any(ray_session, tmp_path):
@@ -40,7 +41,7 @@ def test_two_clients_add_tasks_concurrently_without_losing_any(ray_session, tmp_
         for i in range(count):
             sig = np.full((2, 3), float(i), np.float32)
             while True:  # optimistic concurrency: re-read the version and retry on conflict
-                current = ray.get(service.snapshot.remote("shared"))["version"]
+                current = ray.get(service.snapshot.remote("shared")).version
                 try:
                     versions.append(ray.get(service.add_task.remote("shared", f"{prefix}-{i}", sig, current)))
                     break
@@ -50,9 +51,9 @@ def test_two_clients_add_tasks_concurrently_without_losing_any(ray_session, tmp_
 
     va, vb = ray.get([client.remote("a", 6), client.remote("b", 6)])
     snap = ray.get(owner.snapshot.remote("shared"))
-    assert snap["version"] == 12 and sorted(snap["task_ids"]) == sorted([f"a-{i}" for i in range(6)] + [f"b-{i}" for i in range(6)])
+    assert snap.version == 12 and sorted(snap.task_ids) == sorted([f"a-{i}" for i in range(6)] + [f"b-{i}" for i in range(6)])
     assert sorted(va + vb) == list(range(1, 13))  # every write got its own version
-    assert snap["signatures"].shape == (12, 2, 3)
+    assert snap.signatures.shape == (12, 2, 3)
 
 
 def test_conflicting_write_is_refused_naming_both_versions(ray_session, tmp_path):
@@ -62,7 +63,7 @@ def test_conflicting_write_is_refused_naming_both_versions(ray_session, tmp_path
     ray.get(service.add_task.remote("s", "b", np.ones((2, 2), np.float32), 1))
     with pytest.raises(VersionConflict, match="expected version 1.*current version is 2"):
         ray.get(service.add_task.remote("s", "c", np.ones((2, 2), np.float32), 1))
-    assert ray.get(service.snapshot.remote("s"))["task_ids"] == ["a", "b"]
+    assert ray.get(service.snapshot.remote("s")).task_ids == ("a", "b")
 
 
 def test_killed_actor_comes_back_with_every_task(ray_session, tmp_path):
@@ -79,8 +80,8 @@ def test_killed_actor_comes_back_with_every_task(ray_session, tmp_path):
     ray.kill(service, no_restart=False)
     time.sleep(0.5)
     snap = ray.get(get_tree_service(str(tmp_path), name=name).snapshot.remote("s"), timeout=60)
-    assert snap["task_ids"] == ["t0", "t1", "t2"] and snap["version"] == 3
-    assert all(np.array_equal(snap["signatures"][i], sigs[i]) for i in range(3))
+    assert snap.task_ids == ("t0", "t1", "t2") and snap.version == 3
+    assert all(np.array_equal(snap.signatures[i], sigs[i]) for i in range(3))
     # a retried write of a task that was stored before the crash answers its version, no insert
     assert ray.get(service.add_task.remote("s", "t1", sigs[1], 1)) == 2
 
@@ -91,10 +92,10 @@ def test_snapshot_carries_the_tree_and_delete_needs_confirmation(ray_session, tm
     for i in range(5):
         ray.get(service.add_task.remote("s", f"t{i}", np.full((2, 2), float(i * i), np.float32), i))
     snap = ray.get(service.snapshot.remote("s"))
-    kinds = [n["kind"] for n in snap["tree"]["nodes"]]
-    assert kinds.count("task") == 5 and snap["tree"]["nodes"][0]["kind"] == "split"
+    kinds = [n["kind"] for n in snap.tree["nodes"]]
+    assert kinds.count("task") == 5 and snap.tree["nodes"][0]["kind"] == "split"
     assert ray.get(service.list_streams.remote()) == ["s"]
-    assert "t4" in ray.get(service.describe.remote("s"))["tree_text"]
+    assert "t4" in ray.get(service.describe.remote("s")).tree_text
     with pytest.raises(Exception, match="confirm"):
         ray.get(service.delete.remote("s"))
     ray.get(service.delete.remote("s", confirm="s"))
@@ -110,4 +111,30 @@ def test_service_on_s3_survives_a_restart(ray_session, s3_server):
     ray.get(service.add_task.remote("s", "a", sig, 0))
     ray.kill(service, no_restart=False)
     snap = ray.get(service.snapshot.remote("s"), timeout=60)
-    assert snap["task_ids"] == ["a"] and np.array_equal(snap["signatures"][0], sig)
+    assert snap.task_ids == ("a",) and np.array_equal(snap.signatures[0], sig)
+
+
+def _positional(method) -> list[tuple[str, object]]:
+    return [(p.name, p.default) for p in inspect.signature(method).parameters.values()
+            if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
+
+
+def test_the_local_registry_and_the_actor_are_both_tree_clients(ray_session, tmp_path):
+    """Code that uses a tree takes a ``TreeClient``: the registry in this process and the service
+    behind Ray take the same calls and answer the same types."""
+    local = TreeRegistry(str(tmp_path / "local"))
+    remote = RemoteTree(get_tree_service(str(tmp_path / "remote"), name=_name()))
+    for client in (local, remote):
+        assert isinstance(client, TreeClient)
+        for name in ("snapshot", "describe", "add_task"):
+            assert _positional(getattr(type(client), name)) == _positional(getattr(TreeClient, name)), name
+        empty = client.snapshot("nothing-here")
+        assert isinstance(empty, TreeSnapshot) and (empty.version, empty.task_ids, empty.signatures) == (0, (), None)
+        assert empty.arrays() == (None, [], None)
+        assert client.add_task("s", "a", np.ones((2, 3), np.float32), 0, run_id="r") == 1
+        snap, info = client.snapshot("s"), client.describe("s")
+        assert isinstance(snap, TreeSnapshot) and snap.task_ids == ("a",) and snap.version == info.version == 1
+        assert isinstance(info, TreeDescription) and info.tasks == (TaskEntry("a", info.tasks[0].created_at_us, "r", 1),)
+        space, ids, sig = snap.arrays()
+        sig += 1  # a writable copy, also of an array that came through Ray's object store
+        assert space.shape == (2, 3) and ids == ["a"] and (sig == 2).all() and (snap.signatures == 1).all()

@@ -2,13 +2,15 @@
 
 Library: ``SignatureSpace``/``Projector`` (signatures), ``TaskTree`` (the K-D tree),
 ``TreeLCBBandit``/``ReferenceSampler``/``ExhaustiveSelector`` (selectors), ``SnapshotStore``
-(persistence), ``TreeRegistry`` (the service logic). ``tree_service.actor`` holds the Ray
+(persistence), ``TreeRegistry`` (the service logic), ``TreeClient`` and the answers it gives
+(``TreeSnapshot``, ``TreeDescription``). ``tree_service.actor`` holds the Ray
 actor and is imported only where Ray is wanted. Imports nothing from treelora.
 """
 
 from .bandit import ExhaustiveSelector, ReferenceSampler, TreeLCBBandit, observed_gaps
+from .client import TaskEntry, TreeClient, TreeDescription, TreeSnapshot
 from .errors import InvalidSignature, SnapshotFormatError, TaskConflict, TreeServiceError, UnknownStream, VersionConflict
-from .registry import TreeRegistry, snapshot_arrays
+from .registry import TreeRegistry
 from .signatures import Projector, SignatureSpace
 from .snapshot import StreamSnapshot, TaskRecord
 from .store import SnapshotStore
@@ -16,7 +18,7 @@ from .tree import CompiledTree, TaskTree
 
 __all__ = [
     "CompiledTree", "ExhaustiveSelector", "InvalidSignature", "Projector", "ReferenceSampler", "SignatureSpace",
-    "SnapshotFormatError", "SnapshotStore", "StreamSnapshot", "TaskConflict", "TaskRecord", "TaskTree",
-    "TreeLCBBandit", "TreeRegistry", "TreeServiceError", "UnknownStream", "VersionConflict", "observed_gaps",
-    "snapshot_arrays",
+    "SnapshotFormatError", "SnapshotStore", "StreamSnapshot", "TaskConflict", "TaskEntry", "TaskRecord", "TaskTree",
+    "TreeClient", "TreeDescription", "TreeLCBBandit", "TreeRegistry", "TreeServiceError", "TreeSnapshot", "UnknownStream",
+    "VersionConflict", "observed_gaps",
 ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ray
 
+from .client import TreeDescription, TreeSnapshot
 from .registry import TreeRegistry
 
 DEFAULT_NAME = "treelora-tree"
@@ -45,16 +46,17 @@ def get_tree_service(
 
 
 class RemoteTree:
-    """The tree service actor behind the same calls as a local ``TreeRegistry`` (blocking), so
-    code that uses a tree does not care whether it lives in this process or in the service."""
+    """The tree service actor behind the same calls as a local ``TreeRegistry`` (blocking): both
+    are a ``TreeClient``, so code that uses a tree does not care whether it lives in this process
+    or in the service."""
 
     def __init__(self, handle):
         self.handle = handle
 
-    def snapshot(self, stream: str, version: int | None = None) -> dict:
+    def snapshot(self, stream: str, version: int | None = None) -> TreeSnapshot:
         return ray.get(self.handle.snapshot.remote(stream, version))
 
-    def describe(self, stream: str, version: int | None = None) -> dict:
+    def describe(self, stream: str, version: int | None = None) -> TreeDescription:
         return ray.get(self.handle.describe.remote(stream, version))
 
     def add_task(self, stream: str, task_id: str, signature, expected_version: int, **kwargs) -> int:

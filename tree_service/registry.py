@@ -15,9 +15,7 @@ from __future__ import annotations
 import logging
 import time
 
-import numpy as np
-import torch
-
+from .client import TaskEntry, TreeDescription, TreeSnapshot
 from .errors import (
     InvalidSignature,
     SnapshotFormatError,
@@ -85,7 +83,7 @@ class TreeRegistry:
         old = self.store.read(stream, version)
         return old, old.tree()
 
-    def snapshot(self, stream: str, version: int | None = None) -> dict:
+    def snapshot(self, stream: str, version: int | None = None) -> TreeSnapshot:
         """Version, task ids, signatures [N, L, D] (one numpy array) and the tree structure.
 
         An unknown stream answers version 0 with no tasks, so a first job needs no special case.
@@ -94,39 +92,17 @@ class TreeRegistry:
         """
         snap, tree = self._at(stream, version)
         if snap is None:
-            return {"stream": stream, "version": 0, "task_ids": [], "signatures": None, "space": None,
-                    "leaf_size": 1, "built_from": 0, "tree": {"nodes": []}}
-        return {
-            "stream": stream,
-            "version": snap.version,
-            "task_ids": snap.task_ids,
-            "signatures": snap.signatures.numpy(),
-            "space": snap.space.to_dict(),
-            "leaf_size": snap.leaf_size,
-            "built_from": snap.built_from,
-            "tree": tree.structure(),
-        }
+            return TreeSnapshot.empty(stream)
+        return TreeSnapshot(stream, snap.version, tuple(snap.task_ids), snap.signatures.numpy(), snap.space.to_dict(),
+                            snap.leaf_size, snap.built_from, tree.structure())
 
-    def describe(self, stream: str, version: int | None = None) -> dict:
+    def describe(self, stream: str, version: int | None = None) -> TreeDescription:
         snap, tree = self._at(stream, version)
         if snap is None:
             raise UnknownStream(f"no stream {stream!r}; known: {self.list_streams()}")
-        return {
-            "stream": stream,
-            "version": snap.version,
-            "num_tasks": len(snap.tasks),
-            "space": snap.space.to_dict(),
-            "leaf_size": snap.leaf_size,
-            "built_from": snap.built_from,
-            "depth": tree.depth(),
-            "tasks": [
-                {"task_id": t.task_id, "created_at_us": t.created_at_us, "run_id": t.run_id, "added_in_version": t.added_in_version}
-                for t in snap.tasks
-            ],
-            "tree_text": tree.to_text(),
-            "tree": tree.structure(),
-            "storage": self.store.path(stream, snap.version),
-        }
+        tasks = tuple(TaskEntry(t.task_id, t.created_at_us, t.run_id, t.added_in_version) for t in snap.tasks)
+        return TreeDescription(stream, snap.version, len(snap.tasks), snap.space.to_dict(), snap.leaf_size, snap.built_from,
+                               tree.depth(), tasks, tree.to_text(), tree.structure(), self.store.path(stream, snap.version))
 
     # -- writes ---------------------------------------------------------------------------
     def add_task(
@@ -211,10 +187,3 @@ class TreeRegistry:
     def ping(self) -> bool:
         return True
 
-
-def snapshot_arrays(snapshot: dict) -> tuple[SignatureSpace | None, list[str], torch.Tensor | None]:
-    """Client side: the space, task ids and a torch view of the signatures of a snapshot() answer."""
-    if not snapshot["task_ids"]:
-        return (SignatureSpace(**snapshot["space"]) if snapshot["space"] else None), [], None
-    sig = snapshot["signatures"]
-    return SignatureSpace(**snapshot["space"]), list(snapshot["task_ids"]), torch.from_numpy(np.array(sig, copy=True))

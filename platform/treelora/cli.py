@@ -119,13 +119,13 @@ def cmd_tree_show(args) -> int:
         print(f"no tree stream {args.stream!r} in {redact(registry.store.uri)}; known: {streams}", file=sys.stderr)
         return 2
     info = registry.describe(args.stream)
-    print(f"stream {args.stream}: version {info['version']}, {info['num_tasks']} tasks, depth {info['depth']}, "
-          f"signatures [L={info['space']['num_modules']}, D={info['space']['width']}] ({info['space']['projection']})")
-    print(info["tree_text"])
+    print(f"stream {args.stream}: version {info.version}, {info.num_tasks} tasks, depth {info.depth}, "
+          f"signatures [L={info.space['num_modules']}, D={info.space['width']}] ({info.space['projection']})")
+    print(info.tree_text)
     if args.png:
         from .tracking.plots import tree_png
 
-        path = tree_png(registry.snapshot(args.stream)["tree"], args.png, title=f"{args.stream} v{info['version']}")
+        path = tree_png(info.tree, args.png, title=f"{args.stream} v{info.version}")
         print(f"wrote {path}")
     return 0
 

@@ -16,6 +16,8 @@ from typing import Callable, Protocol
 import numpy as np
 import torch
 
+from tree_service import TreeSnapshot
+
 from ..adapters.model import ContinualModel
 from ..data.tasks import Task
 
@@ -28,7 +30,7 @@ class TaskContext:
     steps_per_epoch: int  # batches (micro-batches under gradient accumulation) per epoch
     epochs: int
     seed: int
-    tree_snapshot: dict | None = None  # the tree service's snapshot() answer for methods that use it
+    tree_snapshot: TreeSnapshot | None = None  # the tree the phase trains against, for methods that use one
     grad_of: Callable[[torch.nn.Parameter], torch.Tensor | None] = lambda p: p.grad  # DeepSpeed passes its own
     # the full gradients of several parameters at once (DeepSpeed: one all-reduce for all of them)
     grads_of_many: Callable[[list], list] | None = None

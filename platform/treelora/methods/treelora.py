@@ -31,7 +31,7 @@ import dataclasses
 import numpy as np
 import torch
 
-from tree_service import CompiledTree, Projector, ReferenceSampler, SignatureSpace, TreeLCBBandit
+from tree_service import CompiledTree, Projector, ReferenceSampler, SignatureSpace, TreeLCBBandit, TreeSnapshot
 
 from .base import TaskContext, TaskOutcome
 from .settings import MethodSettings, method_name, setting
@@ -59,11 +59,11 @@ def signature_space_for(model, cfg: TreeLoRAConfig) -> SignatureSpace:
     return SignatureSpace(len(sizes), cfg.signature_sketch_width, projection="cauchy", metric="l1")
 
 
-def _snapshot_tensors(snapshot: dict | None, device) -> tuple[SignatureSpace | None, torch.Tensor | None, CompiledTree | None]:
-    if not snapshot or not snapshot["task_ids"]:
+def _snapshot_tensors(snapshot: TreeSnapshot | None, device) -> tuple[SignatureSpace | None, torch.Tensor | None, CompiledTree | None]:
+    if snapshot is None or not snapshot.task_ids:
         return None, None, None
-    sig = torch.tensor(np.asarray(snapshot["signatures"]), device=device)  # a copy: object-store arrays are read-only
-    return SignatureSpace(**snapshot["space"]), sig, CompiledTree.from_structure(snapshot["tree"])
+    space, _, sig = snapshot.arrays()
+    return space, sig.to(device), CompiledTree.from_structure(snapshot.tree)
 
 
 class TreeLoRA:

@@ -18,6 +18,8 @@ from mlflow.entities import Metric, Param, RunStatus
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
+from tree_service import TreeDescription
+
 from ..config import RunConfig
 from ..train.phase import PhaseOutcome
 from . import backend, plots
@@ -94,7 +96,7 @@ class StreamTracker:
 
     # -- one task ----------------------------------------------------------------------------
     def log_task(self, outcome: PhaseOutcome, *, adapter_dir: str | Path, accuracy_matrix: np.ndarray, task_names: Sequence[str],
-                 tree: dict | None, method: str) -> tuple[str, str]:
+                 tree: TreeDescription | None, method: str) -> tuple[str, str]:
         """Child run with everything about the phase, then its adapter registered: (child run id, version).
 
         ``tree``: the tree service's description of the tree the phase made (methods that use one).
@@ -121,7 +123,7 @@ class StreamTracker:
         return child, version
 
     def _log_phase_artifacts(self, child: str, outcome: PhaseOutcome, accuracy_matrix: np.ndarray, task_names: Sequence[str],
-                             tree: dict | None) -> dict[str, float]:
+                             tree: TreeDescription | None) -> dict[str, float]:
         """The matrix, the tree and the bandit's choices as files; returns the pulls per previous task."""
         choices = np.array(outcome.choices) if outcome.choices is not None else None  # [N_prev, L] pulls per module
         previous = list(outcome.previous_tasks)
@@ -129,7 +131,7 @@ class StreamTracker:
         with tempfile.TemporaryDirectory(prefix="treelora-mlflow-") as tmp:
             out = Path(tmp)
             _write_matrix(out, accuracy_matrix, task_names, f"accuracy after {outcome.key}")
-            _write_tree(out, tree["tree_text"] if tree else None, tree["tree"] if tree else None)
+            _write_tree(out, tree.tree_text if tree else None, tree.tree if tree else None)
             plots.choices_histogram_png(pulls, out / "bandit_choices.png")
             per_module = {} if choices is None else {n: choices[i].tolist() for i, n in enumerate(previous)}
             (out / "bandit_choices.json").write_text(json.dumps({"pulls_per_task": pulls, "pulls_per_module": per_module}, indent=1))

@@ -14,6 +14,8 @@ from typing import Callable
 
 import numpy as np
 
+from tree_service import TreeClient
+
 from .. import events
 from ..config import RunConfig
 from ..layout import RunLayout
@@ -40,7 +42,8 @@ class TaskReport:
 
 
 class StreamLedger:
-    def __init__(self, cfg: RunConfig, layout: RunLayout, tracker: StreamTracker, progress: StreamProgress, tree, uses_tree: bool,
+    def __init__(self, cfg: RunConfig, layout: RunLayout, tracker: StreamTracker, progress: StreamProgress, tree: TreeClient | None,
+                 uses_tree: bool,
                  log: Callable[[str], None], on_phase: Callable | None = None, emit: Callable[[events.Event], None] | None = None):
         self.cfg, self.layout, self.tracker, self.progress = cfg, layout, tracker, progress
         self.tree, self.uses_tree, self.log, self.emit, self.on_phase = tree, uses_tree, log, emit, on_phase

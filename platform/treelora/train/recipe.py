@@ -25,6 +25,7 @@ from typing import Callable
 
 import torch
 
+from tree_service import TreeClient, TreeSnapshot
 from tree_service.errors import UnknownStream
 
 from .. import events
@@ -45,7 +46,7 @@ from .state_io import load_state
 
 class StreamRecipe:
     def __init__(self, job: StreamJob, *, comm: Collective, device: torch.device, use_bf16: bool,
-                 make_stepper: Callable[[torch.nn.Module, list, float, int], Stepper], tree=None,
+                 make_stepper: Callable[[torch.nn.Module, list, float, int], Stepper], tree: TreeClient | None = None,
                  checkpointer: Checkpointer | None = None, log: Callable[[str], None] = print,
                  after_phase: Callable[[], None] | None = None, emit: Callable[[events.Event], None] | None = None):
         """``log``: text lines for people (warnings, resumes); ``emit``: progress events for the
@@ -234,12 +235,12 @@ class StreamRecipe:
     def _added_in(self, task: str) -> int | None:
         """The tree version that added ``task``, when a try of this phase already added it."""
         try:
-            tasks = self.tree.describe(self.layout.run_id)["tasks"]
+            tasks = self.tree.describe(self.layout.run_id).tasks
         except UnknownStream:  # the stream's first task: no tree yet
             return None
-        return next((t["added_in_version"] for t in tasks if t["task_id"] == task), None)
+        return next((t.added_in_version for t in tasks if t.task_id == task), None)
 
-    def _phase_snapshot(self, phase: PhaseJob) -> dict:
+    def _phase_snapshot(self, phase: PhaseJob) -> TreeSnapshot:
         """The tree the phase trains against: as it was before this task joined it (a retry of a
         phase that already added its signature must not choose itself)."""
         added = self._added_in(phase.task_names[-1])
@@ -250,7 +251,7 @@ class StreamRecipe:
         epochs_done = len(records) / max(steps_per_epoch(phase_tasks, self.cfg.train.batch_size, self.comm.world_size), 1)
         return int(per_epoch * epochs_done)
 
-    def _add_signature(self, phase: PhaseJob, result, snapshot) -> int | None:
+    def _add_signature(self, phase: PhaseJob, result, snapshot: TreeSnapshot | None) -> int | None:
         """Rank 0 inserts the task's signature into the tree (once: a retry finds it there)."""
         if not self.is_main or result.signature is None:
             return None
@@ -261,7 +262,7 @@ class StreamRecipe:
                 f"nothing of this phase was published: lower train.lr (now {self.lr:g}) and run again to resume")
         version = self._added_in(task)
         if version is None:
-            version = self.tree.add_task(self.layout.run_id, task, result.signature.numpy(), snapshot["version"] if snapshot else 0,
+            version = self.tree.add_task(self.layout.run_id, task, result.signature.numpy(), snapshot.version if snapshot else 0,
                                          run_id=self.cfg.name, space=result.signature_space, leaf_size=self.cfg.tree.leaf_size)
         return version
 
@@ -275,7 +276,8 @@ class StreamRecipe:
             scores.update(part)
         return scores
 
-    def finish_phase(self, phase: PhaseJob, ctx: TaskContext, snapshot, meter: StepMeter, timing: "PhaseTiming") -> PhaseOutcome:
+    def finish_phase(self, phase: PhaseJob, ctx: TaskContext, snapshot: TreeSnapshot | None, meter: StepMeter,
+                     timing: "PhaseTiming") -> PhaseOutcome:
         result = self.method.end_task(ctx)
         tree_version = self._add_signature(phase, result, snapshot)
         t_eval = time.perf_counter()
@@ -285,7 +287,7 @@ class StreamRecipe:
             phase, meter, stream_tasks=tuple(t.name for t in self.tasks),
             accuracy_column=tuple(float(scores[i]) for i in range(len(self.tasks))), tree_version=tree_version,
             choices=None if result.choices is None else tuple(tuple(int(v) for v in row) for row in result.choices),
-            previous_tasks=tuple(snapshot["task_ids"]) if snapshot else (), adapters=tuple(self.method.export_adapters()),
+            previous_tasks=snapshot.task_ids if snapshot else (), adapters=tuple(self.method.export_adapters()),
             world_size=self.comm.world_size, ranks_agree=len(set(digests)) == 1, eval_seconds=time.perf_counter() - t_eval,
             load_seconds=self.load_seconds, added_task_spec=self.inbox.spec_of(phase.key))
         if self.is_main:

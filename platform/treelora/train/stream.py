@@ -19,6 +19,8 @@ from typing import Callable
 
 import numpy as np
 
+from tree_service import TreeClient
+
 from .. import events
 from ..config import ConfigError, RunConfig
 from ..evaluate import summary
@@ -54,7 +56,7 @@ class StreamResult:
     finished_at: float = 0.0
 
 
-def check_tree_holds_progress(tree, layout: RunLayout, progress: StreamProgress) -> None:
+def check_tree_holds_progress(tree: TreeClient, layout: RunLayout, progress: StreamProgress) -> None:
     """Every task progress.json records in the tree must still be there: a deleted or lost latest
     snapshot would otherwise be written again without that task, silently."""
     recorded = {task: (rec.get("outcome") or {}).get("tree_version") for task, rec in progress.tasks.items()}
@@ -62,11 +64,11 @@ def check_tree_holds_progress(tree, layout: RunLayout, progress: StreamProgress)
     if not recorded:
         return
     held = tree.snapshot(layout.run_id)
-    missing = sorted(t for t in recorded if t not in set(held["task_ids"]))
+    missing = sorted(t for t in recorded if t not in set(held.task_ids))
     if missing:
         newest = max(recorded.values())
         raise ConfigError(
-            f"tree stream {layout.run_id} in {redact(layout.tree_uri)} is at version {held['version']} but progress.json records "
+            f"tree stream {layout.run_id} in {redact(layout.tree_uri)} is at version {held.version} but progress.json records "
             f"task(s) {missing} in it up to version {newest}: a snapshot is missing (restore v{newest:08d}.arrow), or move "
             "progress.json away to train the stream again")
 
@@ -228,9 +230,9 @@ class _StreamRun:
         names, R = ledger.matrix()
         metrics = {"op": float(np.mean(R[:, -1]))} if self.joint else summary(R)
         wall = time.perf_counter() - t0
-        final = self.tree.describe(self.layout.run_id) if self.method_cls.uses_tree else {}
+        final = self.tree.describe(self.layout.run_id) if self.method_cls.uses_tree else None
         self.tracker.finish_stream({k: v for k, v in metrics.items() if isinstance(v, float)}, R, names, wall,
-                                   final.get("tree_text"), final.get("tree"))
+                                   final.tree_text if final else None, final.tree if final else None)
         order = sorted(ledger.reports)
         return StreamResult(self.stream.name, self.cfg.method.name, names, R, metrics, wall, [ledger.reports[i] for i in order],
                             registered_model=self.tracker.registered_model, versions=self.tracker.versions(),
