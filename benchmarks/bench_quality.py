@@ -69,11 +69,12 @@ def zero_shot_and_baseline(cfg) -> tuple[list[float], list[float], list[float]]:
     for i, t in enumerate(stream.tasks):
         model.add_head(t, seed=cfg.train.seed + i)
     model.prepare(stream.tasks)
-    zero = evaluate_tasks(model, stream.tasks, "test", cfg.eval.batch_size)
+    split = cfg.eval.split
+    zero = evaluate_tasks(model, stream.tasks, split, cfg.eval.batch_size)
     # the most frequent test answer's share: what always answering one label scores (for an
     # option-letter task too, where beating zero-shot may only mean learning the label prior)
     majority = [max(collections.Counter(e.target.strip()[:1] if t.metric == "option_accuracy" else e.target.strip()
-                                        for e in t.test).values()) / len(t.test) for t in stream.tasks]
+                                        for e in getattr(t, split)).values()) / len(getattr(t, split)) for t in stream.tasks]
     return zero, (zero if kind == "generation" else majority), majority
 
 
@@ -85,15 +86,26 @@ def run_job(job: tuple) -> dict:
         _, seed, overrides, config = job
         zero, base, majority = zero_shot_and_baseline(load_config(config, overrides + [f"train.seed={seed}"]))
         return {"kind": "zero", "seed": seed, "zero_shot": zero, "baseline": base, "majority": majority}
-    _, seed, method, overrides, config, workdir = job
-    cfg = load_config(config, overrides + [f"method.name={method}", f"train.seed={seed}", f"workdir={workdir}"])
+    _, seed, method, overrides, config, workdir, chosen = job
+    name, settings = parse_method(method)
+    defaults = [f"method.{k}={v}" for k, v in chosen.get("methods", {}).get(name, {}).items()]
+    lr = [f"train.lr={chosen['lr']}"] if chosen.get("lr") else []
+    cfg = load_config(config, overrides + lr + [f"method.name={name}", *defaults, *settings, f"train.seed={seed}", f"workdir={workdir}"])
     res = run_stream(cfg, executor="local", log=lambda *_: None)
     return {"kind": "stream", "seed": seed, "method": method, "task_names": list(res.task_names),
             "accuracy": np.asarray(res.accuracy, dtype=float).tolist(), "op": res.metrics["op"],
             "bwt": res.metrics.get("bwt", float("nan")), "wall_seconds": res.wall_seconds,
-            "epochs": cfg.train.epochs, "model": cfg.model.name,
+            "epochs": cfg.train.epochs, "model": cfg.model.name, "lr": cfg.train.lr, "settings": cfg.to_dict()["method"],
             # what the tree methods' bandit pulled: per phase, [previous task][module] counts
             "choices": [o.choices for o in res.outcomes], "previous": [list(o.previous_tasks) for o in res.outcomes]}
+
+
+def parse_method(spec: str) -> tuple[str, list[str]]:
+    """``treelora`` or ``treelora[anchor_selector=random;strength=0.5]``: (method name, its
+    setting overrides); the whole spec labels the method's rows in the tables."""
+    name, _, rest = spec.partition("[")
+    settings = [kv.strip() for kv in rest.rstrip("]").split(";") if kv.strip()]
+    return name, [f"method.{kv}" for kv in settings]
 
 
 def run_all(jobs: list[tuple], workers: int, on_done) -> list[dict]:
@@ -177,9 +189,13 @@ def report(stream: str, records: list[dict]) -> None:
                     shares[: len(counts)] += counts / max(counts.sum(), 1) / len(picks)
                 print(f"| {name} | " + " | ".join(f"{v * 100:.0f}" if i < j else "" for i, v in enumerate(shares)) + " |")
     print(f"\ntasks_learned={sum(learned) / len(learned):.2f}")
+    mean_op = {m: statistics.mean(r["op"] for r in by[m]) for m in methods}
     if "treelora" in by and "seq-lora" in by:
-        diff = statistics.mean(r["op"] for r in by["treelora"]) - statistics.mean(r["op"] for r in by["seq-lora"])
-        print(f"\ntreelora_minus_seqlora_op={diff * 100:.2f}")
+        print(f"\ntreelora_minus_seqlora_op={(mean_op['treelora'] - mean_op['seq-lora']) * 100:.2f}")
+    others = [m for m in ("seq-lora", "l2-anchor", "o-lora") if m in by]
+    if "treelora" in by and others:
+        best = max(others, key=mean_op.get)
+        print(f"\ntreelora_minus_best_other_op={(mean_op['treelora'] - mean_op[best]) * 100:.2f}  (best other: {best})")
 
 
 def main(argv=None) -> int:
@@ -189,7 +205,12 @@ def main(argv=None) -> int:
     ap.add_argument("--first-seed", type=int, default=0, help="seeds are first-seed, first-seed+1, ...")
     ap.add_argument("--quick", action="store_true",
                     help="640 train / 100 test rows per task and at most 2 seeds (under 15 minutes on 2 cores)")
-    ap.add_argument("--methods", default=",".join(ORDER))
+    ap.add_argument("--methods", default=",".join(ORDER),
+                    help="comma-separated; a method may carry settings: treelora[anchor_selector=random;strength=0.5]")
+    ap.add_argument("--defaults", default=None,
+                    help="a JSON of chosen defaults (benchmarks/select_defaults.py): train.lr and each method's settings")
+    ap.add_argument("--split", choices=("test", "eval"), default="test",
+                    help="the split every task is scored on: eval to choose settings, test to report")
     ap.add_argument("--epochs", type=int, default=None)
     ap.add_argument("--jobs", type=int, default=1, help="streams trained at once, each in its own process")
     ap.add_argument("--save", default=None, help="write every stream's results to this JSON file")
@@ -203,7 +224,7 @@ def main(argv=None) -> int:
         report(saved[0]["stream"], [r for s in saved for r in s["records"]])
         return 0
     methods = [m for m in args.methods.split(",") if m]
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if parse_method(m)[0] not in METHODS]
     if unknown:
         ap.error(f"unknown methods {unknown}; known: {sorted(METHODS)}")
     seeds = range(args.first_seed, args.first_seed + (min(args.seeds, 2) if args.quick else args.seeds))
@@ -212,6 +233,7 @@ def main(argv=None) -> int:
         overrides += ["stream.train_size=640", "stream.test_size=100"]
     if args.epochs:
         overrides.append(f"train.epochs={args.epochs}")
+    overrides.append(f"eval.split={args.split}")
     overrides += args.overrides  # the user's overrides win over --quick's sizes
 
     finished: list[dict] = []
@@ -227,7 +249,9 @@ def main(argv=None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         jobs = [("zero", s, overrides, args.config) for s in seeds]
-        jobs += [("stream", s, m, overrides, args.config, os.path.join(tmp, f"{m}-{s}")) for s in seeds for m in methods]
+        chosen = json.loads(Path(args.defaults).read_text()) if args.defaults else {}
+        jobs += [("stream", s, m, overrides, args.config, os.path.join(tmp, f"{i}-{s}"), chosen)
+                 for s in seeds for i, m in enumerate(methods)]
         records = run_all(jobs, args.jobs, done)
     report(args.stream, records)
     return 0

@@ -90,6 +90,21 @@ def test_short_target_names_are_mapped_per_family():
     assert [m.name.rsplit(".", 1)[1] for m in three.modules_in_order] == ["query", "key", "value"] * 2
 
 
+@pytest.mark.parametrize("family, per_layer", [("tiny-bert", ["query", "key", "value", "attention.output.dense",
+                                                                "intermediate.dense", "output.dense"]),
+                                              ("tiny-llama", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])])
+def test_all_linear_adapts_every_attention_and_mlp_layer_and_loads_with_stock_peft(family, per_layer, tmp_path):
+    """adapter.targets: [all-linear] covers the attention and MLP blocks of every layer (never
+    BERT's unused pooler), and the folder loads with stock peft as any other."""
+    model = ContinualModel(tiny_backbone(family), r=R, alpha=ALPHA, targets=("all-linear",))
+    names = [m.name for m in model.modules_in_order]
+    assert len(names) == 2 * len(per_layer) and not any("pooler" in n for n in names)
+    assert all(n.endswith(suffix) for n, suffix in zip(names, per_layer * 2))
+    perturb(model)
+    folder = save_adapter_folder(model, tmp_path / "snap")
+    assert_loads_identically(folder, tiny_backbone(family).model, model)
+
+
 def test_classification_snapshot_is_a_peft_folder_with_heads_that_stock_peft_loads(tmp_path):
     model = bert_model()
     tasks = [task("topics", ("world", "sports", "business")), task("mood", ("neg", "pos"))]

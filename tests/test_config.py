@@ -99,6 +99,8 @@ BOUNDED = [(name, field) for name in sorted(METHODS) for field, f in _settings(n
 
 
 def _out_of_range(f: dataclasses.Field) -> list:
+    if f.metadata.get("choices"):
+        return ["no-such-choice"]
     lo, hi, meta = f.metadata["min"], f.metadata["max"], f.metadata
     values = [] if lo is None else [lo if not meta["min_inclusive"] else lo - 1]
     return values + ([] if hi is None else [hi if not meta["max_inclusive"] else hi + 1])
@@ -110,7 +112,8 @@ def test_config_imports_without_torch():
 
 
 def test_the_method_section_holds_only_the_chosen_methods_settings():
-    assert set(RunConfig().to_dict()["method"]) == {"name", "strength", "bandit_c", "signature_max_width", "signature_sketch_width"}
+    assert set(RunConfig().to_dict()["method"]) == {"name", "regulariser", "strength", "anchor_selector", "direction_strength", "bandit_c",
+                                                    "signature_max_width", "signature_sketch_width"}
     assert {k for k in RunConfig().identity() if k.startswith("method.")} == {f"method.{k}" for k in RunConfig().to_dict()["method"]}
     assert all(METHODS[name].config_class().name == name for name in METHODS)
 
@@ -155,7 +158,8 @@ def test_switching_method_by_override_fills_its_defaults_and_keeps_given_setting
     path.write_text(f"method:\n  name: {start}\n  {next(iter(_settings(start)))}: 0.25\n")
     assert load_config(path, [f"method.name={name}"]).method == METHODS[name].config_class()
     for field, f in _settings(name).items():
-        value = f.default + 1
+        choices = f.metadata.get("choices")
+        value = f.default + 1 if not choices else next(c for c in choices if c != f.default)
         given = METHODS[name].config_class(**{field: value})
         assert load_config(path, [f"method.name={name}", f"method.{field}={value}"]).method == given
         assert load_config(path, [f"method.{field}={value}", f"method.name={name}"]).method == given

@@ -7,6 +7,7 @@ exported concatenated, treelora follows the LCB bandit and pulls toward the chos
 treelora-reference samples like the authors' code and scales its term to the loss."""
 
 import copy
+import dataclasses
 import json
 import warnings
 from pathlib import Path
@@ -26,7 +27,8 @@ from treelora.methods.base import TaskContext
 from treelora.methods.l2_anchor import L2Anchor, L2AnchorConfig
 from treelora.methods.o_lora import OLoRA, OLoRAConfig
 from treelora.methods.seq_lora import SeqLoRA
-from treelora.methods.treelora import TreeLoRA, TreeLoRAConfig, TreeLoRAReference, signature_space_for
+from treelora.methods.treelora import TreeLoRA, TreeLoRAConfig, signature_space_for
+from treelora.methods.treelora_reference import TreeLoRAReference
 from treelora.train.stream import run_stream
 from treelora.train.loop import TorchStepper, epoch_batches, step_seed, train_task
 from treelora.train.setup import build_model, build_stream, steps_per_epoch
@@ -395,9 +397,9 @@ def flat(grads, d):
     return torch.cat([grads[2 * d].reshape(-1), grads[2 * d + 1].reshape(-1)])
 
 
-def test_treelora_follows_the_bandit_and_pulls_toward_the_chosen_signature(tasks, tmp_path):
+def test_treelora_direction_follows_the_bandit_and_pulls_toward_the_chosen_signature(tasks, tmp_path):
     model = new_model(tasks)
-    method_cfg = TreeLoRAConfig(strength=0.5)
+    method_cfg = TreeLoRAConfig(regulariser="direction", direction_strength=0.5)
     space = signature_space_for(model, method_cfg)
     assert (space.projection, space.metric, space.shape) == ("exact", "l1", (4, 512))
     snapshot = known_tree(tmp_path, space, 3, scale=1e-3)
@@ -429,7 +431,7 @@ def test_treelora_follows_the_bandit_and_pulls_toward_the_chosen_signature(tasks
             reg_grads = torch.autograd.grad(extra, params, retain_graph=True)
             for d, size in enumerate(sizes):
                 target = signatures[expected_tasks[d], d]
-                lam = method_cfg.strength * task_mean[d].abs().mean()
+                lam = method_cfg.direction_strength * task_mean[d].abs().mean()
                 toward = torch.sign(target - running[d])[:size]
                 got = flat(reg_grads, d)
                 assert torch.allclose(got, lam * toward, rtol=1e-5, atol=1e-12), (step, d)
@@ -457,13 +459,97 @@ def test_treelora_follows_the_bandit_and_pulls_toward_the_chosen_signature(tasks
     assert np.array_equal(outcome.choices, counts)
 
 
-def test_treelora_resumes_exactly_from_its_state_dict(tasks, tmp_path):
-    method_cfg = config("treelora", "unused").method
+def _anchored(tasks, tmp_path, selector: str, strength: float = 0.7):
+    """A treelora method on task 3 of a known 3-task tree, with known anchors of the 3 earlier tasks."""
+    model = new_model(tasks)
+    method_cfg = TreeLoRAConfig(strength=strength, anchor_selector=selector)
+    snapshot = known_tree(tmp_path, signature_space_for(model, method_cfg), 3, scale=1e-3)
+    method = make_method(method_cfg)
+    gen = torch.Generator().manual_seed(5)
+    size = sum(p.numel() for p in module_params(model))
+    anchors = [torch.randn(size, generator=gen) * 0.05 for _ in range(3)]
+    for i, a in enumerate(anchors):
+        method.anchors.add(f"prev{i}", a)
+    ctx = context(model, tasks[2], 3, epochs=1, snapshot=snapshot)
+    return model, method, ctx, anchors, snapshot
+
+
+@pytest.mark.parametrize("selector", ["tree", "previous", "random", "oracle"])
+def test_treelora_pulls_each_layer_toward_the_chosen_earlier_tasks_weights(tasks, tmp_path, selector):
+    """R = strength * sum_d ||theta_d - anchor_{k_d, d}||^2: its gradient per module points at the
+    weights the chosen earlier task left there, and the running estimate excludes it."""
+    model, method, ctx, anchors, snapshot = _anchored(tasks, tmp_path, selector)
+    optimizer = torch.optim.AdamW(method.begin_task(ctx), lr=LR)
+    params = module_params(model)
+    sizes = [m.A().numel() + m.B().numel() for m in model.modules_in_order]
+    offsets = np.cumsum([0, *sizes])
+    _, _, signatures = snapshot.arrays()
+    projector = Projector(signature_space_for(model, method.cfg))
+    task_mean = [torch.zeros(n) for n in sizes]
+    model.train()
+    for step, (t, examples) in enumerate(batches(tasks[2], 3)(0)):
+        loss = model.loss(t, model.batch(t, examples))
+        extra = method.penalty(ctx, step, loss)
+        chosen = method.last_choice
+        if selector == "previous":
+            assert (chosen == 2).all()
+        if selector == "oracle":  # the exact nearest earlier signature per module
+            gaps = (projector.project(method.running).unsqueeze(0) - signatures).abs().sum(-1)
+            assert np.array_equal(chosen, gaps.argmin(0).numpy())
+        task_grads = torch.autograd.grad(loss, params, retain_graph=True)
+        reg_grads = torch.autograd.grad(extra, params, retain_graph=True)
+        theta = torch.cat([p.detach().reshape(-1) for p in params])
+        for d in range(len(sizes)):
+            sl = slice(offsets[d], offsets[d + 1])
+            want = 2 * method.cfg.strength * (theta[sl] - anchors[chosen[d]][sl])
+            assert torch.allclose(flat(reg_grads, d), want, rtol=1e-5, atol=1e-9), (step, d)
+        (loss + extra).backward()
+        method.after_backward(ctx, step)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        for d in range(len(sizes)):
+            task_mean[d] += (flat(task_grads, d) - task_mean[d]) / (step + 1)
+            assert torch.allclose(method.running[d], task_mean[d], rtol=1e-4, atol=1e-8), (step, d)
+    method.end_task(ctx)
+    assert torch.equal(method.anchors.states[tasks[2].name], torch.cat([p.detach().reshape(-1) for p in params]).float())
+
+
+def test_a_resumed_stream_reads_earlier_anchors_from_their_phase_folders(tasks, tmp_path):
+    """A method that did not train the earlier tasks (a new worker group) anchors to the
+    adapters their phases published."""
+    from treelora.adapters import save_adapter_folder
+
+    model = new_model(tasks)
+    method_cfg = TreeLoRAConfig()
+    snapshot = known_tree(tmp_path, signature_space_for(model, method_cfg), 3, scale=1e-3)
+    folders, states = {}, []
+    for i in range(3):
+        with torch.no_grad():
+            for p in module_params(model):
+                p.add_(0.01 * (i + 1))
+        states.append(torch.cat([p.detach().reshape(-1) for p in module_params(model)]).clone())
+        folders[f"prev{i}"] = str(save_adapter_folder(model, tmp_path / f"phase{i}" / "adapter"))
+    method = make_method(method_cfg)
+    ctx = dataclasses.replace(context(model, tasks[2], 3, epochs=1, snapshot=snapshot), earlier_adapters=folders)
+    method.begin_task(ctx)
+    for i in range(3):
+        assert torch.allclose(method.anchor_matrix[i], states[i])
+    ctx_missing = dataclasses.replace(ctx, earlier_adapters={})
+    with pytest.raises(ValueError, match="prev0"):
+        make_method(method_cfg).begin_task(ctx_missing)
+
+
+@pytest.mark.parametrize("regulariser", ["anchor", "direction"])
+def test_treelora_resumes_exactly_from_its_state_dict(tasks, tmp_path, regulariser):
+    method_cfg = dataclasses.replace(config("treelora", "unused").method, regulariser=regulariser)
     snapshot = known_tree(tmp_path, signature_space_for(new_model(tasks[:0]), method_cfg), 3, scale=1e-3)
     task = tasks[1]
 
     def start():
         model, method = new_model(tasks), make_method(method_cfg)
+        size = sum(p.numel() for p in module_params(model))
+        for i in range(3):  # the adapter as each earlier task left it
+            method.anchors.add(f"prev{i}", torch.randn(size, generator=torch.Generator().manual_seed(i)) * 0.05)
         ctx = context(model, task, 3, epochs=2, snapshot=snapshot)
         return model, method, ctx, torch.optim.AdamW(method.begin_task(ctx), lr=LR)
 
@@ -579,7 +665,7 @@ def test_treelora_sketched_signature_and_direction_match_the_per_module_projecti
     """Above signature_max_width a module's signature is Cauchy-sketched; the method projects all
     modules of one size with one matmul, which must equal projecting each module on its own."""
     model = new_model(tasks)
-    method_cfg = TreeLoRAConfig(signature_max_width=64, signature_sketch_width=32)
+    method_cfg = TreeLoRAConfig(regulariser="direction", signature_max_width=64, signature_sketch_width=32)
     space = signature_space_for(model, method_cfg)
     assert (space.projection, space.shape) == ("cauchy", (4, 32))
     snapshot = known_tree(tmp_path, space, 2, scale=1e-3)

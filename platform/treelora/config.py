@@ -106,6 +106,9 @@ class TrainConfig:
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
     batch_size: int = 64
+    # the split every task is scored on after each phase: test (what a run reports), or eval, to
+    # choose settings (learning rate, a method's strength) without ever looking at test scores
+    split: str = "test"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,7 +199,7 @@ class RunConfig:
 
     # what does not change a run's results: where it is stored and tracked, how it is spread
     # over workers (the global batch and its order stay the same), logging cadence
-    NOT_IDENTITY = ("name", "workdir", "stream.data_root", "eval.", "scaling.num_workers", "scaling.cpus_per_worker",
+    NOT_IDENTITY = ("name", "workdir", "stream.data_root", "eval.batch_size", "scaling.num_workers", "scaling.cpus_per_worker",
                     "scaling.use_gpu", "scaling.gpus_per_worker", "scaling.zero_stage", "scaling.checkpoint_every", "scaling.keep_checkpoints",
                     "scaling.max_failures", "scaling.gpu_wait_s", "tree.storage_uri", "tree.service_name", "tree.namespace",
                     "tree.detached", "tracking.", "train.log_every")

@@ -23,9 +23,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 FAMILY_TARGETS = {
-    "bert": {"q": "query", "k": "key", "v": "value"},
-    "llama": {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj"},
+    "bert": {"q": "query", "k": "key", "v": "value", "dense": "dense"},  # dense: attention output and both MLP layers
+    "llama": {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj", "down": "down_proj"},
 }
+ALL_LINEAR = "all-linear"  # every linear layer of the attention and MLP blocks (peft's name for it)
 
 
 class ModelNotAvailable(RuntimeError):
@@ -149,5 +150,8 @@ def _causal_tokenizer(tok):
 
 
 def target_module_names(family: str, targets: tuple[str, ...]) -> list[str]:
+    """peft's module names for ``adapter.targets``: short names mapped per family, ``all-linear``
+    expanded to the family's whole list (the heads and embeddings stay out), other names as given."""
     table = FAMILY_TARGETS[family]
-    return [table.get(t, t) for t in targets]
+    names = [n for t in targets for n in (table.values() if t == ALL_LINEAR else [table.get(t, t)])]
+    return list(dict.fromkeys(names))

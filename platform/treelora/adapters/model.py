@@ -42,9 +42,9 @@ class LoraModule:
 def _check_targets(backbone: Backbone, targets: tuple[str, ...]) -> None:
     """Refuse adapter.targets that match no module, naming the field (peft's own error would not)."""
     names = {n.rsplit(".", 1)[-1] for n, _ in backbone.model.named_modules()}
-    for short, full in zip(targets, target_module_names(backbone.family, targets)):
-        if full not in names:
-            known = ", ".join(sorted(FAMILY_TARGETS[backbone.family]))
+    for short in targets:
+        if not set(target_module_names(backbone.family, (short,))) <= names:
+            known = ", ".join(sorted(FAMILY_TARGETS[backbone.family])) + ", all-linear"
             raise ValueError(f"adapter.targets: {short!r} matches no module of {backbone.source} (short names for {backbone.family}: {known})")
 
 
@@ -63,6 +63,8 @@ class ContinualModel(torch.nn.Module):
         self.lora_config = LoraConfig(
             r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none",
             target_modules=target_module_names(backbone.family, tuple(targets)),
+            # BERT's pooler is a "dense" too, but the tasks pool the last hidden states themselves
+            exclude_modules=["pooler.dense"] if backbone.family == "bert" else None,
         )
         _check_targets(backbone, tuple(targets))
         self.peft = get_peft_model(backbone.model, self.lora_config)

@@ -13,7 +13,8 @@ from .l2_anchor import L2Anchor
 from .o_lora import OLoRA
 from .seq_lora import Joint, SeqLoRA
 from .settings import MethodSettings
-from .treelora import TreeLoRA, TreeLoRAReference
+from .treelora import TreeLoRA
+from .treelora_reference import TreeLoRAReference
 
 METHODS = {m.name: m for m in (TreeLoRA, TreeLoRAReference, SeqLoRA, L2Anchor, OLoRA, Joint)}
 

@@ -35,6 +35,9 @@ class TaskContext:
     # the full gradients of several parameters at once (DeepSpeed: one all-reduce for all of them)
     grads_of_many: Callable[[list], list] | None = None
     grad_accum: int = 1  # micro-batches per optimizer step
+    # {earlier task: its published adapter folder}: what a method that anchors to earlier tasks'
+    # adapter states reads when this process did not train them (a resumed stream)
+    earlier_adapters: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def grads_of(self, params: list[torch.nn.Parameter]) -> list[torch.Tensor | None]:
         if self.grads_of_many is not None:

@@ -17,10 +17,11 @@ from ..config import ConfigError
 
 
 def setting(default: Any, help: str, *, lo: float | None = None, hi: float | None = None,
-            lo_inclusive: bool = True, hi_inclusive: bool = True) -> Any:
-    """A method setting: its default, one line of help and its limits (None = unbounded)."""
+            lo_inclusive: bool = True, hi_inclusive: bool = True, choices: tuple[str, ...] | None = None) -> Any:
+    """A method setting: its default, one line of help and its limits (None = unbounded), or
+    the values a word-valued setting may take."""
     return dataclasses.field(default=default, metadata={
-        "help": help, "min": lo, "min_inclusive": lo_inclusive, "max": hi, "max_inclusive": hi_inclusive})
+        "help": help, "min": lo, "min_inclusive": lo_inclusive, "max": hi, "max_inclusive": hi_inclusive, "choices": choices})
 
 
 def method_name(name: str) -> Any:
@@ -47,6 +48,11 @@ def _check(f: dataclasses.Field, value: Any) -> None:
     where = f"method.{f.name}"
     if isinstance(value, float) and not math.isfinite(value):  # a YAML .nan passes every comparison below
         raise ConfigError(f"{where} must be a finite number, got {value}")
+    choices = f.metadata.get("choices")
+    if choices is not None:
+        if value not in choices:
+            raise ConfigError(f"{where} must be one of {', '.join(choices)}, got {value!r}")
+        return
     lo, hi = f.metadata.get("min"), f.metadata.get("max")
     if lo is None and hi is None:
         return

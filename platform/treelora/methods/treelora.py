@@ -13,15 +13,20 @@ Points the paper leaves open, decided here (DESIGN notes in the README say the s
 * Selection: every step, the per-module LCB tree bandit (tree_service.TreeLCBBandit) picks a
   previous task per module and observes the L1 gap between the current estimate and that
   task's signature. Its seed and inputs are the same on every rank, so all ranks choose alike.
-* Regulariser: the paper adds the L1 gap between the current task's gradient and the chosen
-  task's to the objective. A gap between *gradients* is not a differentiable function of the
-  weights without second derivatives, so we apply its first-order effect: the term
-  ``R = sum_d lambda_d <theta_d, u_d>`` with the detached direction
-  ``u_d = P^T sign(s_chosen,d - P g_d)`` (P the projection; for exact signatures P^T sign(.) is
-  just the sign vector). Its gradient ``lambda_d u_d`` is a subgradient step that shrinks
-  ``||P g_eff - s_chosen||_1``: the update follows the task's gradient bent toward the chosen
-  previous task's. ``lambda_d = strength * mean|g_d|`` makes ``strength`` a fraction of the
-  module's own gradient size, so one value serves every layer and model.
+* Regulariser (``regulariser: anchor``, the default): for every module d, a squared L2 pull of
+  its LoRA weights toward the weights the bandit's chosen earlier task k_d left there,
+  ``R = strength * sum_d ||theta_d - theta_d^(k_d)||^2``. The paper's Eq. 3 regularises the
+  update toward the selected task's; the authors' code pulls the current LoRA-A toward the
+  chosen task's stored A. Pulling the *parameters* bounds how far each layer moves from what an
+  earlier task needs, which the direction-only term never did (it steered the update but left
+  its size free: under Adam a constant-sign term moves weak coordinates at nearly the full
+  learning rate, and the shared adapter forgot as fast as seq-lora). ``strength`` acts per
+  weight, as l2-anchor's does, so one value serves every layer and model. ``anchor_selector``
+  swaps the bandit for the previous task, a uniform draw or the exact nearest signature
+  (ablations); with "previous" the method is l2-anchor.
+* ``regulariser: direction`` keeps the earlier term: the first-order effect of the L1 gap between
+  gradients, ``R = sum_d lambda_d <theta_d, u_d>`` with the detached ``u_d = P^T sign(s_chosen,d
+  - P g_d)`` and ``lambda_d = direction_strength * mean|g_d|``.
 """
 
 from __future__ import annotations
@@ -31,8 +36,9 @@ import dataclasses
 import numpy as np
 import torch
 
-from tree_service import CompiledTree, Projector, ReferenceSampler, SignatureSpace, TreeLCBBandit, TreeSnapshot
+from tree_service import CompiledTree, ExhaustiveSelector, Projector, SignatureSpace, TreeLCBBandit, TreeSnapshot
 
+from .anchors import SELECTORS, AnchorStore, fixed_choice
 from .base import TaskContext, TaskOutcome
 from .settings import MethodSettings, method_name, setting
 
@@ -40,16 +46,16 @@ from .settings import MethodSettings, method_name, setting
 @dataclasses.dataclass(frozen=True)
 class TreeLoRAConfig(MethodSettings):
     name: str = method_name("treelora")
-    strength: float = setting(0.1, "regulariser step as a fraction of the module's mean |gradient|", lo=0)
+    regulariser: str = setting("anchor", "anchor: a per-layer L2 pull toward the adapter state the chosen earlier task left; "
+                                         "direction: the earlier first-order term that bends the update toward the chosen task's gradient",
+                               choices=("anchor", "direction"))
+    strength: float = setting(1.0, "anchor: weight of the squared L2 pull per LoRA weight (as l2-anchor's l2_strength)", lo=0)
+    anchor_selector: str = setting("tree", "which earlier task each layer is pulled toward: tree (the LCB bandit), previous, "
+                                           "random, oracle (exact nearest signature; ablations)", choices=SELECTORS)
+    direction_strength: float = setting(0.1, "direction: the term's step as a fraction of the module's mean |gradient|", lo=0)
     bandit_c: float = setting(3.0, "LCB exploration constant (in units of the module's mean gap)", lo=0)
     signature_max_width: int = setting(16384, "above this a module's signature is sketched (Cauchy) ...", lo=1)
     signature_sketch_width: int = setting(1024, "... to this width", lo=1)
-
-
-@dataclasses.dataclass(frozen=True)
-class TreeLoRAReferenceConfig(MethodSettings):
-    name: str = method_name("treelora-reference")
-    reference_reg: float = setting(0.5, "the authors' `reg` (loss-relative, ramped over the epoch)", lo=0)
 
 
 def signature_space_for(model, cfg: TreeLoRAConfig) -> SignatureSpace:
@@ -59,7 +65,7 @@ def signature_space_for(model, cfg: TreeLoRAConfig) -> SignatureSpace:
     return SignatureSpace(len(sizes), cfg.signature_sketch_width, projection="cauchy", metric="l1")
 
 
-def _snapshot_tensors(snapshot: TreeSnapshot | None, device) -> tuple[SignatureSpace | None, torch.Tensor | None, CompiledTree | None]:
+def snapshot_tensors(snapshot: TreeSnapshot | None, device) -> tuple[SignatureSpace | None, torch.Tensor | None, CompiledTree | None]:
     if snapshot is None or not snapshot.task_ids:
         return None, None, None
     space, _, sig = snapshot.arrays()
@@ -78,8 +84,11 @@ class TreeLoRA:
     config_class = TreeLoRAConfig
     uses_tree = True
 
-    def __init__(self, cfg: TreeLoRAConfig | TreeLoRAReferenceConfig):
+    def __init__(self, cfg: TreeLoRAConfig):
         self.cfg = cfg
+        self.anchors = AnchorStore()  # the adapter as each earlier task left it (anchor regulariser)
+        self.anchor_matrix: torch.Tensor | None = None  # [N earlier tasks, P] for this task
+        self.target: torch.Tensor | None = None  # this optimizer step's per-weight anchor, flat
         self.space: SignatureSpace | None = None
         self.projector: Projector | None = None
         self.signatures: torch.Tensor | None = None
@@ -121,7 +130,7 @@ class TreeLoRA:
     def begin_task(self, ctx: TaskContext):
         model = ctx.model
         trainable = model.trainable_for(ctx.task)
-        space, sig, tree = _snapshot_tensors(ctx.tree_snapshot, model.device)
+        space, sig, tree = snapshot_tensors(ctx.tree_snapshot, model.device)
         self.space = space or signature_space_for(model, self.cfg)
         if space is not None and space.num_modules != len(model.modules_in_order):
             raise ValueError(f"the tree stream has signatures of {space.num_modules} modules but the model adapts {len(model.modules_in_order)}")
@@ -131,8 +140,15 @@ class TreeLoRA:
         self.bandit = TreeLCBBandit(self.space, tree, c=self.cfg.bandit_c) if tree is not None else None
         self.steps_seen = 0
         self._pending = None
+        self.step_direction = self.target = self.anchor_matrix = None
         n_prev = 0 if sig is None else sig.shape[0]
         self.choice_counts = np.zeros((n_prev, len(self.modules)), dtype=np.int64)
+        if self.cfg.regulariser == "anchor" and n_prev:
+            earlier = list(ctx.tree_snapshot.task_ids)
+            self.anchors.ensure(earlier, ctx.earlier_adapters, self.modules, model.device)
+            self.anchor_matrix = self.anchors.stacked(earlier)
+            self.flat_index = torch.arange(self.anchor_matrix.shape[1], device=model.device)
+            self.rng = np.random.default_rng([ctx.seed, ctx.task_index])  # alike on every rank
         return trainable
 
     def _projected_running(self) -> torch.Tensor:
@@ -156,25 +172,52 @@ class TreeLoRA:
         self._pending = None
 
     def penalty(self, ctx: TaskContext, step: int, task_loss: torch.Tensor):
-        if self.bandit is None:
-            self.step_direction = None
+        if self.bandit is None:  # the stream's first task: nothing earlier to hold on to
             return None
-        if not ctx.starts_group(step) and self.step_direction is not None:
-            # one bandit choice per optimizer step: every micro-batch of the group pulls the same
-            # way, so after_backward can take the direction back out of the summed gradient
-            theta = torch.cat([p.reshape(-1) for p in self.params])
-            return (theta * self.step_direction.to(theta.dtype)).sum()
+        theta = torch.cat([p.reshape(-1) for p in self.params])
+        # one choice per optimizer step: every micro-batch of a group pulls alike, so
+        # after_backward can take the term's gradient back out of the summed gradient
+        if ctx.starts_group(step) or (self.target is None and self.step_direction is None):
+            tasks = self._choose()
+            self.last_choice = tasks
+            self.choice_counts[tasks, np.arange(len(tasks))] += 1
+        if self.cfg.regulariser == "anchor":
+            diff = theta - self.target.to(theta.dtype)
+            return self.cfg.strength * (diff * diff).sum()
+        return (theta * self.step_direction.to(theta.dtype)).sum()
+
+    def _choose(self) -> np.ndarray:
+        """The earlier task per module for this optimizer step, and what the regulariser aims at."""
         self._flush()
+        selector = self.cfg.anchor_selector if self.cfg.regulariser == "anchor" else "tree"
         running_sig = self._projected_running()
-        tasks = self.bandit.select()
-        self.last_choice = tasks
-        self.choice_counts[tasks, np.arange(len(tasks))] += 1
-        device = self.signatures.device
-        picked = torch.from_numpy(np.ascontiguousarray(tasks, dtype=np.int64))
-        if device.type == "cuda":  # a plain host-to-device copy would wait for the queued forward pass
-            picked = picked.pin_memory().to(device, non_blocking=True)
+        if selector == "tree":
+            tasks = self.bandit.select()
+        elif selector == "oracle":
+            tasks, _ = ExhaustiveSelector(self.space).step(running_sig, self.signatures)
+        else:
+            tasks = fixed_choice(selector, self.signatures.shape[0], len(self.modules), self.rng)
+        picked = self._to_device(tasks)
         chosen = self.signatures[picked, self.module_index]
-        gaps = self.space.distance(running_sig, chosen)
+        if selector == "tree":
+            self._observe(self.space.distance(running_sig, chosen))
+        if self.cfg.regulariser == "anchor":
+            self.target = self.anchor_matrix[picked[self.module_of_flat], self.flat_index]
+        else:
+            toward = torch.sign(chosen - running_sig)  # [L, D]: the subgradient of -||P g - s||_1 in P g
+            lambdas = self.cfg.direction_strength * (self.flat_running.abs().new_zeros(len(self.sizes))
+                                                     .index_add_(0, self.module_of_flat, self.flat_running.abs()) / self.size_tensor)
+            self.step_direction = lambdas[self.module_of_flat] * self._back_project(toward)
+        return tasks
+
+    def _to_device(self, tasks: np.ndarray) -> torch.Tensor:
+        picked = torch.from_numpy(np.ascontiguousarray(tasks, dtype=np.int64))
+        if self.signatures.device.type == "cuda":  # a plain host-to-device copy would wait for the queued forward pass
+            picked = picked.pin_memory().to(self.signatures.device, non_blocking=True)
+        return picked
+
+    def _observe(self, gaps: torch.Tensor) -> None:
+        """The bandit gets the gaps at the next choice, once their device-to-host copy is done."""
         if gaps.device.type == "cuda":
             host = torch.empty(gaps.shape, dtype=gaps.dtype, pin_memory=True)
             host.copy_(gaps, non_blocking=True)
@@ -183,12 +226,6 @@ class TreeLoRA:
             self._pending = (host, done)
         else:
             self._pending = (gaps.detach().clone(), None)
-        toward = torch.sign(chosen - running_sig)  # [L, D]: the subgradient of -||P g - s||_1 in P g
-        lambdas = self.cfg.strength * (self.flat_running.abs().new_zeros(len(self.sizes))
-                                       .index_add_(0, self.module_of_flat, self.flat_running.abs()) / self.size_tensor)
-        self.step_direction = lambdas[self.module_of_flat] * self._back_project(toward)
-        theta = torch.cat([p.reshape(-1) for p in self.params])
-        return (theta * self.step_direction.to(theta.dtype)).sum()
 
     def _back_project(self, toward: torch.Tensor) -> torch.Tensor:
         """u = P^T sign(.) per module, flat."""
@@ -206,12 +243,16 @@ class TreeLoRA:
             return
         self.steps_seen += 1
         g = torch.cat([x.reshape(-1) for x in grads]).float()
-        if self.step_direction is not None:
-            g = g - self.step_direction  # the task's own gradient
+        if self.target is not None:  # the task's own gradient: the pull's known gradient taken out
+            theta = torch.cat([p.detach().reshape(-1) for p in self.params]).float()
+            g = g - 2 * self.cfg.strength * (theta - self.target)
+        elif self.step_direction is not None:
+            g = g - self.step_direction
         self.flat_running.add_(g - self.flat_running, alpha=1.0 / self.steps_seen)
 
     def end_task(self, ctx: TaskContext) -> TaskOutcome:
         self._flush()
+        self.anchors.add(ctx.task.name, torch.cat([p.detach().reshape(-1) for p in self.params]))
         return TaskOutcome(
             signature=self._projected_running().float().cpu().contiguous(),
             signature_space=self.space.to_dict(),
@@ -228,7 +269,7 @@ class TreeLoRA:
                  "choice_counts": torch.from_numpy(self.choice_counts.copy()) if self.choice_counts is not None else None}
         if self.bandit is not None:
             state["bandit"] = {k: torch.from_numpy(v) for k, v in self.bandit.state_dict().items()}
-        return state
+        return {**state, **self.anchors.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         with torch.no_grad():
@@ -239,67 +280,4 @@ class TreeLoRA:
             self.choice_counts = state["choice_counts"].numpy().copy()
         if self.bandit is not None and "bandit" in state:
             self.bandit.load_state_dict({k: v.numpy() for k, v in state["bandit"].items()})
-
-
-class TreeLoRAReference(TreeLoRA):
-    """treelora-reference: what the authors' public code does, for parity runs.
-
-    Signature = the sum over the last epoch's steps of the LoRA-A *parameters* divided by the
-    steps per epoch (their ``insert_grad``, reset by ``new_epoch_init``); tree on ``dot`` similarity; selection by
-    tree_service.ReferenceSampler (softmax favouring larger L1 gaps, root-children rescale);
-    regulariser ``-sum_d <A_d, s_chosen,d>`` normalised by its own (signed) value and scaled to
-    ``loss * reg * t / T`` (their ``get_loss``: the division by the signed value flips the
-    gradient whenever the dot product is positive, and that is reproduced as is).
-    Not reproduced: their tree build on differences of consecutive tasks' signatures.
-    """
-
-    name = "treelora-reference"
-    config_class = TreeLoRAReferenceConfig
-
-    def begin_task(self, ctx: TaskContext):
-        trainable = ctx.model.trainable_for(ctx.task)
-        space, sig, tree = _snapshot_tensors(ctx.tree_snapshot, ctx.model.device)
-        width = max(m.A().numel() for m in ctx.model.modules_in_order)
-        self.space = space or SignatureSpace(len(ctx.model.modules_in_order), width, projection="exact", metric="dot")
-        self.projector = Projector(self.space)
-        self._layout(ctx.model, lambda m: m.A().numel())
-        self.signatures = sig
-        self.bandit = (ReferenceSampler(self.space, tree, num_tasks=sig.shape[0], steps_per_epoch=ctx.steps_per_epoch, seed=ctx.seed)
-                       if tree is not None else None)
-        self.steps_seen = 0
-        self._pending = None
-        self.choice_counts = np.zeros((0 if sig is None else sig.shape[0], len(self.modules)), dtype=np.int64)
-        self._steps_per_epoch = max(ctx.steps_per_epoch, 1)
-        return trainable
-
-    def penalty(self, ctx: TaskContext, step: int, task_loss: torch.Tensor):
-        if step % self._steps_per_epoch == 0:  # their new_epoch_init resets the accumulation
-            self.flat_running.zero_()
-        self._accumulate()
-        if self.bandit is None:
-            return None
-        running_sig = self._projected_running()
-        tasks = self.bandit.select()
-        # their update_similarity: accumulate -L1 between the current accumulation and the chosen
-        gaps = (running_sig - self.signatures[torch.as_tensor(tasks), torch.arange(len(tasks))]).abs().sum(-1)
-        self.bandit.observe(gaps.double().cpu().numpy())
-        self.choice_counts[tasks, np.arange(len(tasks))] += 1
-        reg = 0.0
-        for d, m in enumerate(self.modules):
-            reg = reg - (m.A().reshape(-1) * self.signatures[tasks[d], d, : m.A().numel()]).sum()
-        ramp = self.cfg.reference_reg * (step % self._steps_per_epoch + 1) / self._steps_per_epoch  # their tmp_reg
-        return reg / (reg.detach() + 1e-5) * task_loss.detach() * ramp
-
-    def _accumulate(self) -> None:
-        # their insert_grad adds the current A parameters / total_rounds every step
-        for d, m in enumerate(self.modules):
-            self.running[d].add_(m.A().detach().reshape(-1).float(), alpha=1.0 / self._steps_per_epoch)
-
-    def after_backward(self, ctx: TaskContext, step: int) -> None:
-        self.steps_seen += 1
-
-    def state_dict(self) -> dict:
-        state = super().state_dict()
-        if self.bandit is not None:
-            state["bandit"] = {k: torch.from_numpy(np.asarray(v)) for k, v in self.bandit.state_dict().items()}
-        return state
+        self.anchors.load_state_dict(state, self.flat_running.device)

@@ -183,7 +183,8 @@ class StreamRecipe:
         phase_tasks = [t for t in self.tasks if t.name in phase.task_names]
         spe = steps_per_epoch(phase_tasks, cfg.train.batch_size, comm.world_size)
         ctx = TaskContext(model=model, task=phase_tasks[-1], task_index=phase.index, steps_per_epoch=spe,
-                          epochs=cfg.train.epochs, seed=cfg.train.seed, grad_accum=cfg.train.grad_accum, tree_snapshot=snapshot)
+                          epochs=cfg.train.epochs, seed=cfg.train.seed, grad_accum=cfg.train.grad_accum, tree_snapshot=snapshot,
+                          earlier_adapters={o.key: str(folder / ADAPTER_DIR) for folder, o in self.phases.published().values()})
         trainable = phase_parameters(model, method, ctx, phase_tasks)
         total_steps = min(spe * cfg.train.epochs, cfg.train.max_steps_per_task or spe * cfg.train.epochs)
         stepper = self.make_stepper(model, trainable, self.lr, ctx.optimizer_steps(cfg.train.max_steps_per_task))
@@ -267,10 +268,10 @@ class StreamRecipe:
         return version
 
     def _evaluate(self) -> dict[int, float]:
-        """Every task's test score, the tasks split over the ranks."""
+        """Every task's score on ``eval.split``, the tasks split over the ranks."""
         comm = self.comm
         mine = dict(zip(range(comm.rank, len(self.tasks), comm.world_size),
-                        evaluate_tasks(self.model, self.tasks[comm.rank :: comm.world_size], "test", self.cfg.eval.batch_size)))
+                        evaluate_tasks(self.model, self.tasks[comm.rank :: comm.world_size], self.cfg.eval.split, self.cfg.eval.batch_size)))
         scores: dict[int, float] = {}
         for part in comm.all_gather(mine):
             scores.update(part)

@@ -101,6 +101,8 @@ def validate_config(cfg: RunConfig, cluster_gpus: float | None = None) -> None:
             raise ConfigError(f"scaling.{field} must be >= 1, got {getattr(cfg.scaling, field)}")
     if cfg.train.lr is not None and cfg.train.lr <= 0:
         raise ConfigError("train.lr must be > 0 (or null: the default for the stream's kind)")
+    if cfg.eval.split not in ("test", "eval"):
+        raise ConfigError(f"eval.split must be test or eval, got {cfg.eval.split!r}")
     if cfg.train.schedule not in SCHEDULES:
         raise ConfigError(f"train.schedule must be one of {sorted(SCHEDULES)}, got {cfg.train.schedule!r}")
     if not 0 <= cfg.train.warmup_ratio < 1:
