@@ -25,12 +25,12 @@ grid() {  # method specs: every method gets the same number of values of its own
 case "$1" in
 select)
   ( for lr in 3e-4 1e-3 3e-3; do
-      Q --stream olora-cls --split eval --seeds 1 --jobs 5 --save /tmp/sel/olora-$lr.json \
+      Q --stream olora-cls --split eval --seeds 1 --jobs ${SMOKE_JOBS:-5} --save /tmp/sel/olora-$lr.json \
          --methods "$(grid 0.1 1.0 ',treelora[strength=10.0],l2-anchor[l2_strength=10.0],o-lora[olora_lambda=2.0]' 0.1 0.5)" \
          "${OLORA[@]}" train.lr=$lr > "$OUT/sel-olora-$lr.txt" 2>&1 &
     done; wait ) &
   ( for lr in 2e-4 6e-4; do
-      Q --stream trace-gen --split eval --seeds 1 --jobs 3 --save /tmp/sel/trace-$lr.json \
+      Q --stream trace-gen --split eval --seeds 1 --jobs ${SMOKE_JOBS:-3} --save /tmp/sel/trace-$lr.json \
          --methods "$(grid 0.1 1.0 '' 0.1 0.5)" "${TRACE[@]}" train.lr=$lr > "$OUT/sel-trace-$lr.txt" 2>&1 &
     done; wait ) &
   wait
@@ -41,16 +41,16 @@ final)
   python3 benchmarks/select_defaults.py /tmp/sel/olora-*.json --out "$OUT/chosen-olora-cls.json" > "$OUT/chosen-olora-cls.txt"
   python3 benchmarks/select_defaults.py /tmp/sel/trace-*.json --out "$OUT/chosen-trace-gen.json" > "$OUT/chosen-trace-gen.txt"
   M=seq-lora,l2-anchor,o-lora,treelora
-  Q --stream olora-cls --seeds 4 --jobs 6 --defaults "$OUT/chosen-olora-cls.json" --methods $M \
+  Q --stream olora-cls --seeds 4 --jobs ${SMOKE_JOBS:-6} --defaults "$OUT/chosen-olora-cls.json" --methods $M \
      --save "$OUT/final-olora-cls.json" "${OLORA[@]}" > "$OUT/final-olora-cls.txt" 2>&1 &
-  Q --stream olora-cls --seeds 2 --jobs 3 --defaults "$OUT/chosen-olora-cls.json" \
+  Q --stream olora-cls --seeds 2 --jobs ${SMOKE_JOBS:-3} --defaults "$OUT/chosen-olora-cls.json" \
      --methods "treelora[anchor_selector=previous],treelora[anchor_selector=random],treelora[anchor_selector=oracle]" \
      --save "$OUT/ablation-olora-cls.json" "${OLORA[@]}" > "$OUT/ablation-olora-cls.txt" 2>&1 &
-  Q --stream trace-gen --seeds 3 --jobs 6 --defaults "$OUT/chosen-trace-gen.json" --methods $M \
+  Q --stream trace-gen --seeds 3 --jobs ${SMOKE_JOBS:-6} --defaults "$OUT/chosen-trace-gen.json" --methods $M \
      --save "$OUT/final-trace-gen.json" "${TRACE[@]}" > "$OUT/final-trace-gen.txt" 2>&1 &
   wait -n; wait -n  # the ablation and the smaller of the two, then the frontier in the freed slots
   for e in 1 3; do
-    Q --stream olora-cls --seeds 1 --jobs 4 --epochs $e --defaults "$OUT/chosen-olora-cls.json" --methods $M \
+    Q --stream olora-cls --seeds 1 --jobs ${SMOKE_JOBS:-4} --epochs $e --defaults "$OUT/chosen-olora-cls.json" --methods $M \
        --save "$OUT/frontier-olora-cls-e$e.json" "${OLORA[@]}" > "$OUT/frontier-olora-cls-e$e.txt" 2>&1 &
   done
   wait

@@ -205,7 +205,11 @@ def cmd_job(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
+SET_HELP = dict(action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override a config field")
+ADDRESS_HELP = "Ray dashboard address (default: $RAY_ADDRESS, else http://127.0.0.1:8265)"
+
+
+def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
     ap = argparse.ArgumentParser(prog="treelora", description="Continual training of layer-wise LoRA adapters (TreeLoRA) on Ray")
@@ -220,61 +224,76 @@ def main(argv=None) -> int:
     def command(name: str, **kwargs) -> argparse.ArgumentParser:
         return sub.add_parser(name, parents=[verbose], **kwargs)
 
+    _run_commands(command)
+    _tree_commands(command("tree", help="the gradient-similarity tree"), verbose)
+    _job_commands(command)
+    return ap
+
+
+def _run_commands(command) -> None:
     run = command("run", help="run (or resume) a stream; with no config: olora-cls, local Ray, CPU, 2 workers, ZeRO-2, MLflow on SQLite",
-                         description="Run (or resume) a stream. Everything goes under the config's workdir (default "
-                                     "./treelora_runs): streams/<run id>/ (progress, each task's adapter), trees/, ray_train/ "
-                                     "(checkpoints), mlflow.db and mlartifacts/ (unless tracking.tracking_uri is set).")
+                  description="Run (or resume) a stream. Everything goes under the config's workdir (default "
+                              "./treelora_runs): streams/<run id>/ (progress, each task's adapter), trees/, ray_train/ "
+                              "(checkpoints), mlflow.db and mlartifacts/ (unless tracking.tracking_uri is set).")
     run.add_argument("config", nargs="?", help="run config YAML (see jobs/configs/)")
-    run.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override a config field")
+    run.add_argument("--set", **SET_HELP)
     run.add_argument("--address", help="Ray address of an existing cluster (default: start or join a local one)")
     run.add_argument("--resume", metavar="RUN_ID", help="continue this run (its id is printed by `treelora run`); "
                      "refused, naming the fields, when the config's settings make another run")
     run.add_argument("--local", action="store_true", help="one process, no Ray or DeepSpeed (the reference runner; uses the GPU if there is one)")
     run.set_defaults(fn=cmd_run)
-    tree = command("tree", help="the gradient-similarity tree")
-    tree_sub = tree.add_subparsers(dest="tree_command", required=True)
-    show = tree_sub.add_parser("show", parents=[verbose], help="print a stream's tree (and draw it as PNG)")
-    show.add_argument("stream", help="tree stream id (the run id printed by `treelora run`: <stream>.<method>.<model>.<hash>)")
-    show.add_argument("--config", help="run config whose tree.storage_uri / workdir to read")
-    show.add_argument("--storage", help="tree storage URI (overrides the config)")
-    show.add_argument("--png", help="write the tree as a PNG here")
-    show.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override a config field")
-    show.set_defaults(fn=cmd_tree_show)
     check = command("validate", help="check a config and every record of every task, and show what a run would use; "
-                           "trains nothing", description="Exit 0 when a run of this config would start; else one line naming "
-                           "the first problem and exit 2.")
+                    "trains nothing", description="Exit 0 when a run of this config would start; else one line naming "
+                    "the first problem and exit 2.")
     check.add_argument("config", nargs="?", help="run config YAML (default: the built-in olora-cls run)")
-    check.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override a config field")
+    check.add_argument("--set", **SET_HELP)
     check.set_defaults(fn=cmd_validate)
     add = command("add-task", help="add a task to a stream (running or not): it is validated and trained after the stream's tasks")
     add.add_argument("stream", help="the stream id (the run id printed by `treelora run`: <stream>.<method>.<model>.<hash>)")
     add.add_argument("task_spec", help="YAML task spec: one stream-manifest entry (name, path or splits, kind, metric, ...)")
     add.add_argument("--config", help="the stream's run config (for its workdir and subsample sizes)")
-    add.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override a config field")
+    add.add_argument("--set", **SET_HELP)
     add.set_defaults(fn=cmd_add_task)
     tune = command("tune", help="sweep config fields with Ray Tune (tasks are iterations; ASHA stops poor trials early)")
     tune.add_argument("config", nargs="?", help="the run config every trial starts from")
     tune.add_argument("--space", required=True, help="sweep YAML: space (field -> {choice|grid|uniform|loguniform|randint: [...]}), "
                       "metric, mode, num_samples, max_concurrent, scheduler, grace_tasks, reduction_factor")
     tune.add_argument("--name", default="sweep", help="the sweep's name; running the same name again resumes it")
-    tune.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override a config field")
+    tune.add_argument("--set", **SET_HELP)
     tune.add_argument("--address", help="Ray address of an existing cluster (default: start or join a local one)")
     tune.set_defaults(fn=cmd_tune)
-    address_help = "Ray dashboard address (default: $RAY_ADDRESS, else http://127.0.0.1:8265)"
+
+
+def _tree_commands(tree: argparse.ArgumentParser, verbose: argparse.ArgumentParser) -> None:
+    tree_sub = tree.add_subparsers(dest="tree_command", required=True)
+    show = tree_sub.add_parser("show", parents=[verbose], help="print a stream's tree (and draw it as PNG)")
+    show.add_argument("stream", help="tree stream id (the run id printed by `treelora run`: <stream>.<method>.<model>.<hash>)")
+    show.add_argument("--config", help="run config whose tree.storage_uri / workdir to read")
+    show.add_argument("--storage", help="tree storage URI (overrides the config)")
+    show.add_argument("--png", help="write the tree as a PNG here")
+    show.add_argument("--set", **SET_HELP)
+    show.set_defaults(fn=cmd_tree_show)
+
+
+def _job_commands(command) -> None:
     submit = command("submit", help="run a stream as a Ray Job on a cluster and follow its logs")
     submit.add_argument("config", nargs="?", help="run config YAML (workdir must be storage every node reaches, e.g. s3://)")
-    submit.add_argument("--address", help=address_help)
-    submit.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override a config field")
+    submit.add_argument("--address", help=ADDRESS_HELP)
+    submit.add_argument("--set", **SET_HELP)
     submit.add_argument("--no-wait", action="store_true", help="print the job id and return at once")
     submit.add_argument("--submission-id", help="the job id to use (default: Ray chooses one)")
     submit.set_defaults(fn=cmd_submit)
     for name, text in (("status", "a job's status"), ("logs", "a job's logs"), ("stop", "stop a job")):
         job = command(name, help=text)
         job.add_argument("job_id", help="the id `treelora submit` printed")
-        job.add_argument("--address", help=address_help)
+        job.add_argument("--address", help=ADDRESS_HELP)
         if name == "logs":
             job.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
         job.set_defaults(fn=cmd_job)
+
+
+def main(argv=None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
     from .console import quiet_libraries
 

@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import socket
+from urllib.parse import urlparse
+
+from ..adapters import backbone
+from ..adapters.backbone import ModelNotAvailable, check_model_name, resolve_name
 from ..config import ConfigError, RunConfig
 from ..layout import RunLayout
+from ..storage import redact
+from .setup import build_stream, stream_kind
 from .loop import SCHEDULES
 
 # (lowest, highest, lowest allowed itself) per numeric field not checked with its own message
@@ -18,9 +27,6 @@ RANGES = {
 
 
 def _check_numbers(cfg: RunConfig) -> None:
-    import dataclasses
-    import math
-
     for section in dataclasses.fields(cfg):
         part = getattr(cfg, section.name)
         if not dataclasses.is_dataclass(part):
@@ -45,9 +51,6 @@ def check_tracking_reachable(cfg: RunConfig, timeout_s: float = 5.0) -> None:
     """An http(s) tracking server must answer within seconds: MLflow's own client retries a closed
     port for minutes before a raw exception. Checked where the run starts (the driver), not in
     ``validate_config``: a config submitted to a cluster names the server as the cluster sees it."""
-    import socket
-    from urllib.parse import urlparse
-
     uri = cfg.tracking.tracking_uri
     if not uri or not uri.startswith(("http://", "https://")):
         return
@@ -56,8 +59,6 @@ def check_tracking_reachable(cfg: RunConfig, timeout_s: float = 5.0) -> None:
     try:
         socket.create_connection((url.hostname, port), timeout=timeout_s).close()
     except OSError as exc:
-        from ..storage import redact
-
         raise ConfigError(f"tracking.tracking_uri {redact(uri)}: nothing answers at {url.hostname}:{port} within "
                           f"{timeout_s:g} s ({exc}); start the MLflow server or fix the field") from None
 
@@ -117,23 +118,17 @@ def validate_config(cfg: RunConfig, cluster_gpus: float | None = None) -> None:
 
 def validate_stream(cfg: RunConfig):
     """Load (and so validate every record of) the stream; errors name the file, row and field."""
-    from .setup import build_stream, stream_kind
-
     try:
         stream = build_stream(cfg)
     except (ValueError, FileNotFoundError) as exc:
         raise ConfigError(f"stream.spec {cfg.stream.spec!r}: {exc}") from exc
     kind = stream_kind(stream)
-    from ..adapters.backbone import ModelNotAvailable, check_model_name, resolve_name
-
     name = resolve_name(cfg.model.name, kind)
     try:
         check_model_name(name)
     except ModelNotAvailable as exc:
         raise ConfigError(str(exc)) from exc
     if name in ("minilm", "smollm2"):
-        from ..adapters import backbone
-
         try:
             backbone.minilm_dir() if name == "minilm" else backbone.smollm2_dir()
         except ModelNotAvailable as exc:
