@@ -53,7 +53,7 @@ def entrypoint_args(config_file: str | None, overrides: list[str]) -> list[str]:
 def submit(cfg: RunConfig, config_path: str | None, overrides: list[str], address: str | None,
            submission_id: str | None = None) -> tuple[str, str]:
     """Submit one stream; returns (job id, entrypoint). The config was validated by the caller."""
-    from .train.ray_executor import worker_env
+    from .train.ray_runtime import worker_env
 
     staging = Path(tempfile.mkdtemp(prefix="treelora-job-"))
     try:
