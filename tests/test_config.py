@@ -159,7 +159,7 @@ def test_switching_method_by_override_fills_its_defaults_and_keeps_given_setting
     assert load_config(path, [f"method.name={name}"]).method == METHODS[name].config_class()
     for field, f in _settings(name).items():
         choices = f.metadata.get("choices")
-        value = f.default + 1 if not choices else next(c for c in choices if c != f.default)
+        value = (0.5 if f.default is None else f.default + 1) if not choices else next(c for c in choices if c != f.default)
         given = METHODS[name].config_class(**{field: value})
         assert load_config(path, [f"method.name={name}", f"method.{field}={value}"]).method == given
         assert load_config(path, [f"method.{field}={value}", f"method.name={name}"]).method == given

@@ -501,7 +501,7 @@ def test_treelora_pulls_each_layer_toward_the_chosen_earlier_tasks_weights(tasks
         theta = torch.cat([p.detach().reshape(-1) for p in params])
         for d in range(len(sizes)):
             sl = slice(offsets[d], offsets[d + 1])
-            want = 2 * method.cfg.strength * (theta[sl] - anchors[chosen[d]][sl])
+            want = 2 * method.strength * (theta[sl] - anchors[chosen[d]][sl])
             assert torch.allclose(flat(reg_grads, d), want, rtol=1e-5, atol=1e-9), (step, d)
         (loss + extra).backward()
         method.after_backward(ctx, step)
@@ -682,3 +682,17 @@ def test_treelora_sketched_signature_and_direction_match_the_per_module_projecti
         per_module.append(u / u.abs().mean())
     assert torch.allclose(method._back_project(toward), torch.cat(per_module), rtol=1e-5, atol=1e-6)
     assert method.end_task(ctx).signature.shape == (4, 32)
+
+
+@pytest.mark.parametrize("name", ["treelora", "l2-anchor"])
+def test_an_unset_strength_is_the_one_chosen_on_eval_for_the_streams_kind(tasks, name):
+    """strength: null (the default) resolves per stream kind when the task starts; a set value wins."""
+    from treelora.methods import l2_anchor, treelora
+
+    table = (treelora if name == "treelora" else l2_anchor).STRENGTH_BY_KIND
+    cls = METHODS[name].config_class
+    field = "strength" if name == "treelora" else "l2_strength"
+    for cfg, want in ((cls(), table["classification"]), (cls(**{field: 0.37}), 0.37)):
+        method, model = make_method(cfg), new_model(tasks)
+        method.begin_task(context(model, tasks[0], 0, epochs=1))
+        assert method.strength == want

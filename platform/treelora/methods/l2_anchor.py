@@ -11,13 +11,17 @@ import dataclasses
 import torch
 
 from .base import NoExtraState, TaskContext, TaskOutcome
-from .settings import MethodSettings, method_name, setting
+from .settings import MethodSettings, by_kind, method_name, setting
+
+STRENGTH_BY_KIND = {"classification": 0.1, "generation": 1.0}
 
 
 @dataclasses.dataclass(frozen=True)
 class L2AnchorConfig(MethodSettings):
     name: str = method_name("l2-anchor")
-    l2_strength: float = setting(1.0, "weight of the squared L2 pull toward the previous task's adapter", lo=0)
+    # None: by the stream's kind, chosen on the eval split (benchmarks/README.md)
+    l2_strength: float | None = setting(None, "weight of the squared L2 pull toward the previous task's adapter "
+                                              "(default: 0.1 classification, 1.0 generation)", lo=0)
 
 
 class L2Anchor(NoExtraState):
@@ -25,13 +29,14 @@ class L2Anchor(NoExtraState):
     config_class = L2AnchorConfig
 
     def __init__(self, cfg: L2AnchorConfig):
-        self.strength = cfg.l2_strength
+        self.cfg = cfg
         self.anchor: list[torch.Tensor] | None = None
         self.params: list[torch.nn.Parameter] = []
 
     def begin_task(self, ctx: TaskContext):
         trainable = ctx.model.trainable_for(ctx.task)
         self.params = ctx.model.lora_parameters()
+        self.strength = by_kind(self.cfg.l2_strength, STRENGTH_BY_KIND, ctx.task.kind)
         self.anchor = [p.detach().clone() for p in self.params] if ctx.task_index > 0 else None
         return trainable
 

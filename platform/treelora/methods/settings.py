@@ -24,6 +24,11 @@ def setting(default: Any, help: str, *, lo: float | None = None, hi: float | Non
         "help": help, "min": lo, "min_inclusive": lo_inclusive, "max": hi, "max_inclusive": hi_inclusive, "choices": choices})
 
 
+def by_kind(value: float | None, table: dict[str, float], kind: str) -> float:
+    """A setting whose default depends on the stream's kind (None in the config)."""
+    return table[kind] if value is None else value
+
+
 def method_name(name: str) -> Any:
     """The ``name`` field of a method's config class: fixed by the class, so a config cannot claim another method."""
     return dataclasses.field(default=name, init=False, metadata={"help": "the method (methods.METHODS)"})
@@ -48,6 +53,8 @@ def _check(f: dataclasses.Field, value: Any) -> None:
     where = f"method.{f.name}"
     if isinstance(value, float) and not math.isfinite(value):  # a YAML .nan passes every comparison below
         raise ConfigError(f"{where} must be a finite number, got {value}")
+    if value is None and f.default is None:  # "by the stream's kind", resolved when the task starts
+        return
     choices = f.metadata.get("choices")
     if choices is not None:
         if value not in choices:

@@ -40,7 +40,9 @@ from tree_service import CompiledTree, ExhaustiveSelector, Projector, SignatureS
 
 from .anchors import SELECTORS, AnchorStore, fixed_choice
 from .base import TaskContext, TaskOutcome
-from .settings import MethodSettings, method_name, setting
+from .settings import MethodSettings, by_kind, method_name, setting
+
+STRENGTH_BY_KIND = {"classification": 0.1, "generation": 1.0}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +51,9 @@ class TreeLoRAConfig(MethodSettings):
     regulariser: str = setting("anchor", "anchor: a per-layer L2 pull toward the adapter state the chosen earlier task left; "
                                          "direction: the earlier first-order term that bends the update toward the chosen task's gradient",
                                choices=("anchor", "direction"))
-    strength: float = setting(1.0, "anchor: weight of the squared L2 pull per LoRA weight (as l2-anchor's l2_strength)", lo=0)
+    # None: by the stream's kind, chosen on the eval split (benchmarks/README.md)
+    strength: float | None = setting(None, "anchor: weight of the squared L2 pull per LoRA weight, as l2-anchor's l2_strength "
+                                           "(default: 0.1 classification, 1.0 generation)", lo=0)
     anchor_selector: str = setting("tree", "which earlier task each layer is pulled toward: tree (the LCB bandit), previous, "
                                            "random, oracle (exact nearest signature; ablations)", choices=SELECTORS)
     direction_strength: float = setting(0.1, "direction: the term's step as a fraction of the module's mean |gradient|", lo=0)
@@ -141,6 +145,7 @@ class TreeLoRA:
         self.steps_seen = 0
         self._pending = None
         self.step_direction = self.target = self.anchor_matrix = None
+        self.strength = by_kind(self.cfg.strength, STRENGTH_BY_KIND, ctx.task.kind)
         n_prev = 0 if sig is None else sig.shape[0]
         self.choice_counts = np.zeros((n_prev, len(self.modules)), dtype=np.int64)
         if self.cfg.regulariser == "anchor" and n_prev:
@@ -183,7 +188,7 @@ class TreeLoRA:
             self.choice_counts[tasks, np.arange(len(tasks))] += 1
         if self.cfg.regulariser == "anchor":
             diff = theta - self.target.to(theta.dtype)
-            return self.cfg.strength * (diff * diff).sum()
+            return self.strength * (diff * diff).sum()
         return (theta * self.step_direction.to(theta.dtype)).sum()
 
     def _choose(self) -> np.ndarray:
@@ -245,7 +250,7 @@ class TreeLoRA:
         g = torch.cat([x.reshape(-1) for x in grads]).float()
         if self.target is not None:  # the task's own gradient: the pull's known gradient taken out
             theta = torch.cat([p.detach().reshape(-1) for p in self.params]).float()
-            g = g - 2 * self.cfg.strength * (theta - self.target)
+            g = g - 2 * self.strength * (theta - self.target)
         elif self.step_direction is not None:
             g = g - self.step_direction
         self.flat_running.add_(g - self.flat_running, alpha=1.0 / self.steps_seen)
