@@ -9,6 +9,18 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 
+RAY_FIXTURES = {"ray_session", "ray_head"}
+
+
+def uses_ray(item) -> bool:
+    """Whether a test starts or joins a Ray cluster: its marks, its fixtures, or a fault-catalogue
+    case of a Ray group (those request the session's Ray themselves)."""
+    if {"ray", "integration", "gpu"} & set(item.keywords) or RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
+        return True
+    case = getattr(getattr(item, "callspec", None), "params", {}).get("case")
+    return "(Ray)" in getattr(case, "group", "")
+
+
 def pytest_collection_modifyitems(config, items):
     try:
         import torch
@@ -17,9 +29,15 @@ def pytest_collection_modifyitems(config, items):
     except ImportError:  # pragma: no cover
         has_gpu = False
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    # under pytest-xdist (-n 2 --dist loadgroup, the README's test command) every test that uses
+    # Ray runs in one worker: two local Ray clusters on one machine confuse Ray Train's
+    # placement-group cleaner, which connects to "the latest cluster"; the rest spreads freely
+    ray_group = pytest.mark.xdist_group("ray")
     for item in items:
         if "gpu" in item.keywords and not has_gpu:
             item.add_marker(skip_gpu)
+        if uses_ray(item):
+            item.add_marker(ray_group)
 
 
 def free_port() -> int:

@@ -210,7 +210,7 @@ def test_stream_on_sqlite(tmp_path, adapters, monkeypatch):
     # the stream's end: final metrics, heatmap and tree on the parent, which is then ended
     acc = np.array([[0.9, 0.85, 0.8], [np.nan, 0.8, 0.75], [np.nan, np.nan, 0.7]])
     tree = TaskTree.build(SignatureSpace(NUM_MODULES, 6), TASKS, torch.randn(3, NUM_MODULES, 6))
-    tracker.finish_stream({"op": 0.75, "bwt": -0.075}, acc, TASKS, 12.5, tree.to_text(), tree.structure())
+    tracker.finish_stream({"op": 0.75, "bwt": -0.075}, acc, TASKS, 12.5, described(tree, 3))
     run = client.get_run(parent)
     assert run.info.status == "FINISHED"
     assert run.data.metrics["op"] == 0.75 and run.data.metrics["bwt"] == -0.075 and run.data.metrics["wall_seconds"] == 12.5
@@ -287,7 +287,7 @@ def test_stream_over_http_server(tmp_path, adapters, mlflow_server):
     assert list((tmp_path / "art").rglob("adapter_model.safetensors"))
     peft_model, heads = load_registered_adapter("models:/toy-http@latest", tiny_backbone("tiny-bert").model, mlflow_server)
     assert_weights_equal(peft_model, heads, adapters[2])
-    tracker.finish_stream({"op": 0.7, "bwt": -0.1}, np.eye(3), TASKS, 3.0, None, None)
+    tracker.finish_stream({"op": 0.7, "bwt": -0.1}, np.eye(3), TASKS, 3.0, None)
     assert client.get_run(parent).data.metrics["op"] == 0.7 and client.get_run(parent).info.status == "FINISHED"
 
 

@@ -71,7 +71,7 @@ class StreamTracker:
         return self.parent_run_id
 
     def finish_stream(self, metrics: dict[str, float], accuracy_matrix: np.ndarray, task_names: Sequence[str],
-                      wall_seconds: float, tree_text: str | None = None, tree_structure: dict | None = None) -> None:
+                      wall_seconds: float, tree: TreeDescription | None = None) -> None:
         """Final metrics (OP, BWT, ...), wall time, the accuracy matrix and the tree; then end the run."""
         run_id = self._parent()
         now = _now_ms()
@@ -81,7 +81,7 @@ class StreamTracker:
         self._log_metrics(run_id, batch)
         with tempfile.TemporaryDirectory(prefix="treelora-mlflow-") as tmp:
             _write_matrix(Path(tmp), accuracy_matrix, task_names, "accuracy after the stream")
-            _write_tree(Path(tmp), tree_text, tree_structure)
+            _write_tree(Path(tmp), tree.tree_text if tree else None, tree.tree if tree else None)
             self.client.log_artifacts(run_id, tmp)
         self.client.set_terminated(run_id, status="FINISHED")
 

@@ -231,8 +231,7 @@ class _StreamRun:
         metrics = {"op": float(np.mean(R[:, -1]))} if self.joint else summary(R)
         wall = time.perf_counter() - t0
         final = self.tree.describe(self.layout.run_id) if self.method_cls.uses_tree else None
-        self.tracker.finish_stream({k: v for k, v in metrics.items() if isinstance(v, float)}, R, names, wall,
-                                   final.tree_text if final else None, final.tree if final else None)
+        self.tracker.finish_stream({k: v for k, v in metrics.items() if isinstance(v, float)}, R, names, wall, final)
         order = sorted(ledger.reports)
         return StreamResult(self.stream.name, self.cfg.method.name, names, R, metrics, wall, [ledger.reports[i] for i in order],
                             registered_model=self.tracker.registered_model, versions=self.tracker.versions(),
