@@ -42,3 +42,51 @@ def test_tree_service_imports_nothing_from_treelora():
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             bad += [f"{path.name}: {n}" for n in names if n.split(".")[0] == "treelora"]
     assert not bad, bad
+
+
+def _modules() -> dict[str, pathlib.Path]:
+    root = pathlib.Path(__file__).resolve().parents[1]
+    out = {}
+    for path in [*(root / "platform").rglob("*.py"), *(root / "tree_service").rglob("*.py"), *(root / "jobs").rglob("*.py")]:
+        parts = list(path.relative_to(root).with_suffix("").parts)
+        parts = parts[1:] if parts[0] == "platform" else parts
+        out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return out
+
+
+def _module_imports(name: str, path: pathlib.Path, modules: dict) -> set[str]:
+    """The project modules ``name`` imports at module level (what makes an import circle)."""
+    import ast
+
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.ImportFrom):
+            base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
+            target = ".".join(base + ([node.module] if node.module else []))
+            found |= {c for a in node.names for c in (f"{target}.{a.name}", target) if c in modules}
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name in modules}
+    return found - {name}
+
+
+def test_the_code_keeps_its_shape():
+    """Modules of at most 350 lines, functions of at most 60, and no import circle between modules
+    (a package importing its own submodules is not one)."""
+    import ast
+
+    modules = _modules()
+    for name, path in modules.items():
+        text = path.read_text()
+        assert text.count("\n") <= 350, f"{path} has {text.count(chr(10))} lines"
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                assert node.end_lineno - node.lineno < 60, f"{path}:{node.lineno} {node.name} is {node.end_lineno - node.lineno + 1} lines"
+    graph = {n: {t for t in _module_imports(n, p, modules) if not t.startswith(n + ".") and not n.startswith(t + ".")}
+             for n, p in modules.items()}
+
+    def reaches(start: str, goal: str, seen: set) -> bool:
+        return any(t == goal or (t not in seen and not seen.add(t) and reaches(t, goal, seen)) for t in graph[start])
+
+    circles = sorted(n for n in graph if reaches(n, n, set()))
+    assert not circles, f"import circles through {circles}"
