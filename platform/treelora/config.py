@@ -140,7 +140,7 @@ class TreeConfig:
 class TrackingConfig:
     tracking_uri: str | None = None  # default sqlite:///<workdir>/mlflow.db; an http:// server works the same
     experiment: str = "treelora"
-    registered_model: str | None = None  # default treelora-<stream>-<method>
+    registered_model: str | None = None  # default treelora-<run id> (the run id names the stream, method, model and settings)
 
 
 @dataclasses.dataclass(frozen=True)
