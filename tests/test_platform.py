@@ -236,12 +236,13 @@ def test_a_running_stream_takes_new_tasks_from_its_inbox(ray_session, tmp_path, 
     assert again.task_names == result.task_names and sum("already done" in line for line in logs) == 3
 
 
-@pytest.mark.parametrize(("method", "accum"), [("treelora", 2), ("o-lora", 1)])
+@pytest.mark.parametrize(("method", "accum"), [("o-lora", 2)])
 def test_both_executors_run_the_same_recipe_to_the_same_result(ray_session, tmp_path, method, accum):
     """One recipe: the in-process executor and a 1-worker Ray Train group (DeepSpeed ZeRO-0,
-    fp32, torch AdamW) train the same stream to the same matrix, tree and adapters (o-lora: its
-    frozen old adapters travel between phases of the long-lived group; treelora under gradient
-    accumulation: DeepSpeed's engine and the torch stepper step at the same micro-batches)."""
+    fp32, torch AdamW) train the same stream to the same matrix and adapters: o-lora's frozen old
+    adapters travel between phases of the long-lived group, and under gradient accumulation
+    DeepSpeed's engine and the torch stepper step at the same micro-batches. (treelora under Ray
+    is checked by the end-to-end and resume tests: 2 ranks, the same choices.)"""
     from safetensors.torch import load_file
 
     from treelora.train.stream import run_stream

@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -24,8 +25,9 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def ray_head(tmp_path_factory):
-    temp = Path(tempfile_dir := tmp_path_factory.mktemp("rayhead"))
+def ray_head():
+    # short: Ray's socket paths must fit 107 bytes (pytest-xdist's tmp paths are longer)
+    temp = Path(tempfile_dir := tempfile.mkdtemp(prefix="tlrh", dir="/tmp"))
     # every port of its own: the test session's Ray holds the defaults (e.g. the agent's 52365)
     gcs, dash, agent, client = free_port(), free_port(), free_port(), free_port()
     ray_bin = Path(sys.executable).with_name("ray")
