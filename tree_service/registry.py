@@ -100,6 +100,7 @@ class TreeRegistry:
         snap, tree = self._at(stream, version)
         if snap is None:
             raise UnknownStream(f"no stream {stream!r}; known: {self.list_streams()}")
+        # the entries without their content hashes: those stay the store's business
         tasks = tuple(TaskEntry(t.task_id, t.created_at_us, t.run_id, t.added_in_version) for t in snap.tasks)
         return TreeDescription(stream, snap.version, len(snap.tasks), snap.space.to_dict(), snap.leaf_size, snap.built_from,
                                tree.depth(), tasks, tree.to_text(), tree.structure(), self.store.path(stream, snap.version))

@@ -13,6 +13,7 @@ import re
 import numpy as np
 import torch
 
+from .client import TaskEntry
 from .errors import InvalidSignature
 from .signatures import SignatureSpace
 from .tree import TaskTree
@@ -38,11 +39,9 @@ def content_hash(task_id: str, signature: torch.Tensor) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
-class TaskRecord:
-    task_id: str
-    created_at_us: int  # microseconds since the epoch, UTC
-    run_id: str
-    added_in_version: int
+class TaskRecord(TaskEntry):
+    """A stored task: what describe() shows of it, plus the hash that makes a re-sent add idempotent."""
+
     content_hash: str
 
 

@@ -61,7 +61,6 @@ def cache_root(uri: str) -> Path:
 @dataclasses.dataclass(frozen=True)
 class RunLayout:
     root: str  # the run's storage: an absolute local folder, or a remote URI (s3://bucket/prefix?...)
-    remote: bool
     tree_uri: str  # tree.storage_uri, else <root>/trees
     tracking_setting: str | None  # tracking.tracking_uri as configured (None: SQLite under the workdir)
     run_id: str | None = None  # the run's id (<stream>.<method>.<model>.<hash>); None before it is known
@@ -72,12 +71,16 @@ class RunLayout:
         root = cfg.workdir if remote else str(local_path(cfg.workdir))
         tree = cfg.tree.storage_uri
         tree_uri = (tree if is_remote(tree) else str(local_path(tree))) if tree else join_uri(root, "trees")
-        layout = cls(root, remote, tree_uri, cfg.tracking.tracking_uri)
+        layout = cls(root, tree_uri, cfg.tracking.tracking_uri)
         return layout.for_run(run_id) if run_id is not None else layout
 
     def for_run(self, run_id: str, what: str = "run id") -> "RunLayout":
         inside(self.local_root / "streams", run_id, what=what)  # refuses ids that would leave the workdir
         return dataclasses.replace(self, run_id=run_id)
+
+    @property
+    def remote(self) -> bool:
+        return is_remote(self.root)
 
     # -- this machine's copy ----------------------------------------------------------------
     @property

@@ -93,6 +93,7 @@ class TreeLoRA:
         self.anchors = AnchorStore()  # the adapter as each earlier task left it (anchor regulariser)
         self.anchor_matrix: torch.Tensor | None = None  # [N earlier tasks, P] for this task
         self.target: torch.Tensor | None = None  # this optimizer step's per-weight anchor, flat
+        self._pull: torch.Tensor | None = None  # theta - target at the last penalty, for after_backward
         self.space: SignatureSpace | None = None
         self.projector: Projector | None = None
         self.signatures: torch.Tensor | None = None
@@ -188,6 +189,7 @@ class TreeLoRA:
             self.choice_counts[tasks, np.arange(len(tasks))] += 1
         if self.cfg.regulariser == "anchor":
             diff = theta - self.target.to(theta.dtype)
+            self._pull = diff.detach()  # no optimizer step before after_backward: theta is the same there
             return self.strength * (diff * diff).sum()
         return (theta * self.step_direction.to(theta.dtype)).sum()
 
@@ -195,13 +197,15 @@ class TreeLoRA:
         """The earlier task per module for this optimizer step, and what the regulariser aims at."""
         self._flush()
         selector = self.cfg.anchor_selector if self.cfg.regulariser == "anchor" else "tree"
+        if selector in ("previous", "random"):  # no gradients involved: no signature work either
+            tasks = fixed_choice(selector, self.signatures.shape[0], len(self.modules), self.rng)
+            self.target = self.anchor_matrix[self._to_device(tasks)[self.module_of_flat], self.flat_index]
+            return tasks
         running_sig = self._projected_running()
         if selector == "tree":
             tasks = self.bandit.select()
-        elif selector == "oracle":
-            tasks, _ = ExhaustiveSelector(self.space).step(running_sig, self.signatures)
         else:
-            tasks = fixed_choice(selector, self.signatures.shape[0], len(self.modules), self.rng)
+            tasks, _ = ExhaustiveSelector(self.space).step(running_sig, self.signatures)
         picked = self._to_device(tasks)
         chosen = self.signatures[picked, self.module_index]
         if selector == "tree":
@@ -249,8 +253,7 @@ class TreeLoRA:
         self.steps_seen += 1
         g = torch.cat([x.reshape(-1) for x in grads]).float()
         if self.target is not None:  # the task's own gradient: the pull's known gradient taken out
-            theta = torch.cat([p.detach().reshape(-1) for p in self.params]).float()
-            g = g - 2 * self.strength * (theta - self.target)
+            g = g - 2 * self.strength * self._pull.float()
         elif self.step_direction is not None:
             g = g - self.step_direction
         self.flat_running.add_(g - self.flat_running, alpha=1.0 / self.steps_seen)

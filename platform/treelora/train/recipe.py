@@ -184,7 +184,8 @@ class StreamRecipe:
         spe = steps_per_epoch(phase_tasks, cfg.train.batch_size, comm.world_size)
         ctx = TaskContext(model=model, task=phase_tasks[-1], task_index=phase.index, steps_per_epoch=spe,
                           epochs=cfg.train.epochs, seed=cfg.train.seed, grad_accum=cfg.train.grad_accum, tree_snapshot=snapshot,
-                          earlier_adapters={o.key: str(folder / ADAPTER_DIR) for folder, o in self.phases.published().values()})
+                          earlier_adapters={o.key: str(folder / ADAPTER_DIR) for folder, o in self.phases.published().values()}
+                          if method.uses_tree else {})
         trainable = phase_parameters(model, method, ctx, phase_tasks)
         total_steps = min(spe * cfg.train.epochs, cfg.train.max_steps_per_task or spe * cfg.train.epochs)
         stepper = self.make_stepper(model, trainable, self.lr, ctx.optimizer_steps(cfg.train.max_steps_per_task))
