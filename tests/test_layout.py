@@ -129,3 +129,23 @@ def test_an_s3_workdir_writes_to_its_bucket_and_this_machines_cache_only(s3_serv
     assert start.stream_dir.startswith("s3://***@treelora-layout/runs/streams/")  # printed where it is, credentials out
     cache = tmp_path / "cache"
     assert start.tracking_uri.startswith(f"sqlite:///{cache}") and os.path.isfile(start.tracking_uri.removeprefix("sqlite:///"))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(min_size=1, max_size=80))
+def test_any_run_id_stays_under_the_workdir_or_is_refused_in_one_line(run_id):
+    """Run ids nobody wrote by hand (--resume, add-task): a layout whose stream folder lies under
+    <workdir>/streams, or a ConfigError of one line that names the run id; nothing is written."""
+    root = Path("/tmp/treelora-layout-prop")
+    before = root.exists()
+    try:
+        layout = RunLayout.of(RunConfig(workdir=str(root)), run_id)
+    except ConfigError as exc:
+        assert "run id" in str(exc) and "\n" not in str(exc)
+        return
+    except ValueError:  # a NUL byte: the OS refuses the path itself, before anything is written
+        assert "\x00" in run_id
+        return
+    finally:
+        assert root.exists() == before  # deciding paths writes nothing
+    assert layout.stream_dir.is_relative_to(root / "streams") and layout.stream_dir != root / "streams"
