@@ -13,18 +13,23 @@ Points the paper leaves open, decided here (DESIGN notes in the README say the s
 * Selection: every step, the per-module LCB tree bandit (tree_service.TreeLCBBandit) picks a
   previous task per module and observes the L1 gap between the current estimate and that
   task's signature. Its seed and inputs are the same on every rank, so all ranks choose alike.
-* Regulariser (``regulariser: anchor``, the default): for every module d, a squared L2 pull of
-  its LoRA weights toward the weights the bandit's chosen earlier task k_d left there,
-  ``R = strength * sum_d ||theta_d - theta_d^(k_d)||^2``. The paper's Eq. 3 regularises the
-  update toward the selected task's; the authors' code pulls the current LoRA-A toward the
-  chosen task's stored A. Pulling the *parameters* bounds how far each layer moves from what an
-  earlier task needs, which the direction-only term never did (it steered the update but left
-  its size free: under Adam a constant-sign term moves weak coordinates at nearly the full
-  learning rate, and the shared adapter forgot as fast as seq-lora). ``strength`` acts per
-  weight, as l2-anchor's does, so one value serves every layer and model. ``anchor_selector``
-  swaps the bandit for the previous task, a uniform draw or the exact nearest signature
-  (ablations); with "previous" the method is l2-anchor.
-* ``regulariser: direction`` keeps the earlier term: the first-order effect of the L1 gap between
+* Regulariser (``regulariser: anchor``, the default): a squared L2 pull of every module's LoRA
+  weights toward the shared adapter as the previous task left it (which carries every earlier
+  task), weighted per module by how much the current task's gradient conflicts with the earlier
+  task the bandit chose for that module:
+  ``R = strength * sum_d w_d ||theta_d - theta_d^(t-1)||^2``, ``w_d = r_d / mean_d' r_d'`` with
+  ``r_d = |P g_d - s_k_d|_1 / (|P g_d|_1 + |s_k_d|_1)`` in [0, 1] (0: the same gradient; 1:
+  opposite signs everywhere). The weights average 1, so ``strength`` means what l2-anchor's
+  ``l2_strength`` means and uniform weights would be l2-anchor; the tree moves the pull from
+  layers where the new task agrees with what it most resembles to the layers where it
+  conflicts (GEM's notion of interference, per layer). Why not pull toward the chosen task's
+  own state (``regulariser: chosen-anchor``, the first anchor version): pulling a layer back to
+  where an older task left it undoes every later task in that layer, and on trace-gen the
+  bandit chose the oldest task in half the module-steps and forgot as seq-lora does
+  (benchmarks/README.md). ``anchor_selector`` swaps the bandit for the previous task, a uniform
+  draw or the exact nearest signature (ablations); with "previous" and ``chosen-anchor`` the
+  method is l2-anchor.
+* ``regulariser: direction`` keeps the earliest term: the first-order effect of the L1 gap between
   gradients, ``R = sum_d lambda_d <theta_d, u_d>`` with the detached ``u_d = P^T sign(s_chosen,d
   - P g_d)`` and ``lambda_d = direction_strength * mean|g_d|``.
 """
@@ -43,19 +48,22 @@ from .base import TaskContext, TaskOutcome
 from .settings import MethodSettings, by_kind, method_name, setting
 
 STRENGTH_BY_KIND = {"classification": 0.1, "generation": 1.0}
+REGULARISERS = ("anchor", "chosen-anchor", "direction")
 
 
 @dataclasses.dataclass(frozen=True)
 class TreeLoRAConfig(MethodSettings):
     name: str = method_name("treelora")
-    regulariser: str = setting("anchor", "anchor: a per-layer L2 pull toward the adapter state the chosen earlier task left; "
-                                         "direction: the earlier first-order term that bends the update toward the chosen task's gradient",
-                               choices=("anchor", "direction"))
+    regulariser: str = setting("anchor", "anchor: an L2 pull toward the previous task's adapter, weighted per layer by the "
+                                         "gradient conflict with the earlier task the tree chose; chosen-anchor: a per-layer "
+                                         "pull toward the state the chosen earlier task left; direction: the first-order term "
+                                         "that bends the update toward the chosen task's gradient", choices=REGULARISERS)
     # None: by the stream's kind, chosen on the eval split (benchmarks/README.md)
     strength: float | None = setting(None, "anchor: weight of the squared L2 pull per LoRA weight, as l2-anchor's l2_strength "
                                            "(default: 0.1 classification, 1.0 generation)", lo=0)
-    anchor_selector: str = setting("tree", "which earlier task each layer is pulled toward: tree (the LCB bandit), previous, "
-                                           "random, oracle (exact nearest signature; ablations)", choices=SELECTORS)
+    anchor_selector: str = setting("tree", "which earlier task each layer is compared with (anchor) or pulled toward "
+                                           "(chosen-anchor): tree (the LCB bandit), previous, random, oracle (exact nearest "
+                                           "signature; ablations)", choices=SELECTORS)
     direction_strength: float = setting(0.1, "direction: the term's step as a fraction of the module's mean |gradient|", lo=0)
     bandit_c: float = setting(3.0, "LCB exploration constant (in units of the module's mean gap)", lo=0)
     signature_max_width: int = setting(16384, "above this a module's signature is sketched (Cauchy) ...", lo=1)
@@ -76,6 +84,16 @@ def snapshot_tensors(snapshot: TreeSnapshot | None, device) -> tuple[SignatureSp
     return space, sig.to(device), CompiledTree.from_structure(snapshot.tree)
 
 
+def conflict_weights(space: SignatureSpace, running: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """[L] per-module weights of the anchor pull, mean 1: each module's relative gap
+    |a - b| / (|a| + |b|) between the current gradient estimate and the chosen task's signature
+    (0 = the same gradient, 1 = opposite signs everywhere), divided by their mean. Zero gaps
+    everywhere (no gradient yet) give uniform weights."""
+    zero = torch.zeros_like(running)
+    rel = space.distance(running, chosen) / (space.distance(running, zero) + space.distance(chosen, zero)).clamp(min=1e-30)
+    return (rel / rel.mean().clamp(min=1e-12)).where(rel.sum() > 0, torch.ones_like(rel))
+
+
 class TreeLoRA:
     """The paper's method. The per-step path stays on the device: gradients, the running
     estimate, the regulariser's direction and the observed gaps are flat tensors (a few kernels
@@ -93,7 +111,8 @@ class TreeLoRA:
         self.anchors = AnchorStore()  # the adapter as each earlier task left it (anchor regulariser)
         self.anchor_matrix: torch.Tensor | None = None  # [N earlier tasks, P] for this task
         self.target: torch.Tensor | None = None  # this optimizer step's per-weight anchor, flat
-        self._pull: torch.Tensor | None = None  # theta - target at the last penalty, for after_backward
+        self._pull: torch.Tensor | None = None  # w (theta - target) at the last penalty, for after_backward
+        self.layer_weight: torch.Tensor | None = None  # anchor: this step's per-weight w_d (mean 1 over modules)
         self.space: SignatureSpace | None = None
         self.projector: Projector | None = None
         self.signatures: torch.Tensor | None = None
@@ -145,14 +164,16 @@ class TreeLoRA:
         self.bandit = TreeLCBBandit(self.space, tree, c=self.cfg.bandit_c) if tree is not None else None
         self.steps_seen = 0
         self._pending = None
-        self.step_direction = self.target = self.anchor_matrix = None
+        self.step_direction = self.target = self.anchor_matrix = self.layer_weight = None
         self.strength = by_kind(self.cfg.strength, STRENGTH_BY_KIND, ctx.task.kind)
         n_prev = 0 if sig is None else sig.shape[0]
         self.choice_counts = np.zeros((n_prev, len(self.modules)), dtype=np.int64)
-        if self.cfg.regulariser == "anchor" and n_prev:
+        if self.cfg.regulariser != "direction" and n_prev:
             earlier = list(ctx.tree_snapshot.task_ids)
-            self.anchors.ensure(earlier, ctx.earlier_adapters, self.modules, model.device)
-            self.anchor_matrix = self.anchors.stacked(earlier)
+            # anchor needs only the latest state; chosen-anchor every earlier task's
+            needed = earlier[-1:] if self.cfg.regulariser == "anchor" else earlier
+            self.anchors.ensure(needed, ctx.earlier_adapters, self.modules, model.device)
+            self.anchor_matrix = self.anchors.stacked(needed)
             self.flat_index = torch.arange(self.anchor_matrix.shape[1], device=model.device)
             self.rng = np.random.default_rng([ctx.seed, ctx.task_index])  # alike on every rank
         return trainable
@@ -187,30 +208,35 @@ class TreeLoRA:
             tasks = self._choose()
             self.last_choice = tasks
             self.choice_counts[tasks, np.arange(len(tasks))] += 1
-        if self.cfg.regulariser == "anchor":
+        if self.target is not None:
             diff = theta - self.target.to(theta.dtype)
-            self._pull = diff.detach()  # no optimizer step before after_backward: theta is the same there
-            return self.strength * (diff * diff).sum()
+            weighted = diff if self.layer_weight is None else diff * self.layer_weight.to(theta.dtype)
+            self._pull = weighted.detach()  # no optimizer step before after_backward: theta is the same there
+            return self.strength * (weighted * diff).sum()
         return (theta * self.step_direction.to(theta.dtype)).sum()
 
     def _choose(self) -> np.ndarray:
         """The earlier task per module for this optimizer step, and what the regulariser aims at."""
         self._flush()
-        selector = self.cfg.anchor_selector if self.cfg.regulariser == "anchor" else "tree"
-        if selector in ("previous", "random"):  # no gradients involved: no signature work either
+        selector = "tree" if self.cfg.regulariser == "direction" else self.cfg.anchor_selector
+        if selector in ("previous", "random"):
             tasks = fixed_choice(selector, self.signatures.shape[0], len(self.modules), self.rng)
-            self.target = self.anchor_matrix[self._to_device(tasks)[self.module_of_flat], self.flat_index]
-            return tasks
+            if self.cfg.regulariser == "chosen-anchor":  # no gradients involved: no signature work either
+                self.target = self.anchor_matrix[self._to_device(tasks)[self.module_of_flat], self.flat_index]
+                return tasks
         running_sig = self._projected_running()
         if selector == "tree":
             tasks = self.bandit.select()
-        else:
+        elif selector == "oracle":
             tasks, _ = ExhaustiveSelector(self.space).step(running_sig, self.signatures)
         picked = self._to_device(tasks)
         chosen = self.signatures[picked, self.module_index]
         if selector == "tree":
             self._observe(self.space.distance(running_sig, chosen))
         if self.cfg.regulariser == "anchor":
+            self.target = self.anchor_matrix[0]
+            self.layer_weight = conflict_weights(self.space, running_sig, chosen)[self.module_of_flat]
+        elif self.cfg.regulariser == "chosen-anchor":
             self.target = self.anchor_matrix[picked[self.module_of_flat], self.flat_index]
         else:
             toward = torch.sign(chosen - running_sig)  # [L, D]: the subgradient of -||P g - s||_1 in P g
