@@ -45,7 +45,7 @@ from treelora.methods import METHODS
 from treelora.train.stream import run_stream
 
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}  # by degrees of freedom
-ORDER = ["seq-lora", "l2-anchor", "o-lora", "treelora", "treelora-reference", "joint"]
+ORDER = ["seq-lora", "l2-anchor", "o-lora", "treelora", "treelora-routed", "treelora-reference", "joint"]
 
 
 def quiet() -> None:
@@ -86,18 +86,26 @@ def run_job(job: tuple) -> dict:
         _, seed, overrides, config = job
         zero, base, majority = zero_shot_and_baseline(load_config(config, overrides + [f"train.seed={seed}"]))
         return {"kind": "zero", "seed": seed, "zero_shot": zero, "baseline": base, "majority": majority}
-    _, seed, method, overrides, config, workdir, chosen = job
+    _, seed, method, overrides, config, workdir, chosen, routing = job
     name, settings = parse_method(method)
     defaults = [f"method.{k}={v}" for k, v in chosen.get("methods", {}).get(name, {}).items()]
     lr = [f"train.lr={chosen['lr']}"] if chosen.get("lr") else []
     cfg = load_config(config, overrides + lr + [f"method.name={name}", *defaults, *settings, f"train.seed={seed}", f"workdir={workdir}"])
     res = run_stream(cfg, executor="local", log=lambda *_: None)
-    return {"kind": "stream", "seed": seed, "method": method, "task_names": list(res.task_names),
-            "accuracy": np.asarray(res.accuracy, dtype=float).tolist(), "op": res.metrics["op"],
-            "bwt": res.metrics.get("bwt", float("nan")), "wall_seconds": res.wall_seconds,
-            "epochs": cfg.train.epochs, "model": cfg.model.name, "lr": cfg.train.lr, "settings": cfg.to_dict()["method"],
-            # what the tree methods' bandit pulled: per phase, [previous task][module] counts
-            "choices": [o.choices for o in res.outcomes], "previous": [list(o.previous_tasks) for o in res.outcomes]}
+    record = {"kind": "stream", "seed": seed, "method": method, "task_names": list(res.task_names),
+              "accuracy": np.asarray(res.accuracy, dtype=float).tolist(), "op": res.metrics["op"],
+              "bwt": res.metrics.get("bwt", float("nan")), "wall_seconds": res.wall_seconds,
+              "epochs": cfg.train.epochs, "model": cfg.model.name, "lr": cfg.train.lr, "settings": cfg.to_dict()["method"],
+              # what the tree methods' bandit pulled: per phase, [previous task][module] counts
+              "choices": [o.choices for o in res.outcomes], "previous": [list(o.previous_tasks) for o in res.outcomes]}
+    if name in routing["methods"]:
+        from treelora.train.routed import evaluate_run_routed
+
+        record["routed"] = evaluate_run_routed(cfg, res.run_id).to_dict()
+        n = len(res.task_names)
+        record["routed_budgets"] = {str(f): evaluate_run_routed(cfg, res.run_id, max_leaves=max(1, round(f * n))).to_dict()
+                                    for f in routing["budgets"]}
+    return record
 
 
 def parse_method(spec: str) -> tuple[str, list[str]]:
@@ -134,9 +142,45 @@ def fmt(values: list[float], scale: float = 100.0) -> str:
     return f"{statistics.mean(vals):.1f} +- {statistics.stdev(vals):.1f}"
 
 
+def routed_record(r: dict, routed: dict | None = None) -> dict:
+    """A stream record answered through its router: the last column of its matrix replaced by the
+    routed scores (so OP, BWT and the paired differences read as for any method)."""
+    routed = routed or r["routed"]
+    acc = np.array(r["accuracy"], dtype=float)
+    acc[:, -1] = routed["routed"]
+    n = len(acc)
+    bwt = float(np.mean([acc[i, -1] - acc[i, i] for i in range(n - 1)])) if n > 1 else float("nan")
+    return {**r, "method": f"{r['method']}-routed", "accuracy": acc.tolist(), "op": float(acc[:, -1].mean()), "bwt": bwt,
+            "choices": None, "routed": None}
+
+
+def report_routing(records: list[dict]) -> None:
+    """Per routed method: oracle-leaf OP, routing accuracy, the confusion table, cost, budgets."""
+    for m in sorted({r["method"] for r in records}):
+        rs = [r for r in records if r["method"] == m]
+        names = rs[0]["task_names"]
+        conf = np.sum([np.array(r["routed"]["confusion"], dtype=float) for r in rs], axis=0)
+        print(f"\n### routing, {m}-routed ({len(rs)} seed(s)): routing accuracy "
+              f"{fmt([r['routed']['routing_accuracy'] for r in rs])}; OP with the oracle leaf "
+              f"{fmt([float(np.mean(r['routed']['oracle'])) for r in rs])}; routing "
+              f"{statistics.median(r['routed']['route_seconds_per_row'] for r in rs) * 1e3:.2f} ms/row, answering "
+              f"{statistics.median(r['routed']['answer_seconds_per_row'] for r in rs) * 1e3:.2f} ms/row (medians)")
+        print("| task (rows: true task, % of its rows routed to each) | " + " | ".join(names) + " |")
+        print("|---|" + "---:|" * len(names))
+        for i, name in enumerate(names):
+            print(f"| {name} | " + " | ".join(f"{v:.1f}" for v in conf[i] / max(conf[i].sum(), 1) * 100) + " |")
+        budgets = sorted({f for r in rs for f in (r.get("routed_budgets") or {})}, key=float, reverse=True)
+        for f in budgets:
+            got = [routed_record(r, r["routed_budgets"][f]) for r in rs if f in r["routed_budgets"]]
+            print(f"- {float(f):.0%} of the leaves ({got[0]['routed_budgets'][f]['leaves']} adapters): "
+                  f"routed OP {fmt([g['op'] for g in got])}, BWT {fmt([g['bwt'] for g in got])}")
+
+
 def report(stream: str, records: list[dict]) -> None:
     """The tables, from run_job's records (of this run or of --merge'd files)."""
     zero = {r["seed"]: r for r in records if r["kind"] == "zero"}
+    routed = [r for r in records if r["kind"] == "stream" and r.get("routed")]
+    records = records + [routed_record(r) for r in routed]
     runs = sorted((r for r in records if r["kind"] == "stream"), key=lambda r: r["seed"])
     methods = [m for m in ORDER if any(r["method"] == m for r in runs)]
     methods += sorted({r["method"] for r in runs} - set(methods))
@@ -188,6 +232,7 @@ def report(stream: str, records: list[dict]) -> None:
                     counts = np.asarray(r["choices"][j], dtype=float).sum(axis=1)
                     shares[: len(counts)] += counts / max(counts.sum(), 1) / len(picks)
                 print(f"| {name} | " + " | ".join(f"{v * 100:.0f}" if i < j else "" for i, v in enumerate(shares)) + " |")
+    report_routing(routed)
     print(f"\ntasks_learned={sum(learned) / len(learned):.2f}")
     mean_op = {m: statistics.mean(r["op"] for r in by[m]) for m in methods}
     if "treelora" in by and "seq-lora" in by:
@@ -212,6 +257,10 @@ def main(argv=None) -> int:
     ap.add_argument("--split", choices=("test", "eval"), default="test",
                     help="the split every task is scored on: eval to choose settings, test to report")
     ap.add_argument("--epochs", type=int, default=None)
+    ap.add_argument("--routed", default="treelora",
+                    help="methods whose streams are also answered without task ids (a '<method>-routed' line each)")
+    ap.add_argument("--leaf-budgets", default="",
+                    help="fractions of the leaves kept (tree.max_leaves), e.g. 0.5,0.25: routed OP under each")
     ap.add_argument("--jobs", type=int, default=1, help="streams trained at once, each in its own process")
     ap.add_argument("--save", default=None, help="write every stream's results to this JSON file")
     ap.add_argument("--merge", nargs="+", default=None, help="print the tables of these --save files and train nothing")
@@ -250,7 +299,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         jobs = [("zero", s, overrides, args.config) for s in seeds]
         chosen = json.loads(Path(args.defaults).read_text()) if args.defaults else {}
-        jobs += [("stream", s, m, overrides, args.config, os.path.join(tmp, f"{i}-{s}"), chosen)
+        routing = {"methods": [m for m in args.routed.split(",") if m], "budgets": [float(f) for f in args.leaf_budgets.split(",") if f]}
+        jobs += [("stream", s, m, overrides, args.config, os.path.join(tmp, f"{i}-{s}"), chosen, routing)
                  for s in seeds for i, m in enumerate(methods)]
         records = run_all(jobs, args.jobs, done)
     report(args.stream, records)

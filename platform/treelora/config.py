@@ -134,6 +134,20 @@ class TreeConfig:
     namespace: str = "treelora"
     detached: bool = False
     leaf_size: int = 1
+    # routing's storage budget: over it the two closest leaves (by signature) share one merged
+    # adapter; 0 = keep every task's leaf
+    max_leaves: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class RoutingConfig:
+    """Answering inputs without a task id (routing/): each task keeps statistics of its inputs'
+    features, taken when its phase ends, and a router picks the task's leaf adapter."""
+    enabled: bool = True  # keep the statistics (a no-grad pass over fit_rows training rows per task)
+    layer: int | None = None  # the base model's block whose pooled output is read; None = blocks // 6 (chosen on eval)
+    fit_rows: int = 1000  # training rows per task the statistics are taken from
+    shrinkage: float = 0.1  # the shared covariance's shrinkage toward its mean variance (chosen on eval)
+    search: str = "tree"  # tree: descend the task tree (O(depth)); flat: score every task
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,6 +172,7 @@ class RunConfig:
     eval: EvalConfig = EvalConfig()
     scaling: ScalingConfig = ScalingConfig()
     tree: TreeConfig = TreeConfig()
+    routing: RoutingConfig = RoutingConfig()
     tracking: TrackingConfig = TrackingConfig()
 
     def to_dict(self) -> dict[str, Any]:
@@ -202,7 +217,8 @@ class RunConfig:
     NOT_IDENTITY = ("name", "workdir", "stream.data_root", "eval.batch_size", "scaling.num_workers", "scaling.cpus_per_worker",
                     "scaling.use_gpu", "scaling.gpus_per_worker", "scaling.zero_stage", "scaling.checkpoint_every", "scaling.keep_checkpoints",
                     "scaling.max_failures", "scaling.gpu_wait_s", "tree.storage_uri", "tree.service_name", "tree.namespace",
-                    "tree.detached", "tracking.", "train.log_every")
+                    "tree.detached", "tracking.", "train.log_every", "tree.max_leaves", "routing.shrinkage",
+                    "routing.search")
 
     def identity(self) -> dict[str, str]:
         """The fields that define a run's results, flat: a run of other values is another run."""

@@ -34,6 +34,8 @@ from ..data.tasks import Task
 from ..evaluate import evaluate_tasks
 from ..methods import make_method
 from ..methods.base import TaskContext
+from ..routing import save_stats
+from ..routing.features import task_statistics
 from .inbox import Inbox, load_specs
 from .job import Checkpointer, Collective, MidPhase, StreamJob
 from .loop import DEFAULT_LR, Stepper, epoch_batches, seed_everything, train_task
@@ -293,10 +295,19 @@ class StreamRecipe:
             world_size=self.comm.world_size, ranks_agree=len(set(digests)) == 1, eval_seconds=time.perf_counter() - t_eval,
             load_seconds=self.load_seconds, added_task_spec=self.inbox.spec_of(phase.key))
         if self.is_main:
-            self.phases.publish(phase, outcome, lambda folder: self.write_adapter(folder, phase.index))
+            self.phases.publish(phase, outcome, lambda folder: self.write_leaf(folder, phase))
             if self.after_phase is not None:
                 self.after_phase()
         return outcome
+
+    def write_leaf(self, folder: Path, phase: PhaseJob) -> None:
+        """A published phase's adapter folder, with the routing statistics of its tasks' inputs:
+        the folder is that task's leaf (routing/)."""
+        self.write_adapter(folder, phase.index)
+        if self.cfg.routing.enabled:
+            stats, layer = task_statistics(self.model, [t for t in self.tasks if t.name in phase.task_names],
+                                           self.cfg.routing.layer, self.cfg.routing.fit_rows, self.cfg.eval.batch_size)
+            save_stats(folder, stats, layer, self.model.hidden_size)
 
     def write_adapter(self, folder: Path, through: int) -> None:
         """The adapter folder with the heads of the tasks trained up to phase ``through`` (in a

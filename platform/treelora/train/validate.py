@@ -23,6 +23,7 @@ RANGES = {
     "train.weight_decay": (0, None, True), "train.log_every": (1, None, True), "train.max_steps_per_task": (1, None, True),
     "eval.batch_size": (1, None, True), "scaling.cpus_per_worker": (0, None, False), "scaling.max_failures": (-1, None, True),
     "tree.leaf_size": (1, None, True), "model.max_length": (8, None, True), "model.max_new_tokens": (1, None, True),
+    "tree.max_leaves": (0, None, True), "routing.fit_rows": (1, None, True), "routing.shrinkage": (0, 1, True),
 }
 
 
@@ -106,6 +107,8 @@ def validate_config(cfg: RunConfig, cluster_gpus: float | None = None) -> None:
         raise ConfigError(f"eval.split must be test or eval, got {cfg.eval.split!r}")
     if cfg.train.schedule not in SCHEDULES:
         raise ConfigError(f"train.schedule must be one of {sorted(SCHEDULES)}, got {cfg.train.schedule!r}")
+    if cfg.routing.search not in ("tree", "flat"):
+        raise ConfigError(f"routing.search must be tree or flat, got {cfg.routing.search!r}")
     if not 0 <= cfg.train.warmup_ratio < 1:
         raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {cfg.train.warmup_ratio}")
     if cfg.train.grad_accum < 1:

@@ -1,0 +1,91 @@
+"""Routed evaluation of a finished stream: every task's rows answered without their task id.
+
+Reported beside the stream's own matrix: each task's score with routing, its score with the
+oracle leaf (the task id given), the confusion of true task against routed task, and the time
+routing and answering took per row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from tree_service import CompiledTree, TreeSnapshot
+
+from ..adapters.model import ContinualModel
+from ..config import RunConfig
+from ..data.scoring import score
+from ..data.tasks import Task
+from .leaves import stream_leaves, within_budget
+from .routed import RoutedModel
+from .router import Router, confusion
+
+
+@dataclasses.dataclass
+class RoutedReport:
+    task_names: list[str]
+    routed: list[float]  # per task, answered through the router
+    oracle: list[float]  # per task, answered by its own leaf
+    confusion: list[list[int]]  # [true task][routed task] row counts
+    leaves: int  # distinct adapters kept
+    route_seconds_per_row: float
+    answer_seconds_per_row: float
+
+    @property
+    def routing_accuracy(self) -> float:
+        c = np.asarray(self.confusion)
+        return float(np.trace(c) / max(c.sum(), 1))
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "routing_accuracy": self.routing_accuracy}
+
+
+def build_router(cfg: RunConfig, adapters: list[Path], snapshot: TreeSnapshot | None, task_names: Sequence[str] | None,
+                 max_leaves: int, workspace: Path) -> tuple[Router, dict[str, Path], int]:
+    """The router over ``task_names`` (None: every task with a leaf; searching the task tree when the stream has one that holds
+    exactly these tasks), {task: leaf folder} within the budget, and the block the features read."""
+    leaves, stats, layer = stream_leaves(adapters)
+    task_names = list(leaves) if task_names is None else task_names
+    missing = [t for t in task_names if t not in leaves]
+    if missing:
+        raise ValueError(f"tasks {missing} have no published leaf yet")
+    names = list(task_names)
+    tree, signatures = None, None
+    if snapshot is not None and snapshot.task_ids:
+        _, _, sig = snapshot.arrays()
+        signatures = {t: sig[i] for i, t in enumerate(snapshot.task_ids)}
+        if sorted(snapshot.task_ids) == sorted(names):
+            names, tree = list(snapshot.task_ids), CompiledTree.from_structure(snapshot.tree)
+    kept = within_budget({t: leaves[t] for t in names}, stats, signatures, max_leaves, workspace)
+    router = Router(names, stats, cfg.routing.shrinkage, tree, cfg.routing.search)
+    return router, kept, layer
+
+
+def evaluate_routed(cfg: RunConfig, model: ContinualModel, tasks: Sequence[Task], adapters: list[Path],
+                    snapshot: TreeSnapshot | None, split: str = "test", max_leaves: int | None = None) -> RoutedReport:
+    """``model``: a fresh model of the stream's config (base weights; the leaves are loaded beside
+    its adapter); ``adapters``: the published phases' adapter folders in stream order."""
+    with tempfile.TemporaryDirectory(prefix="treelora-leaves-") as tmp:
+        router, leaves, layer = build_router(cfg, adapters, snapshot, [t.name for t in tasks],
+                                             cfg.tree.max_leaves if max_leaves is None else max_leaves, Path(tmp))
+        routed_model = RoutedModel(model, {t.name: t for t in tasks}, leaves, router, layer)
+        index = {t.name: i for i, t in enumerate(tasks)}
+        routed, oracle, true_ids, routed_ids = [], [], [], []
+        route_s = answer_s = 0.0
+        rows = 0
+        for task in tasks:
+            examples = getattr(task, split)
+            texts = [e.text for e in examples]
+            got = routed_model.answer(texts, batch_size=cfg.eval.batch_size)
+            routed.append(score(task, got.answers, split=split))
+            route_s, answer_s, rows = route_s + got.route_seconds, answer_s + got.answer_seconds, rows + len(texts)
+            true_ids += [index[task.name]] * len(texts)
+            routed_ids += [index[t] for t in got.tasks]
+            oracle.append(score(task, routed_model.answer(texts, [task.name] * len(texts), cfg.eval.batch_size).answers, split=split))
+        matrix = confusion(np.array(true_ids), np.array(routed_ids), len(tasks))
+        return RoutedReport([t.name for t in tasks], routed, oracle, matrix.tolist(), routed_model.num_leaves,
+                            route_s / max(rows, 1), answer_s / max(rows, 1))
