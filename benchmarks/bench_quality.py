@@ -243,8 +243,8 @@ def report(stream: str, records: list[dict]) -> None:
         print(f"\ntreelora_minus_best_other_op={(mean_op['treelora'] - mean_op[best]) * 100:.2f}  (best other: {best})")
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parser(description: str = __doc__.splitlines()[0]) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--stream", default="olora-cls")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--first-seed", type=int, default=0, help="seeds are first-seed, first-seed+1, ...")
@@ -266,12 +266,13 @@ def main(argv=None) -> int:
     ap.add_argument("--merge", nargs="+", default=None, help="print the tables of these --save files and train nothing")
     ap.add_argument("--config", default=None, help="a run config YAML to start from")
     ap.add_argument("overrides", nargs="*", help="section.field=value overrides applied to every run")
-    args = ap.parse_args(argv)
-    quiet()
+    return ap
+
+
+def collect(ap: argparse.ArgumentParser, args) -> list[dict]:
+    """Every record of the run the arguments ask for (or of the --merge'd files)."""
     if args.merge:
-        saved = [json.loads(Path(path).read_text()) for path in args.merge]
-        report(saved[0]["stream"], [r for s in saved for r in s["records"]])
-        return 0
+        return [r for path in args.merge for r in json.loads(Path(path).read_text())["records"]]
     methods = [m for m in args.methods.split(",") if m]
     unknown = [m for m in methods if parse_method(m)[0] not in METHODS]
     if unknown:
@@ -302,8 +303,15 @@ def main(argv=None) -> int:
         routing = {"methods": [m for m in args.routed.split(",") if m], "budgets": [float(f) for f in args.leaf_budgets.split(",") if f]}
         jobs += [("stream", s, m, overrides, args.config, os.path.join(tmp, f"{i}-{s}"), chosen, routing)
                  for s in seeds for i, m in enumerate(methods)]
-        records = run_all(jobs, args.jobs, done)
-    report(args.stream, records)
+        return run_all(jobs, args.jobs, done)
+
+
+def main(argv=None) -> int:
+    ap = parser()
+    args = ap.parse_args(argv)
+    quiet()
+    stream = json.loads(Path(args.merge[0]).read_text())["stream"] if args.merge else args.stream
+    report(stream, collect(ap, args))
     return 0
 
 

@@ -25,6 +25,24 @@ from .routed import RoutedModel
 from .router import Router, confusion
 
 
+MIXED_BATCH, MIXED_REPEATS = 16, 9
+
+
+def mixed_batch_cost(routed_model: RoutedModel, tasks: Sequence[Task], split: str, seed: int = 0) -> tuple[float, float]:
+    """(median routing seconds, median answering seconds) of a batch of MIXED_BATCH requests
+    drawn from every task's rows (seeded), over MIXED_REPEATS batches after one warm-up."""
+    rng = np.random.default_rng(seed)
+    pool = [e.text for t in tasks for e in getattr(t, split)]
+    route, answer = [], []
+    for k in range(MIXED_REPEATS + 1):
+        batch = [pool[i] for i in rng.choice(len(pool), size=min(MIXED_BATCH, len(pool)), replace=False)]
+        got = routed_model.answer(batch, batch_size=MIXED_BATCH)
+        if k:  # the first batch warms caches and kernels
+            route.append(got.route_seconds)
+            answer.append(got.answer_seconds)
+    return float(np.median(route)), float(np.median(answer))
+
+
 @dataclasses.dataclass
 class RoutedReport:
     task_names: list[str]
@@ -34,6 +52,8 @@ class RoutedReport:
     leaves: int  # distinct adapters kept
     route_seconds_per_row: float
     answer_seconds_per_row: float
+    mixed_route_seconds: float = float("nan")  # median per batch of MIXED_BATCH rows drawn across the tasks
+    mixed_answer_seconds: float = float("nan")
 
     @property
     def routing_accuracy(self) -> float:
@@ -87,5 +107,6 @@ def evaluate_routed(cfg: RunConfig, model: ContinualModel, tasks: Sequence[Task]
             routed_ids += [index[t] for t in got.tasks]
             oracle.append(score(task, routed_model.answer(texts, [task.name] * len(texts), cfg.eval.batch_size).answers, split=split))
         matrix = confusion(np.array(true_ids), np.array(routed_ids), len(tasks))
+        mixed = mixed_batch_cost(routed_model, tasks, split)
         return RoutedReport([t.name for t in tasks], routed, oracle, matrix.tolist(), routed_model.num_leaves,
-                            route_s / max(rows, 1), answer_s / max(rows, 1))
+                            route_s / max(rows, 1), answer_s / max(rows, 1), *mixed)
