@@ -130,6 +130,14 @@ def cmd_tree_show(args) -> int:
     return 0
 
 
+def cmd_route(args) -> int:
+    from .train.routed import describe_routes
+
+    for line in describe_routes(load_config(args.config, args.set), args.stream, args.text):
+        print(line)
+    return 0
+
+
 def cmd_add_task(args) -> int:
     """Validate a task spec and drop it into a stream's inbox (the running stream trains it next)."""
     from .data.streams import load_task_spec
@@ -254,6 +262,12 @@ def _run_commands(command) -> None:
     add.add_argument("--config", help="the stream's run config (for its workdir and subsample sizes)")
     add.add_argument("--set", **SET_HELP)
     add.set_defaults(fn=cmd_add_task)
+    route = command("route", help="answer inputs without a task id: the leaf the router picks, its path down the tree, the answer")
+    route.add_argument("stream", help="the stream id (the run id printed by `treelora run`)")
+    route.add_argument("text", nargs="+", help="one or more inputs")
+    route.add_argument("--config", help="the stream's run config (for its workdir, stream and model)")
+    route.add_argument("--set", **SET_HELP)
+    route.set_defaults(fn=cmd_route)
     tune = command("tune", help="sweep config fields with Ray Tune (tasks are iterations; ASHA stops poor trials early)")
     tune.add_argument("config", nargs="?", help="the run config every trial starts from")
     tune.add_argument("--space", required=True, help="sweep YAML: space (field -> {choice|grid|uniform|loguniform|randint: [...]}), "

@@ -7,6 +7,9 @@ the model's data (``data/adapter``, which stock peft loads as it is). Loading bu
 model the adapter was trained on (named in ``treelora_adapter.json``), puts the adapter and the
 trained heads into it and answers rows of (task, text) with the same greedy prediction the
 evaluation uses: a label for classification tasks, the decoded answer for generation tasks.
+A version that carries a routing bundle (routing/bundle.py: every earlier task's leaf and the
+router) also answers rows without a task: the router picks the leaf, and the output's ``leaf``
+column names the task whose leaf answered every row.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 from .adapters.export import ADAPTER_META
 
@@ -26,8 +30,9 @@ def signature():
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
 
-    return ModelSignature(inputs=Schema([ColSpec("string", "task"), ColSpec("string", "text")]),
-                          outputs=Schema([ColSpec("string", "prediction")]))
+    # task is optional: a row without one is routed to a leaf (routing/), and "leaf" says which answered
+    return ModelSignature(inputs=Schema([ColSpec("string", "task", required=False), ColSpec("string", "text")]),
+                          outputs=Schema([ColSpec("string", "prediction"), ColSpec("string", "leaf")]))
 
 
 def pip_requirements() -> list[str]:
@@ -43,9 +48,10 @@ def pip_requirements() -> list[str]:
     return reqs
 
 
-def save_mlflow_model(adapter_dir: str | Path, out_dir: str | Path) -> Path:
+def save_mlflow_model(adapter_dir: str | Path, out_dir: str | Path, add_routing: Callable[[Path], None] | None = None) -> Path:
     """An MLflow pyfunc model folder around the PEFT folder ``adapter_dir`` (written by
-    ``save_adapter_folder``, whose ``treelora_adapter.json`` gives the input example)."""
+    ``save_adapter_folder``, whose ``treelora_adapter.json`` gives the input example);
+    ``add_routing`` writes the routing bundle (routing/bundle.py) into the copy it is given."""
     import mlflow.pyfunc
     import pandas as pd
 
@@ -56,7 +62,9 @@ def save_mlflow_model(adapter_dir: str | Path, out_dir: str | Path) -> Path:
         code = Path(tmp) / "treelora"  # the package without its sample data (about 1 MB)
         shutil.copytree(PACKAGE_DIR, code, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "sample"))
         # the folder's name must be "adapter": MLflow keeps data_path's base name (data/adapter)
-        data = adapter_dir if adapter_dir.name == "adapter" else shutil.copytree(adapter_dir, Path(tmp) / "adapter")
+        data = adapter_dir if adapter_dir.name == "adapter" and add_routing is None else shutil.copytree(adapter_dir, Path(tmp) / "adapter")
+        if add_routing is not None:
+            add_routing(data)
         mlflow.pyfunc.save_model(
             path=str(out_dir), loader_module="treelora.serving", data_path=str(data), code_paths=[str(code)],
             signature=signature(), input_example=pd.DataFrame([example]) if example else None, pip_requirements=pip_requirements())
@@ -72,6 +80,8 @@ class AdapterPredictor:
         from .adapters.backbone import load_backbone
         from .adapters.export import restore_adapter_folder
         from .adapters.model import ContinualModel
+        from .routing.bundle import read_bundle
+        from .routing.routed import RoutedModel
 
         folder = Path(adapter_dir)
         meta = json.loads((folder / ADAPTER_META).read_text())
@@ -86,6 +96,11 @@ class AdapterPredictor:
         self.model._new_tokens.update(meta.get("new_tokens", {}))
         restore_adapter_folder(self.model, folder, meta["adapters"])
         self.model.eval()
+        self.routed = None
+        bundle = read_bundle(folder)
+        if bundle is not None:
+            router, leaves, layer = bundle
+            self.routed = RoutedModel(self.model, {t: self._task(t) for t in leaves}, leaves, router, layer)
 
     def _task(self, name: str):
         """The Task ``predict`` needs: name, kind, labels, metric; its one row is a placeholder
@@ -99,24 +114,38 @@ class AdapterPredictor:
         return Task(name, t["kind"], tuple(t["labels"]), t["metric"], row, (), row, "mlflow model")
 
     def predict(self, model_input, params=None):
+        """Rows of (task, text) or (text) alone: a row with a task is answered by that task's leaf,
+        a row without one (no column, null or empty) by the leaf the router picks."""
         import pandas as pd
 
+        frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
+        if "text" not in frame.columns:
+            raise ValueError(f"input needs a 'text' column (and optionally 'task'); it has {list(frame.columns)}")
+        frame = frame.reset_index(drop=True)
+        given = [None if t is None or (isinstance(t, float) and t != t) or str(t) == "" else str(t)
+                 for t in (frame["task"] if "task" in frame.columns else [None] * len(frame))]
+        texts = [str(t) for t in frame["text"]]
+        for name in {t for t in given if t is not None}:
+            self._task(name)  # an unknown task is refused, naming the known ones
+        if self.routed is not None:
+            got = self.routed.answer(texts, given)
+            return pd.DataFrame({"prediction": got.answers, "leaf": got.tasks})
+        missing = [i for i, t in enumerate(given) if t is None]
+        if missing:
+            raise ValueError(f"rows {missing} have no task, and this version has no router to pick one "
+                             f"(it was registered before routing existed, or with routing.enabled false)")
+        return pd.DataFrame({"prediction": self._answer_given(texts, given), "leaf": given})
+
+    def _answer_given(self, texts: list[str], given: list[str]) -> list[str]:
         from .data.tasks import Example
 
-        frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
-        missing = [c for c in ("task", "text") if c not in frame.columns]
-        if missing:
-            raise ValueError(f"input needs columns 'task' and 'text'; missing {missing}")
-        frame = frame.reset_index(drop=True)
-        if frame["task"].isna().any():
-            raise ValueError(f"rows {frame.index[frame['task'].isna()].tolist()} have no task")
-        out = [""] * len(frame)
-        for name, positions in frame.groupby("task", sort=False).indices.items():
-            task = self._task(str(name))
-            examples = [Example(str(frame["text"].iat[p]), task.train[0].target) for p in positions]
-            for p, answer in zip(positions, self.model.predict(task, examples)):
-                out[p] = answer
-        return pd.DataFrame({"prediction": out})
+        out = [""] * len(texts)
+        for name in dict.fromkeys(given):
+            task = self._task(name)
+            rows = [i for i, t in enumerate(given) if t == name]
+            for i, answer in zip(rows, self.model.predict(task, [Example(texts[i], task.train[0].target) for i in rows])):
+                out[i] = answer
+        return out
 
 
 def _load_pyfunc(data_path: str) -> AdapterPredictor:

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..adapters.export import ADAPTER_META
-from .router import STATS_FILE, TaskStats, load_stats
+from .router import STATS_FILE, TaskStats, load_stats, save_stats
 
 
 def stream_leaves(adapters: list[Path]) -> tuple[dict[str, Path], dict[str, TaskStats], int]:
@@ -67,6 +67,11 @@ def merge_folders(folders: list[Path], weights: list[float], out: Path) -> Path:
     latest = max(folders, key=lambda f: len(json.loads((f / ADAPTER_META).read_text()).get("tasks", {})))
     shutil.copytree(latest, out)
     save_file(state, str(out / "adapter_model.safetensors"))
+    stats, meta = {}, None
+    for f in folders:  # the merged leaf answers for every task of both: it keeps all their statistics
+        found, meta = load_stats(f)
+        stats.update(found)
+    save_stats(out, stats, meta["layer"], meta["width"])
     return out
 
 

@@ -11,7 +11,7 @@ import json
 import tempfile
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 from mlflow.entities import Metric, Param, RunStatus
@@ -96,10 +96,11 @@ class StreamTracker:
 
     # -- one task ----------------------------------------------------------------------------
     def log_task(self, outcome: PhaseOutcome, *, adapter_dir: str | Path, accuracy_matrix: np.ndarray, task_names: Sequence[str],
-                 tree: TreeDescription | None, method: str) -> tuple[str, str]:
+                 tree: TreeDescription | None, method: str, routing: Callable[[Path], None] | None = None) -> tuple[str, str]:
         """Child run with everything about the phase, then its adapter registered: (child run id, version).
 
-        ``tree``: the tree service's description of the tree the phase made (methods that use one).
+        ``tree``: the tree service's description of the tree the phase made (methods that use one);
+        ``routing``: writes the routing bundle into the version's copy of the adapter folder.
         """
         parent = self._parent()
         logged = self._logged_version(outcome.key, outcome.index, parent)
@@ -114,7 +115,7 @@ class StreamTracker:
             self._log_config(child)
             self._log_metrics(child, _phase_metrics(outcome, accuracy_matrix, task_names))
             pulls = self._log_phase_artifacts(child, outcome, accuracy_matrix, task_names, tree)
-            self._log_model(child, Path(adapter_dir))
+            self._log_model(child, Path(adapter_dir), routing)
             version = self._register(outcome, child, f"{run.info.artifact_uri}/model", pulls, method, tree_version, parent)
         except BaseException:
             self.client.set_terminated(child, status=RunStatus.to_string(RunStatus.FAILED))
@@ -175,7 +176,7 @@ class StreamTracker:
         return (found[0].run_id, str(found[0].version)) if found else None
 
 
-    def _log_model(self, run_id: str, adapter_dir: Path) -> None:
+    def _log_model(self, run_id: str, adapter_dir: Path, routing: Callable[[Path], None] | None = None) -> None:
         """The version's folder: an MLflow pyfunc model around the PEFT folder; where mlflow.pyfunc
         cannot be imported (mlflow-skinny without pandas) the PEFT folder alone, in the same place."""
         with tempfile.TemporaryDirectory(prefix="treelora-model-") as tmp:
@@ -188,7 +189,7 @@ class StreamTracker:
                 print(f"[treelora] WARNING: registering the plain PEFT folder, not an MLflow model: {exc}", flush=True)
                 self.client.log_artifacts(run_id, str(adapter_dir), artifact_path="model/data/adapter")
                 return
-            self.client.log_artifacts(run_id, str(save_mlflow_model(adapter_dir, Path(tmp) / "model")), artifact_path="model")
+            self.client.log_artifacts(run_id, str(save_mlflow_model(adapter_dir, Path(tmp) / "model", routing)), artifact_path="model")
 
     def _parent(self) -> str:
         if self.parent_run_id is None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -19,6 +20,8 @@ from tree_service import TreeClient
 from .. import events
 from ..config import RunConfig
 from ..layout import RunLayout
+from ..routing.bundle import write_bundle
+from ..routing.leaves import stream_leaves, within_budget
 from ..tracking import StreamTracker
 from .phase import ADAPTER_DIR, PhaseOutcome
 from .phase_store import PhaseStore
@@ -79,12 +82,28 @@ class StreamLedger:
             if self.progress.done(outcome.key) is None:
                 self.handle(outcome, folder / ADAPTER_DIR)
 
+    def _routing_writer(self, outcome: PhaseOutcome, adapter_dir: Path, workspace: Path):
+        """What puts the leaves of every task up to this phase and the router into the version."""
+        adapters = [folder / ADAPTER_DIR for i, (folder, _) in sorted(self.store.published().items()) if i <= outcome.index]
+        snapshot = self.tree.snapshot(self.layout.run_id, outcome.tree_version) if self.uses_tree and outcome.tree_version else None
+        leaves, stats, _ = stream_leaves(adapters)
+        signatures = None
+        if snapshot is not None and snapshot.task_ids:
+            _, _, sig = snapshot.arrays()
+            signatures = {t: sig[i] for i, t in enumerate(snapshot.task_ids)}
+        kept = within_budget(leaves, stats, signatures, self.cfg.tree.max_leaves, workspace)
+        r = self.cfg.routing
+        return lambda folder: write_bundle(folder, adapter_dir, kept, snapshot.tree if snapshot else None,
+                                           list(snapshot.task_ids) if snapshot else None, r.shrinkage, r.search)
+
     def handle(self, outcome: PhaseOutcome, adapter_dir: Path) -> None:
         self.outcomes[outcome.index] = outcome
         names, R = self.matrix()
         tree = self.tree.describe(self.layout.run_id, outcome.tree_version) if self.uses_tree else None  # the tree this phase made
-        _, version = self.tracker.log_task(outcome, adapter_dir=adapter_dir, accuracy_matrix=R, task_names=names, tree=tree,
-                                           method=self.cfg.method.name)
+        with tempfile.TemporaryDirectory(prefix="treelora-leaves-") as workspace:
+            routing = self._routing_writer(outcome, adapter_dir, Path(workspace)) if self.cfg.routing.enabled else None
+            _, version = self.tracker.log_task(outcome, adapter_dir=adapter_dir, accuracy_matrix=R, task_names=names, tree=tree,
+                                               method=self.cfg.method.name, routing=routing)
         self.progress.mark(outcome.key, {"outcome": outcome.to_dict(), "adapter_dir": str(adapter_dir), "model_version": version})
         seconds = outcome.setup_seconds + outcome.train_seconds + outcome.eval_seconds
         self.reports[outcome.index] = TaskReport.of(outcome, str(adapter_dir), seconds)

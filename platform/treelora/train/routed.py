@@ -49,3 +49,23 @@ def routed_model(cfg: RunConfig, run_id: str, workspace: Path) -> RoutedModel:
     stream, model = fresh_model(cfg)
     router, leaves, layer = build_router(cfg, adapters, snapshot, None, cfg.tree.max_leaves, workspace)
     return RoutedModel(model, {t.name: t for t in stream.tasks}, leaves, router, layer)
+
+
+def describe_routes(cfg: RunConfig, run_id: str, texts: list[str]) -> list[str]:
+    """One line per input: the leaf the router picked, the path down the task tree, the answer."""
+    import tempfile
+
+    layout = RunLayout.of(cfg, run_id)
+    if not layout.phases_dir.is_dir():
+        raise FileNotFoundError(f"no stream {run_id!r} with published tasks under {layout.local_root / 'streams'} "
+                                f"(the run id is printed by `treelora run`)")
+    with tempfile.TemporaryDirectory(prefix="treelora-leaves-") as tmp:
+        model = routed_model(cfg, run_id, Path(tmp))
+        got = model.answer(texts)
+        nodes = model.router.node_task.tolist() if model.router.tree is not None else []
+        lines = [f"{model.num_leaves} leaves; search {model.router.search}; routing {got.route_seconds * 1e3:.1f} ms, "
+                 f"answering {got.answer_seconds * 1e3:.1f} ms"]
+        for text, task, path, answer in zip(texts, got.tasks, got.paths, got.answers):
+            steps = " -> ".join(f"node {n}" + (f" ({model.router.tasks[nodes[n]]})" if nodes[n] >= 0 else "") for n in path)
+            lines.append(f"{text[:60]!r}: leaf {task!r}" + (f" via {steps}" if steps else "") + f"; answer {answer!r}")
+    return lines
