@@ -165,6 +165,11 @@ def report_routing(records: list[dict]) -> None:
               f"{fmt([float(np.mean(r['routed']['oracle'])) for r in rs])}; routing "
               f"{statistics.median(r['routed']['route_seconds_per_row'] for r in rs) * 1e3:.2f} ms/row, answering "
               f"{statistics.median(r['routed']['answer_seconds_per_row'] for r in rs) * 1e3:.2f} ms/row (medians)")
+        searches = sorted({k for r in rs for k in r["routed"].get("accuracy_by_search", {})})
+        if searches:
+            print("routing accuracy by search (same features): " + ", ".join(
+                f"{k} {fmt([r['routed']['accuracy_by_search'][k] for r in rs if k in r['routed']['accuracy_by_search']])}"
+                for k in searches))
         print("| task (rows: true task, % of its rows routed to each) | " + " | ".join(names) + " |")
         print("|---|" + "---:|" * len(names))
         for i, name in enumerate(names):

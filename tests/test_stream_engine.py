@@ -193,10 +193,21 @@ def test_a_registered_version_predicts_through_mlflow_pyfunc_as_the_evaluation_s
     monkeypatch.setenv("MLFLOW_REGISTRY_URI", result.tracking_uri)
     model = mlflow.pyfunc.load_model(f"models:/{result.registered_model}@latest")
     assert model.metadata.get_input_schema().input_names() == ["task", "text"]
-    assert model.metadata.get_output_schema().input_names() == ["prediction"]
-    for i, task in enumerate(validate_stream(cfg).tasks):
-        predicted = model.predict(pd.DataFrame({"task": task.name, "text": [e.text for e in task.test]}))["prediction"]
-        assert np.mean([p == e.target for p, e in zip(predicted, task.test)]) == pytest.approx(result.accuracy[i, -1])
+    assert model.metadata.get_output_schema().input_names() == ["prediction", "leaf"]
+    tasks = validate_stream(cfg).tasks
+    for i, task in enumerate(tasks):
+        got = model.predict(pd.DataFrame({"task": task.name, "text": [e.text for e in task.test]}))
+        assert list(got["leaf"]) == [task.name] * len(task.test)
+        if i == len(tasks) - 1:  # the latest version's own task: its leaf is the stream's adapter
+            assert np.mean([p == e.target for p, e in zip(got["prediction"], task.test)]) == pytest.approx(result.accuracy[i, -1])
+        else:  # an earlier task's leaf: the adapter as its phase left it
+            assert np.mean([p == e.target for p, e in zip(got["prediction"], task.test)]) == pytest.approx(result.accuracy[i, i])
+    # without a task id every row goes to some leaf, and is answered as that leaf answers it with the task given
+    texts = [e.text for t in tasks for e in t.test]
+    routed = model.predict(pd.DataFrame({"text": texts}))
+    assert set(routed["leaf"]) <= {t.name for t in tasks}
+    again = model.predict(pd.DataFrame({"task": list(routed["leaf"]), "text": texts}))
+    assert list(again["prediction"]) == list(routed["prediction"])
     with pytest.raises(ValueError, match="task 'nope' is not in this adapter version"):
         model.predict(pd.DataFrame({"task": ["nope"], "text": ["x"]}))
 
@@ -230,12 +241,16 @@ def test_mlflow_models_serve_answers_with_a_registered_version(finished, tmp_pat
             except OSError:
                 assert proc.poll() is None and time.monotonic() < deadline, "mlflow models serve did not come up"
                 time.sleep(0.5)
-        task = validate_stream(cfg).tasks[0]
-        rows = [[task.name, e.text] for e in task.test]
+        first, last = validate_stream(cfg).tasks[0], validate_stream(cfg).tasks[-1]
+        # one request mixing tasks: rows of the latest task named, rows of the first without a task
+        rows = [[last.name, e.text] for e in last.test] + [[None, e.text] for e in first.test]
         body = json.dumps({"dataframe_split": {"columns": ["task", "text"], "data": rows}}).encode()
         request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body, headers={"Content-Type": "application/json"})
-        answers = [p["prediction"] for p in json.loads(urllib.request.urlopen(request, timeout=60).read())["predictions"]]
-        assert np.mean([a == e.target for a, e in zip(answers, task.test)]) == pytest.approx(result.accuracy[0, -1])
+        answers = json.loads(urllib.request.urlopen(request, timeout=60).read())["predictions"]
+        named, routed = answers[: len(last.test)], answers[len(last.test):]
+        assert [a["leaf"] for a in named] == [last.name] * len(last.test)
+        assert np.mean([a["prediction"] == e.target for a, e in zip(named, last.test)]) == pytest.approx(result.accuracy[-1, -1])
+        assert len(routed) == len(first.test) and {a["leaf"] for a in routed} <= {first.name, last.name}
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(30)

@@ -147,7 +147,9 @@ class RoutingConfig:
     layer: int | None = None  # the base model's block whose pooled output is read; None = blocks // 6 (chosen on eval)
     fit_rows: int = 1000  # training rows per task the statistics are taken from
     shrinkage: float = 0.1  # the shared covariance's shrinkage toward its mean variance (chosen on eval)
-    search: str = "tree"  # tree: descend the task tree (O(depth)); flat: score every task
+    # flat: score every task (exact; one [rows x tasks] product); tree: descend the task tree in
+    # O(depth), which misroutes where the gradient tree's splits cut across inputs that look alike
+    search: str = "flat"
 
 
 @dataclasses.dataclass(frozen=True)

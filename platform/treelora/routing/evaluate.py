@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import torch
 
 from tree_service import CompiledTree, TreeSnapshot
 
@@ -20,6 +21,7 @@ from ..adapters.model import ContinualModel
 from ..config import RunConfig
 from ..data.scoring import score
 from ..data.tasks import Task
+from .features import pooled_features, reduce
 from .leaves import stream_leaves, within_budget
 from .routed import RoutedModel
 from .router import Router, confusion
@@ -43,6 +45,24 @@ def mixed_batch_cost(routed_model: RoutedModel, tasks: Sequence[Task], split: st
     return float(np.median(route)), float(np.median(answer))
 
 
+def accuracy_by_search(routed_model: RoutedModel, tasks: Sequence[Task], split: str) -> dict[str, float]:
+    """The share of rows routed to their own task by the flat search and (with a tree) by the
+    tree descent, from the same features."""
+    router = routed_model.router
+    feats, truth = [], []
+    for task in tasks:
+        rows = [e.text for e in getattr(task, split)]
+        feats.append(reduce(pooled_features(routed_model.model, rows, routed_model.layer), routed_model.model.hidden_size))
+        truth += [router.tasks.index(task.name)] * len(rows)
+    x, y = torch.cat(feats), torch.tensor(truth, device=feats[0].device)
+    out = {"flat": float((router.scores(x).argmax(1) == y).float().mean())}
+    if router.tree is not None:
+        searched, router.search = router.search, "tree"
+        out["tree"] = float((router.route(x)[0] == y).float().mean())
+        router.search = searched
+    return out
+
+
 @dataclasses.dataclass
 class RoutedReport:
     task_names: list[str]
@@ -54,6 +74,7 @@ class RoutedReport:
     answer_seconds_per_row: float
     mixed_route_seconds: float = float("nan")  # median per batch of MIXED_BATCH rows drawn across the tasks
     mixed_answer_seconds: float = float("nan")
+    accuracy_by_search: dict = dataclasses.field(default_factory=dict)  # {"flat": .., "tree": ..} on the same features
 
     @property
     def routing_accuracy(self) -> float:
@@ -109,4 +130,5 @@ def evaluate_routed(cfg: RunConfig, model: ContinualModel, tasks: Sequence[Task]
         matrix = confusion(np.array(true_ids), np.array(routed_ids), len(tasks))
         mixed = mixed_batch_cost(routed_model, tasks, split)
         return RoutedReport([t.name for t in tasks], routed, oracle, matrix.tolist(), routed_model.num_leaves,
-                            route_s / max(rows, 1), answer_s / max(rows, 1), *mixed)
+                            route_s / max(rows, 1), answer_s / max(rows, 1), *mixed,
+                            accuracy_by_search=accuracy_by_search(routed_model, tasks, split))
