@@ -44,7 +44,7 @@ def final_lines(records: list[dict], routed_method: str) -> list[str]:
 
 def main(argv=None) -> int:
     ap = parser(__doc__.splitlines()[0])
-    ap.set_defaults(methods="seq-lora,l2-anchor,o-lora,treelora", routed="treelora", seeds=2)
+    ap.set_defaults(methods="seq-lora,l2-anchor,o-lora,treelora", routed="treelora", seeds=1)
     args = ap.parse_args(argv)
     quiet()
     stream = json.loads(Path(args.merge[0]).read_text())["stream"] if args.merge else args.stream
