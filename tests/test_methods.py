@@ -184,8 +184,8 @@ def test_generation_stream_with_the_tiny_llama(streams, method):
     assert np.isfinite(result.metrics["op"]) and np.isfinite(result.metrics["bwt"])
     assert all(report.steps == 2 and np.isfinite(report.final_loss) for report in result.tasks)
     for report in result.tasks:
-        assert sorted(p.name for p in Path(report.adapter_dir).iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
-                                                                              "treelora_adapter.json"]  # no heads: generation
+        assert sorted(p.name for p in Path(report.adapter_dir).iterdir()) == [
+            "adapter_config.json", "adapter_model.safetensors", "router_stats.safetensors", "treelora_adapter.json"]  # no heads: generation
         meta = json.loads((Path(report.adapter_dir) / "treelora_adapter.json").read_text())
         assert meta["kind"] == "generation" and set(meta["new_tokens"]) <= set(meta["tasks"]) and meta["example"]["task"] in meta["tasks"]
         load_with_stock_peft(report.adapter_dir, "tiny-llama")
