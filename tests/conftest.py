@@ -1,5 +1,6 @@
 import os
 import socket
+import tempfile
 
 import pytest
 
@@ -7,6 +8,9 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# a Hugging Face cache of this session only (tests lay tiny models out in it as Hub entries); set
+# before Ray starts, so its workers resolve Hub ids from the same cache
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="treelora-test-hf-")
 
 
 RAY_FIXTURES = {"ray_session", "ray_head"}

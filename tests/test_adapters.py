@@ -10,7 +10,7 @@ from peft import PeftModel, get_peft_model_state_dict
 from safetensors.torch import load_file
 
 from treelora.adapters import ContinualModel, load_adapter_folder, save_adapter_folder, tiny_backbone
-from treelora.adapters.backbone import target_module_names
+from treelora.adapters.families import resolve_targets
 from treelora.data import Example, Task
 
 pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_torch_thread")]
@@ -81,11 +81,15 @@ def test_llama_modules_follow_the_model_layer_by_layer_q_before_v():
 
 
 def test_short_target_names_are_mapped_per_family():
-    assert target_module_names("bert", ("q", "v")) == ["query", "value"]
-    assert target_module_names("bert", ("q", "k", "v")) == ["query", "key", "value"]
-    assert target_module_names("llama", ("q", "v")) == ["q_proj", "v_proj"]
-    assert target_module_names("llama", ("q", "k", "v", "o")) == ["q_proj", "k_proj", "v_proj", "o_proj"]
-    assert set(bert_model().lora_config.target_modules) == {"query", "value"}
+    bert, llama = tiny_backbone("tiny-bert").model, tiny_backbone("tiny-llama").model
+    leaf = lambda names: [n.rsplit(".", 1)[1] for n in names]  # noqa: E731
+    assert leaf(resolve_targets(bert, ("q", "v"), "bert")) == ["query", "query", "value", "value"]
+    assert leaf(resolve_targets(bert, ("down",), "bert")) == ["dense", "dense"]  # output.dense, not attention.output.dense
+    assert all(".attention." not in n for n in resolve_targets(bert, ("down",), "bert"))
+    assert leaf(resolve_targets(llama, ("q", "k", "v", "o"), "llama")) == ["q_proj"] * 2 + ["k_proj"] * 2 + ["v_proj"] * 2 + ["o_proj"] * 2
+    assert {n.rsplit(".", 1)[1] for n in bert_model().lora_config.target_modules} == {"query", "value"}
+    with pytest.raises(ValueError, match=r"adapter.targets: 'gate' matches no layer of bert \(short names it has: q, k, v, o, up, down, dense"):
+        resolve_targets(bert, ("gate",), "bert")
     three = bert_model(targets=("q", "k", "v"))
     assert [m.name.rsplit(".", 1)[1] for m in three.modules_in_order] == ["query", "key", "value"] * 2
 
@@ -117,7 +121,7 @@ def test_classification_snapshot_is_a_peft_folder_with_heads_that_stock_peft_loa
         "adapter_config.json", "adapter_model.safetensors", "task_heads.json", "task_heads.safetensors"]
     config = json.loads((folder / "adapter_config.json").read_text())
     assert (config["peft_type"], config["r"], config["lora_alpha"]) == ("LORA", R, ALPHA)
-    assert set(config["target_modules"]) == {"query", "value"}
+    assert {n.rsplit(".", 1)[1] for n in config["target_modules"]} == {"query", "value"}  # full names inside the blocks
     assert config["base_model_name_or_path"] is None and config["task_type"] == "FEATURE_EXTRACTION"  # a test model loads from nowhere
 
     loaded = assert_loads_identically(folder, tiny_backbone("tiny-bert").model, model)

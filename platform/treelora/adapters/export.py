@@ -41,6 +41,7 @@ def save_adapter_folder(model: ContinualModel, folder: str | Path, adapters: lis
     cfg = model.lora_config
     k = len(adapters)
     config = dataclasses.replace(cfg, r=cfg.r * k, lora_alpha=cfg.lora_alpha * k, base_model_name_or_path=model.reference,
+                                 revision=model.revision,  # a Hub id's commit: stock peft loads that exact base
                                  task_type="CAUSAL_LM" if model.is_causal else "FEATURE_EXTRACTION", inference_mode=True)
     state = {}
     for m in model.modules_in_order:
@@ -56,7 +57,8 @@ def save_adapter_folder(model: ContinualModel, folder: str | Path, adapters: lis
         save_file(heads, str(folder / HEADS_FILE))
         (folder / HEADS_META).write_text(json.dumps({t: label_sets[t] for t, _ in kept}, indent=1))
     if meta is not None:
-        base = {"base_model": model.source, "base_model_name_or_path": model.reference, "gguf_file": model.gguf_file}
+        base = {"base_model": model.source, "base_model_name_or_path": model.reference, "gguf_file": model.gguf_file,
+                "revision": model.revision, "family": model.family}
         (folder / ADAPTER_META).write_text(json.dumps({**base, **meta}, indent=1))
     return folder
 

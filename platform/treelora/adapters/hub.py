@@ -30,6 +30,13 @@ class HubModel:
         return f"{self.repo}@{self.commit}"
 
 
+def cache_dir() -> Path:
+    """The Hub cache as the environment says now (huggingface_hub reads HF_HOME once, at import)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    return Path(os.environ.get("HF_HOME", "~/.cache/huggingface")).expanduser() / "hub"
+
+
 def looks_like_hub_id(name: str) -> bool:
     return bool(HUB_ID.match(name)) and not Path(name).expanduser().exists()
 
@@ -47,7 +54,7 @@ def resolve_hub(name: str) -> HubModel:
     repo, rev = match["repo"], match["rev"]
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
     try:
-        path = Path(snapshot_download(repo, revision=rev, local_files_only=offline,
+        path = Path(snapshot_download(repo, revision=rev, local_files_only=offline, cache_dir=cache_dir(),
                                       allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.gguf", "*.tiktoken"]))
     except GatedRepoError:
         raise ValueError(f"model.name {name!r} is gated: accept its terms on the Hub and set HF_TOKEN") from None
@@ -56,7 +63,7 @@ def resolve_hub(name: str) -> HubModel:
     except RevisionNotFoundError:
         raise ValueError(f"model.name {name!r}: the Hub model has no revision {rev!r}") from None
     except LocalEntryNotFoundError:
-        where = os.environ.get("HF_HUB_CACHE") or os.path.join(os.environ.get("HF_HOME", "~/.cache/huggingface"), "hub")
+        where = cache_dir()
         why = "HF_HUB_OFFLINE=1 and it is not in the cache" if offline else "it is not in the cache and the Hub cannot be reached"
         raise ValueError(f"model.name {name!r}: {why} ({where}); download it once with network access "
                          f"(huggingface-cli download {repo}) or point HF_HOME at a cache that has it") from None

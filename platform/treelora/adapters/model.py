@@ -11,14 +11,17 @@ adapter, where the methods differ.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from typing import Sequence
 
 import torch
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
+from transformers.pytorch_utils import Conv1D
 
 from ..data.tasks import Example, Task
-from .backbone import FAMILY_TARGETS, Backbone, target_module_names
+from .backbone import Backbone
+from .families import resolve_targets
 
 
 def head_key(task_name: str) -> str:
@@ -39,35 +42,26 @@ class LoraModule:
         return self.layer.lora_B[adapter].weight
 
 
-def _check_targets(backbone: Backbone, targets: tuple[str, ...]) -> None:
-    """Refuse adapter.targets that match no module, naming the field (peft's own error would not)."""
-    names = {n.rsplit(".", 1)[-1] for n, _ in backbone.model.named_modules()}
-    for short in targets:
-        if not set(target_module_names(backbone.family, (short,))) <= names:
-            known = ", ".join(sorted(FAMILY_TARGETS[backbone.family])) + ", all-linear"
-            raise ValueError(f"adapter.targets: {short!r} matches no module of {backbone.source} (short names for {backbone.family}: {known})")
-
-
 class ContinualModel(torch.nn.Module):
     def __init__(self, backbone: Backbone, r: int = 8, alpha: int = 16, dropout: float = 0.0,
                  targets: Sequence[str] = ("q", "v"), max_length: int | None = 128, max_new_tokens: int | None = 8,
                  chat_template: bool = True):
         super().__init__()
-        self.family, self.tokenizer, self.source = backbone.family, backbone.tokenizer, backbone.source
-        self.reference, self.gguf_file = backbone.reference, backbone.gguf_file
+        self.family, self.kind, self.tokenizer, self.source = backbone.family, backbone.kind, backbone.tokenizer, backbone.source
+        self.reference, self.gguf_file, self.revision = backbone.reference, backbone.gguf_file, backbone.revision
         self.max_length, self.max_new_tokens = max_length, max_new_tokens
         # instruct models answer in their chat format: a prompt becomes one user turn
         self.use_chat_template = bool(chat_template and self.is_causal and getattr(self.tokenizer, "chat_template", None))
         self._ids: dict[tuple[bool, str], list[int]] = {}  # (is a prompt, text) -> token ids, filled once (see prepare)
         self._new_tokens: dict[str, int] = {}  # task -> greedy decoding budget derived from its answers
-        self.lora_config = LoraConfig(
-            r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none",
-            target_modules=target_module_names(backbone.family, tuple(targets)),
-            # BERT's pooler is a "dense" too, but the tasks pool the last hidden states themselves
-            exclude_modules=["pooler.dense"] if backbone.family == "bert" else None,
-        )
-        _check_targets(backbone, tuple(targets))
+        # full module names inside the transformer blocks: a pooler or an LM head never matches
+        names = resolve_targets(backbone.model, tuple(targets), backbone.source)
+        conv1d = any(isinstance(m, Conv1D) for n, m in backbone.model.named_modules() if n in set(names))
+        self.lora_config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none", target_modules=names,
+                                      fan_in_fan_out=conv1d)  # GPT-2's Conv1D stores its weight transposed
         self.peft = get_peft_model(backbone.model, self.lora_config)
+        forward = inspect.signature(self.peft.get_base_model().forward).parameters
+        self.takes_token_types = "token_type_ids" in forward  # BERT, DeBERTa; not DistilBERT or ModernBERT
         self.heads = torch.nn.ModuleDict()
         self.modules_in_order = [
             LoraModule(name.removeprefix("base_model.model."), m) for name, m in self.peft.named_modules() if isinstance(m, LoraLayer)
@@ -78,7 +72,7 @@ class ContinualModel(torch.nn.Module):
     # -- structure ------------------------------------------------------------------------
     @property
     def is_causal(self) -> bool:
-        return self.family == "llama"
+        return self.kind == "causal"
 
     @property
     def hidden_size(self) -> int:
@@ -154,7 +148,7 @@ class ContinualModel(torch.nn.Module):
                 self._new_tokens[task.name] = budget
         return cut
 
-    LENGTH_QUANTILE, LENGTH_CAPS = 0.95, {"bert": 512, "llama": 1024}
+    LENGTH_QUANTILE, LENGTH_CAPS = 0.95, {"encoder": 512, "causal": 1024}
     OPTION_ANSWER_TOKENS = 32
 
     def length_covering(self, examples: Sequence[Example]) -> int:
@@ -162,7 +156,11 @@ class ContinualModel(torch.nn.Module):
         (at least 32, at most what the family handles well)."""
         lengths = sorted(self.full_length(e) for e in examples) or [32]
         need = lengths[min(int(len(lengths) * self.LENGTH_QUANTILE), len(lengths) - 1)]
-        return int(min(max(32, -(-need // 8) * 8), self.LENGTH_CAPS[self.family]))
+        config = self.peft.get_base_model().config
+        positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 10**9
+        if self.family == "roberta":  # RoBERTa's positions start after its padding index
+            positions -= 2
+        return int(min(max(32, -(-need // 8) * 8), self.LENGTH_CAPS[self.kind], positions))
 
     @property
     def derived_new_tokens(self) -> dict[str, int]:
@@ -237,8 +235,9 @@ class ContinualModel(torch.nn.Module):
         rows = [self.cut_middle(self._text_ids(e.text), self.max_length) for e in examples]  # keeps [CLS] and [SEP]
         input_ids = self._pad(rows, self.tokenizer.pad_token_id or 0)
         mask = self._pad([[1] * len(r) for r in rows], 0)
-        out = {"input_ids": input_ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(input_ids),
-               "labels": torch.tensor([task.labels.index(e.target) for e in examples])}
+        out = {"input_ids": input_ids, "attention_mask": mask, "labels": torch.tensor([task.labels.index(e.target) for e in examples])}
+        if self.takes_token_types:
+            out["token_type_ids"] = torch.zeros_like(input_ids)
         return self._to_device(out)
 
     def _causal_batch(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:

@@ -87,3 +87,20 @@ def write_cache_entry(hf_home: str | Path, model_type: str, seed: int = 0) -> tu
     (root / "refs").mkdir(exist_ok=True)
     (root / "refs" / "main").write_text(commit)
     return repo, commit
+
+
+def write_folder_entry(hf_home: str | Path, repo: str, folder: str | Path) -> str:
+    """Lay an existing model folder out as the cached snapshot of ``repo`` (its files linked, as
+    the Hub cache links blobs): the commit hash."""
+    folder = Path(folder)
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    commit = hashlib.sha1(repo.encode() + json.dumps([(p.name, p.stat().st_size) for p in files]).encode()).hexdigest()
+    root = Path(hf_home) / "hub" / f"models--{repo.replace('/', '--')}"
+    snapshot = root / "snapshots" / commit
+    snapshot.mkdir(parents=True, exist_ok=True)
+    for p in files:
+        if not (snapshot / p.name).exists():
+            (snapshot / p.name).symlink_to(p.resolve())
+    (root / "refs").mkdir(exist_ok=True)
+    (root / "refs" / "main").write_text(commit)
+    return commit

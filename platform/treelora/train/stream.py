@@ -22,6 +22,7 @@ import numpy as np
 from tree_service import TreeClient
 
 from .. import events
+from ..adapters.backbone import pinned_name
 from ..config import ConfigError, RunConfig
 from ..evaluate import summary
 from ..layout import RunLayout
@@ -149,6 +150,9 @@ def run_stream(cfg: RunConfig, *, executor: str = "ray", address: str | None = N
     ``step_hooks``: test-only hooks every rank calls after each step (``treelora.testing``)."""
     t0, started_at = time.perf_counter(), time.time()
     stream = preflight(cfg)  # every record checked before anything trains
+    pinned = pinned_name(cfg.model.name)  # a Hub id -> id@commit: every worker loads the same files
+    if pinned != cfg.model.name:
+        cfg = cfg.with_values({"model.name": pinned})
     if progress is not None:
         progress(events.Validated(sum(len(t.train) + len(t.eval) + len(t.test) for t in stream.tasks), time.perf_counter() - t0))
     runner = _executor(cfg, executor, address)

@@ -9,6 +9,7 @@ from urllib.parse import urlparse
 
 from ..adapters import backbone
 from ..adapters.backbone import ModelNotAvailable, check_model_name, resolve_name
+from ..adapters.families import UnsupportedModel
 from ..config import ConfigError, RunConfig
 from ..layout import RunLayout
 from ..storage import redact
@@ -128,9 +129,12 @@ def validate_stream(cfg: RunConfig):
     kind = stream_kind(stream)
     name = resolve_name(cfg.model.name, kind)
     try:
-        check_model_name(name)
-    except ModelNotAvailable as exc:
+        model_kind = check_model_name(name)
+    except (ModelNotAvailable, UnsupportedModel) as exc:
         raise ConfigError(str(exc)) from exc
+    if model_kind is not None and model_kind != ("causal" if kind == "generation" else "encoder"):
+        raise ConfigError(f"model.name {cfg.model.name!r} is a{'n' if model_kind == 'encoder' else ''} {model_kind} model but the "
+                          f"stream's tasks are {kind}: generation needs a causal LM, classification an encoder")
     if name in ("minilm", "smollm2"):
         try:
             backbone.minilm_dir() if name == "minilm" else backbone.smollm2_dir()
