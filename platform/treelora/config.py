@@ -36,15 +36,17 @@ class StreamConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    # "auto" = all-MiniLM-L6-v2 for classification streams, SmolLM2-135M-Instruct for generation;
-    # "minilm", "smollm2", a local Hugging Face folder, or "tiny-bert"/"tiny-llama" (random
-    # weights: fast unit tests only, never a user default)
+    # "auto" (MiniLM for classification, SmolLM2 for generation), "minilm", "smollm2", a local folder,
+    # a Hub id (org/name[@revision]: the HF cache; pinned to its commit when a run starts), or
+    # "tiny-bert"/"tiny-llama" (random weights: fast unit tests only, never a user default)
     name: str = "auto"
     # tokens per example; None = from the data: the length that holds 95% of the training rows
     # whole (a multiple of 8, 32 to 512 for BERT, to 1024 for Llama); longer rows lose their middle
     max_length: int | None = None
     max_new_tokens: int | None = None  # greedy decoding budget; None = the task's longest training answer
     chat_template: bool = True  # instruct models with a chat template get each prompt as one user turn
+    # QLoRA: the frozen base in 8 or 4 bits (bitsandbytes; 4bit = NF4 with bf16 compute), GPU + --local
+    quantization: str = "none"
 
 
 @dataclasses.dataclass(frozen=True)

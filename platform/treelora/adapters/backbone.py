@@ -28,6 +28,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may be fetched from a hu
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+QUANTIZATION = ("none", "8bit", "4bit")
 
 
 class ModelNotAvailable(RuntimeError):
@@ -130,12 +131,42 @@ def resolve_name(name: str, stream_kind: str) -> str:
 
 
 def load_backbone(name: str, stream_kind: str = "classification", dtype: torch.dtype = torch.float32,
-                  device: torch.device | str | None = None) -> Backbone:
-    """The backbone in ``dtype`` on ``device``; on a GPU the weights load straight onto it."""
+                  device: torch.device | str | None = None, quantization: str = "none") -> Backbone:
+    """The backbone in ``dtype`` on ``device``; on a GPU the weights load straight onto it.
+    ``quantization`` 8bit / 4bit: the base's linear layers in bitsandbytes' formats (QLoRA)."""
+    if quantization != "none":
+        return _load_quantized(name, stream_kind, dtype, device, quantization)
     backbone = _load_backbone(name, stream_kind, dtype, device)
     if device is not None:
         backbone.model.to(device)  # a no-op where the weights were loaded onto the device already
     return backbone
+
+
+def _load_quantized(name: str, stream_kind: str, dtype: torch.dtype, device, quantization: str) -> Backbone:
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    if device is None or torch.device(device).type != "cuda":
+        raise ModelNotAvailable(f"model.quantization {quantization} needs a CUDA GPU (bitsandbytes); this run is on {device or 'the CPU'}")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelNotAvailable(f"model.quantization {quantization} needs bitsandbytes: pip install bitsandbytes")
+    name = resolve_name(name, stream_kind)
+    if name in ("smollm2", "tiny-bert", "tiny-llama"):
+        raise ModelNotAvailable(f"model.quantization {quantization}: {name} is not a safetensors model (GGUF or random weights); "
+                                f"quantise a Hugging Face folder or Hub id")
+    path, hub = (minilm_dir(), None) if name == "minilm" else model_folder(name)
+    config = AutoConfig.from_pretrained(path)
+    kind = family_kind(config.model_type, name)
+    bnb = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16) if quantization == "4bit" else BitsAndBytesConfig(load_in_8bit=True))
+    model = (AutoModelForCausalLM if kind == "causal" else AutoModel).from_pretrained(
+        path, quantization_config=bnb, dtype=dtype, device_map={"": str(device)})
+    # norms in fp32, inputs that carry gradients to the adapters; no gradient checkpointing (our choice per run)
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    tok = AutoTokenizer.from_pretrained(path)
+    return Backbone(model, _causal_tokenizer(tok) if kind == "causal" else tok, config.model_type,
+                    f"{name} ({path}, {quantization})", hub.repo if hub else str(Path(path).resolve()), None,
+                    hub.commit if hub else None, kind)
 
 
 def _load_backbone(name: str, stream_kind: str, dtype: torch.dtype, device) -> Backbone:

@@ -42,7 +42,7 @@ def stream_kind(stream: Stream) -> str:
 
 def build_model(cfg: RunConfig, kind: str, dtype: torch.dtype = torch.float32, device: torch.device | None = None) -> ContinualModel:
     torch.manual_seed(cfg.train.seed)  # LoRA A init: the same on every worker
-    backbone = load_backbone(cfg.model.name, kind, dtype=dtype, device=device)
+    backbone = load_backbone(cfg.model.name, kind, dtype=dtype, device=device, quantization=cfg.model.quantization)
     want = "causal" if kind == "generation" else "encoder"
     if backbone.kind != want:
         raise ValueError(f"model.name {cfg.model.name!r} is a{'n' if backbone.kind == 'encoder' else ''} {backbone.kind} model "

@@ -123,6 +123,9 @@ def live_events(tracker: StreamTracker, progress_out, log, flush_s: float = 2.0)
 def _executor(cfg: RunConfig, executor: str, address: str | None):
     # imported when chosen: `--local` must not pay for importing Ray Train and DeepSpeed
     if executor == "ray":
+        if cfg.model.quantization != "none":
+            raise ConfigError(f"model.quantization {cfg.model.quantization} trains with the in-process runner "
+                              f"(treelora run --local): DeepSpeed does not train on bitsandbytes weights here")
         from .ray_executor import RayTrain
 
         return RayTrain(cfg, address)

@@ -7,8 +7,10 @@ import math
 import socket
 from urllib.parse import urlparse
 
+import torch
+
 from ..adapters import backbone
-from ..adapters.backbone import ModelNotAvailable, check_model_name, resolve_name
+from ..adapters.backbone import QUANTIZATION, ModelNotAvailable, check_model_name, resolve_name
 from ..adapters.families import UnsupportedModel
 from ..config import ConfigError, RunConfig
 from ..layout import RunLayout
@@ -108,6 +110,11 @@ def validate_config(cfg: RunConfig, cluster_gpus: float | None = None) -> None:
         raise ConfigError(f"eval.split must be test or eval, got {cfg.eval.split!r}")
     if cfg.train.schedule not in SCHEDULES:
         raise ConfigError(f"train.schedule must be one of {sorted(SCHEDULES)}, got {cfg.train.schedule!r}")
+    if cfg.model.quantization not in QUANTIZATION:
+        raise ConfigError(f"model.quantization must be one of {', '.join(QUANTIZATION)}, got {cfg.model.quantization!r}")
+    if cfg.model.quantization != "none" and not cfg.scaling.use_gpu and not torch.cuda.is_available():
+        raise ConfigError(f"model.quantization {cfg.model.quantization} needs a CUDA GPU (bitsandbytes' kernels); this machine has "
+                          f"none and scaling.use_gpu is false: use model.quantization none on a CPU")
     if cfg.routing.search not in ("tree", "flat"):
         raise ConfigError(f"routing.search must be tree or flat, got {cfg.routing.search!r}")
     if not 0 <= cfg.train.warmup_ratio < 1:
