@@ -13,6 +13,7 @@ reply or an actor restart does not insert twice).
 from __future__ import annotations
 
 import logging
+import numbers
 import time
 
 from .client import TaskEntry, TreeDescription, TreeSnapshot
@@ -32,6 +33,14 @@ from .tree import TaskTree
 
 log = logging.getLogger(__name__)
 
+
+
+def check_version(expected_version) -> int:
+    """A tree version is an int (not a bool, a float or a string that looks like one)."""
+    if isinstance(expected_version, bool) or not isinstance(expected_version, numbers.Integral):
+        raise TreeServiceError(f"expected_version must be an int (the version of the snapshot the caller read), "
+                               f"got {expected_version!r} ({type(expected_version).__name__})")
+    return int(expected_version)
 
 class TreeRegistry:
     def __init__(self, storage_uri: str, filesystem=None):
@@ -124,6 +133,7 @@ class TreeRegistry:
         """
         if not isinstance(task_id, str) or not task_id:
             raise TreeServiceError(f"task_id must be a non-empty string, got {task_id!r}")
+        check_version(expected_version)
         try:
             return self._add_once(stream, task_id, signature, expected_version, run_id, space, leaf_size)
         except VersionExists:  # another writer took that version: re-read, which answers a retried call or conflicts
@@ -160,6 +170,7 @@ class TreeRegistry:
 
     def rebuild(self, stream: str, expected_version: int) -> int:
         """Rebuild the tree from all signatures (balanced median splits) as a new version."""
+        check_version(expected_version)
         snap = self._latest(stream)
         if snap is None:
             raise UnknownStream(f"no stream {stream!r}")

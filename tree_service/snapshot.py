@@ -22,9 +22,10 @@ STREAM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 def check_stream_name(stream: str) -> str:
-    if not isinstance(stream, str) or not STREAM_NAME.match(stream):
+    if not isinstance(stream, str) or not STREAM_NAME.fullmatch(stream):  # fullmatch: "$" would allow a final newline
+        shown = repr(stream) if not isinstance(stream, str) or len(stream) <= 80 else f"{stream[:60]!r}... ({len(stream)} characters)"
         raise ValueError(
-            f"stream id {stream!r} is not valid: use 1-128 characters from letters, digits, '.', '_' "
+            f"stream id {shown} is not valid: use 1-128 characters from letters, digits, '.', '_' "
             "and '-', starting with a letter or digit (it names a storage folder)"
         )
     return stream

@@ -75,7 +75,7 @@ class SnapshotStore:
     def streams(self) -> list[str]:
         infos = self.fs.get_file_info(pafs.FileSelector(self.root, allow_not_found=True))
         return sorted(i.base_name for i in infos
-                      if i.type == pafs.FileType.Directory and STREAM_NAME.match(i.base_name) and self.versions(i.base_name))
+                      if i.type == pafs.FileType.Directory and STREAM_NAME.fullmatch(i.base_name) and self.versions(i.base_name))
 
     def versions(self, stream: str) -> list[int]:
         folder = f"{self.root}/{check_stream_name(stream)}"

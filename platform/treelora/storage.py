@@ -37,7 +37,8 @@ def inside(root: str | Path, *parts: str, what: str) -> Path:
 # secret-looking settings in key=value, YAML (key: value) and JSON ("key": "value") form
 _USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)[^\s'\"]*@(?=[^\s'\"@/]*)")
 _SECRET_SETTING = re.compile(
-    r"(?P<key>\b[\w.-]*(?:secret|password|passwd|session_token|api_token|auth_token|access_token|credential)[\w.-]*"
+    r"(?P<key>(?<![/\\\w.-])[\w.-]*(?:secret|password|passwd|session_token|api_token|auth_token|access_token|credential)"
+    r"(?![\w-]*\.(?:ya?ml|jsonl?|txt|csv|parquet|toml|ini|cfg|py|sh)\b)[\w.-]*"
     r"[\"']?\s*[:=]\s*[\"']?)[^\s&'\",}]+", re.IGNORECASE)
 
 

@@ -30,8 +30,21 @@ def _decode(data: bytes) -> str:
     return data.decode("utf-8", errors="surrogateescape")
 
 
+_WIDE_BOMS = {b"\xff\xfe\x00\x00": "UTF-32", b"\x00\x00\xfe\xff": "UTF-32", b"\xff\xfe": "UTF-16", b"\xfe\xff": "UTF-16"}
+
+
+def _read_utf8(path: Path) -> bytes:
+    """The file's bytes; a file that announces another encoding is refused naming it."""
+    data = path.read_bytes()
+    for bom, name in _WIDE_BOMS.items():
+        if data.startswith(bom):
+            raise DataValidationError(path, f"is {name} text (it starts with a {name} byte-order mark); task files must be UTF-8: "
+                                            f"save it as UTF-8")
+    return data
+
+
 def _json_list(path: Path) -> list[RawRow]:
-    text = _decode(path.read_bytes())
+    text = _decode(_read_utf8(path))
     try:
         records = json.loads(text)
     except json.JSONDecodeError as err:
@@ -45,7 +58,7 @@ def _json_list(path: Path) -> list[RawRow]:
 
 def _json_lines(path: Path) -> list[RawRow]:
     rows: list[RawRow] = []
-    for number, raw in enumerate(path.read_bytes().split(b"\n"), start=1):
+    for number, raw in enumerate(_read_utf8(path).split(b"\n"), start=1):
         line = _decode(raw).strip()
         if not line:  # blank lines (a trailing newline above all) hold no record
             continue

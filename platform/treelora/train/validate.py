@@ -26,7 +26,8 @@ RANGES = {
     "train.weight_decay": (0, None, True), "train.log_every": (1, None, True), "train.max_steps_per_task": (1, None, True),
     "eval.batch_size": (1, None, True), "scaling.cpus_per_worker": (0, None, False), "scaling.max_failures": (-1, None, True),
     "tree.leaf_size": (1, None, True), "model.max_length": (8, None, True), "model.max_new_tokens": (1, None, True),
-    "tree.max_leaves": (0, None, True), "routing.fit_rows": (1, None, True), "routing.shrinkage": (0, 1, True),
+    "tree.max_leaves": (0, None, True), "stream.train_size": (1, None, True), "stream.test_size": (1, None, True),
+    "stream.eval_size": (0, None, True), "routing.fit_rows": (1, None, True), "routing.shrinkage": (0, 1, True),
 }
 
 
