@@ -86,3 +86,15 @@ def test_a_task_file_in_another_encoding_is_named_as_such(tmp_path, encoding, na
     with pytest.raises(DataValidationError, match=f"is {name} text .* must be UTF-8") as info:
         read_records(path, "text", "label")
     assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("content", ["[]", '{"tasks": []}', '{"tasks": {"a": 1}}', '"x"', '{"tasks": {}, "parent_run_id": 5}',
+                                     "\xff\xfe{", "{"])
+def test_a_progress_file_of_the_wrong_shape_is_named_not_believed(tmp_path, content):
+    from treelora.train.progress import StreamProgress
+
+    path = tmp_path / "progress.json"
+    path.write_bytes(content.encode("latin-1"))
+    with pytest.raises(ConfigError, match="progress.json: the stream progress file is damaged"):
+        StreamProgress.load(path)
+    assert path.read_bytes() == content.encode("latin-1")  # left as it was

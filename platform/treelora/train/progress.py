@@ -21,13 +21,18 @@ class StreamProgress:
         path = Path(path)
         if not path.exists():
             return cls(path)
+        from ..config import ConfigError
+
         try:
             data = json.loads(path.read_text())
-            return cls(path, data.get("parent_run_id"), dict(data["tasks"]))
-        except (ValueError, KeyError, TypeError) as exc:
-            from ..config import ConfigError
-
+        except (ValueError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{path}: the stream progress file is damaged ({exc}); move it away to start the stream afresh") from exc
+        tasks = data.get("tasks") if isinstance(data, dict) else None
+        parent = data.get("parent_run_id") if isinstance(data, dict) else None
+        if not isinstance(tasks, dict) or not all(isinstance(r, dict) for r in tasks.values()) or not isinstance(parent, (str, type(None))):
+            raise ConfigError(f"{path}: the stream progress file is damaged (expected an object with \"parent_run_id\" and "
+                              f"\"tasks\": {{task: record}}, found {json.dumps(data)[:80]}); move it away to start the stream afresh")
+        return cls(path, parent, dict(tasks))
 
     def done(self, task: str) -> dict | None:
         return self.tasks.get(task)
