@@ -59,23 +59,18 @@ def zero_shot_and_baseline(cfg) -> tuple[list[float], list[float], list[float]]:
     classification, the zero-shot score for generation), and the majority answer's share."""
     import collections
 
-    import torch
-    from treelora.train.setup import build_model, build_stream, stream_kind
+    from treelora.train.routed import fresh_model
 
-    stream = build_stream(cfg)
-    kind = stream_kind(stream)
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    model = build_model(cfg, kind, torch.bfloat16 if device.type == "cuda" else torch.float32, device)
+    stream, model = fresh_model(cfg)
     for i, t in enumerate(stream.tasks):
         model.add_head(t, seed=cfg.train.seed + i)
-    model.prepare(stream.tasks)
     split = cfg.eval.split
     zero = evaluate_tasks(model, stream.tasks, split, cfg.eval.batch_size)
     # the most frequent test answer's share: what always answering one label scores (for an
     # option-letter task too, where beating zero-shot may only mean learning the label prior)
     majority = [max(collections.Counter(e.target.strip()[:1] if t.metric == "option_accuracy" else e.target.strip()
                                         for e in getattr(t, split)).values()) / len(getattr(t, split)) for t in stream.tasks]
-    return zero, (zero if kind == "generation" else majority), majority
+    return zero, (zero if model.is_causal else majority), majority
 
 
 def run_job(job: tuple) -> dict:

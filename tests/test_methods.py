@@ -707,9 +707,7 @@ def test_treelora_sketched_signature_and_direction_match_the_per_module_projecti
 @pytest.mark.parametrize("name", ["treelora", "l2-anchor"])
 def test_an_unset_strength_is_the_one_chosen_on_eval_for_the_streams_kind(tasks, name):
     """strength: null (the default) resolves per stream kind when the task starts; a set value wins."""
-    from treelora.methods import l2_anchor, treelora
-
-    table = (treelora if name == "treelora" else l2_anchor).STRENGTH_BY_KIND
+    from treelora.methods.settings import ANCHOR_STRENGTH_BY_KIND as table  # one table for both pulls
     cls = METHODS[name].config_class
     field = "strength" if name == "treelora" else "l2_strength"
     for cfg, want in ((cls(), table["classification"]), (cls(**{field: 0.37}), 0.37)):

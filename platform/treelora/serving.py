@@ -134,18 +134,9 @@ class AdapterPredictor:
         if missing:
             raise ValueError(f"rows {missing} have no task, and this version has no router to pick one "
                              f"(it was registered before routing existed, or with routing.enabled false)")
-        return pd.DataFrame({"prediction": self._answer_given(texts, given), "leaf": given})
+        from .routing.routed import answer_in_groups
 
-    def _answer_given(self, texts: list[str], given: list[str]) -> list[str]:
-        from .data.tasks import Example
-
-        out = [""] * len(texts)
-        for name in dict.fromkeys(given):
-            task = self._task(name)
-            rows = [i for i, t in enumerate(given) if t == name]
-            for i, answer in zip(rows, self.model.predict(task, [Example(texts[i], task.train[0].target) for i in rows])):
-                out[i] = answer
-        return out
+        return pd.DataFrame({"prediction": answer_in_groups(self.model, texts, [(None, t) for t in given], self._task), "leaf": given})
 
 
 def _load_pyfunc(data_path: str) -> AdapterPredictor:

@@ -143,7 +143,7 @@ def load_backbone(name: str, stream_kind: str = "classification", dtype: torch.d
 
 
 def _load_quantized(name: str, stream_kind: str, dtype: torch.dtype, device, quantization: str) -> Backbone:
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from transformers import BitsAndBytesConfig
 
     if device is None or torch.device(device).type != "cuda":
         raise ModelNotAvailable(f"model.quantization {quantization} needs a CUDA GPU (bitsandbytes); this run is on {device or 'the CPU'}")
@@ -154,25 +154,20 @@ def _load_quantized(name: str, stream_kind: str, dtype: torch.dtype, device, qua
         raise ModelNotAvailable(f"model.quantization {quantization}: {name} is not a safetensors model (GGUF or random weights); "
                                 f"quantise a Hugging Face folder or Hub id")
     path, hub = (minilm_dir(), None) if name == "minilm" else model_folder(name)
-    config = AutoConfig.from_pretrained(path)
-    kind = family_kind(config.model_type, name)
     bnb = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                               bnb_4bit_compute_dtype=torch.bfloat16) if quantization == "4bit" else BitsAndBytesConfig(load_in_8bit=True))
-    model = (AutoModelForCausalLM if kind == "causal" else AutoModel).from_pretrained(
-        path, quantization_config=bnb, dtype=dtype, device_map={"": str(device)})
+    backbone = _from_folder(path, hub, name, f"{name} ({path}, {quantization})", dtype, quantization_config=bnb,
+                            device_map={"": str(device)})
     # not peft's prepare_model_for_kbit_training: it casts the embeddings and norms to fp32, so the
     # whole residual stream runs in fp32 and activations double (measured on the GPU: 4-bit peaked
     # at 1.34x bf16's memory with it); the LoRA weights train in fp32 either way
-    for p in model.parameters():
+    for p in backbone.model.parameters():
         p.requires_grad_(False)
-    tok = AutoTokenizer.from_pretrained(path)
-    return Backbone(model, _causal_tokenizer(tok) if kind == "causal" else tok, config.model_type,
-                    f"{name} ({path}, {quantization})", hub.repo if hub else str(Path(path).resolve()), None,
-                    hub.commit if hub else None, kind)
+    return backbone
 
 
 def _load_backbone(name: str, stream_kind: str, dtype: torch.dtype, device) -> Backbone:
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     name = resolve_name(name, stream_kind)
     on_gpu = device is not None and torch.device(device).type == "cuda" and importlib.util.find_spec("accelerate") is not None
@@ -191,14 +186,22 @@ def _load_backbone(name: str, stream_kind: str, dtype: torch.dtype, device) -> B
         backbone.model.to(dtype)
         return backbone
     path, hub = model_folder(name)
+    return _from_folder(path, hub, name, f"{name} ({path})", dtype, **onto)
+
+
+def _from_folder(path: Path, hub: HubModel | None, name: str, source: str, dtype: torch.dtype, **load) -> Backbone:
+    """A pretrained folder of a supported family (a GGUF-only folder through transformers' GGUF
+    support); ``load``: more from_pretrained arguments (device map, quantization)."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
     gguf = _gguf_in(path)
     extra = {"gguf_file": gguf} if gguf else {}
     config = AutoConfig.from_pretrained(path, **extra)
     kind = family_kind(config.model_type, name)
-    model = (AutoModelForCausalLM if kind == "causal" else AutoModel).from_pretrained(path, dtype=dtype, **extra, **onto)
+    model = (AutoModelForCausalLM if kind == "causal" else AutoModel).from_pretrained(path, dtype=dtype, **extra, **load)
     tok = AutoTokenizer.from_pretrained(path, **extra)
-    reference = hub.repo if hub else str(path.resolve())
-    return Backbone(model, _causal_tokenizer(tok) if kind == "causal" else tok, config.model_type, f"{name} ({path})", reference,
+    reference = hub.repo if hub else str(Path(path).resolve())
+    return Backbone(model, _causal_tokenizer(tok) if kind == "causal" else tok, config.model_type, source, reference,
                     gguf, hub.commit if hub else None, kind)
 
 

@@ -51,16 +51,31 @@ def family_kind(model_type: str, name: str) -> str:
     raise UnsupportedModel(f"model.name {name!r}: architecture {model_type!r} is not supported; supported: {', '.join(SUPPORTED)}")
 
 
+def transformer_blocks(model) -> tuple[str, "torch.nn.ModuleList"]:
+    """(its name, the list) of the model's transformer blocks: the ModuleList as long as its layer count."""
+    import torch
+
+    count = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layer", None)
+    found = next(((name, m) for name, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m) == count), None)
+    if found is None:
+        raise UnsupportedModel(f"{type(model).__name__}: no list of {count} transformer blocks")
+    return found
+
+
+def check_kind(name: str, model_kind: str, stream_kind: str) -> None:
+    """Generation needs a causal LM, classification an encoder: ValueError naming ``model.name`` otherwise."""
+    if model_kind != ("causal" if stream_kind == "generation" else "encoder"):
+        raise ValueError(f"model.name {name!r} is a{'n' if model_kind == 'encoder' else ''} {model_kind} model but the stream's "
+                         f"tasks are {stream_kind}: generation needs a causal LM, classification an encoder")
+
+
 def block_linears(model) -> dict[str, str]:
     """{full name: name inside its block} of every linear / Conv1D module in the model's
     transformer blocks (``model.layers.3.self_attn.q_proj`` -> ``self_attn.q_proj``)."""
     import torch
     from transformers.pytorch_utils import Conv1D
 
-    count = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layer", None)
-    blocks = next((name for name, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m) == count), None)
-    if blocks is None:
-        raise UnsupportedModel(f"{type(model).__name__}: no list of {count} transformer blocks")
+    blocks, _ = transformer_blocks(model)
     return {name: name[len(blocks) + 1:].split(".", 1)[1] for name, m in model.named_modules()
             if name.startswith(blocks + ".") and isinstance(m, (torch.nn.Linear, Conv1D))}
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -71,36 +73,33 @@ def write_cache_entry(hf_home: str | Path, model_type: str, seed: int = 0) -> tu
     (Hub id, commit hash)."""
     model, tok = build_tiny(model_type, seed)
     repo = hub_id(model_type)
-    root = Path(hf_home) / "hub" / f"models--{repo.replace('/', '--')}"
-    staging = root / "staging"
-    model.save_pretrained(staging)
-    tok.save_pretrained(staging)
-    digest = hashlib.sha1(json.dumps(sorted(p.name for p in staging.iterdir())).encode() + model_type.encode() + str(seed).encode())
-    commit = digest.hexdigest()
-    snapshot = root / "snapshots" / commit
-    snapshot.parent.mkdir(parents=True, exist_ok=True)
-    if snapshot.exists():
-        import shutil
-
-        shutil.rmtree(snapshot)
-    staging.rename(snapshot)
-    (root / "refs").mkdir(exist_ok=True)
-    (root / "refs" / "main").write_text(commit)
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        commit = _snapshot(hf_home, repo, Path(tmp), model_type.encode() + str(seed).encode(), link=False)
     return repo, commit
 
 
-def write_folder_entry(hf_home: str | Path, repo: str, folder: str | Path) -> str:
-    """Lay an existing model folder out as the cached snapshot of ``repo`` (its files linked, as
-    the Hub cache links blobs): the commit hash."""
-    folder = Path(folder)
+def _snapshot(hf_home: str | Path, repo: str, folder: Path, salt: bytes, link: bool) -> str:
+    """``folder``'s files as the cached snapshot of ``repo`` that ``refs/main`` points at
+    (linked, as the Hub cache links blobs, or copied): the commit hash."""
     files = sorted(p for p in folder.iterdir() if p.is_file())
-    commit = hashlib.sha1(repo.encode() + json.dumps([(p.name, p.stat().st_size) for p in files]).encode()).hexdigest()
+    commit = hashlib.sha1(repo.encode() + salt + json.dumps([(p.name, p.stat().st_size) for p in files]).encode()).hexdigest()
     root = Path(hf_home) / "hub" / f"models--{repo.replace('/', '--')}"
     snapshot = root / "snapshots" / commit
     snapshot.mkdir(parents=True, exist_ok=True)
     for p in files:
         if not (snapshot / p.name).exists():
-            (snapshot / p.name).symlink_to(p.resolve())
+            if link:
+                (snapshot / p.name).symlink_to(p.resolve())
+            else:
+                shutil.copy2(p, snapshot / p.name)
     (root / "refs").mkdir(exist_ok=True)
     (root / "refs" / "main").write_text(commit)
     return commit
+
+
+def write_folder_entry(hf_home: str | Path, repo: str, folder: str | Path) -> str:
+    """Lay an existing model folder out as the cached snapshot of ``repo`` (its files linked, as
+    the Hub cache links blobs): the commit hash."""
+    return _snapshot(hf_home, repo, Path(folder), b"", link=True)

@@ -11,9 +11,7 @@ import dataclasses
 import torch
 
 from .base import NoExtraState, TaskContext, TaskOutcome
-from .settings import MethodSettings, by_kind, method_name, setting
-
-STRENGTH_BY_KIND = {"classification": 0.1, "generation": 1.0}
+from .settings import ANCHOR_STRENGTH_BY_KIND, MethodSettings, by_kind, method_name, setting
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,7 +34,7 @@ class L2Anchor(NoExtraState):
     def begin_task(self, ctx: TaskContext):
         trainable = ctx.model.trainable_for(ctx.task)
         self.params = ctx.model.lora_parameters()
-        self.strength = by_kind(self.cfg.l2_strength, STRENGTH_BY_KIND, ctx.task.kind)
+        self.strength = by_kind(self.cfg.l2_strength, ANCHOR_STRENGTH_BY_KIND, ctx.task.kind)
         self.anchor = [p.detach().clone() for p in self.params] if ctx.task_index > 0 else None
         return trainable
 

@@ -24,6 +24,11 @@ def setting(default: Any, help: str, *, lo: float | None = None, hi: float | Non
         "help": help, "min": lo, "min_inclusive": lo_inclusive, "max": hi, "max_inclusive": hi_inclusive, "choices": choices})
 
 
+# the strength of an L2 pull per LoRA weight (l2-anchor, treelora's anchor), chosen on the eval split
+# of olora-cls and trace-gen (benchmarks/README.md)
+ANCHOR_STRENGTH_BY_KIND = {"classification": 0.1, "generation": 1.0}
+
+
 def by_kind(value: float | None, table: dict[str, float], kind: str) -> float:
     """A setting whose default depends on the stream's kind (None in the config)."""
     return table[kind] if value is None else value

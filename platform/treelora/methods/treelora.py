@@ -45,11 +45,9 @@ from tree_service import CompiledTree, ExhaustiveSelector, Projector, SignatureS
 
 from .anchors import SELECTORS, AnchorStore, fixed_choice
 from .base import TaskContext, TaskOutcome
-from .settings import MethodSettings, by_kind, method_name, setting
+from .settings import ANCHOR_STRENGTH_BY_KIND, MethodSettings, by_kind, method_name, setting
 
-STRENGTH_BY_KIND = {"classification": 0.1, "generation": 1.0}
 REGULARISERS = ("anchor", "chosen-anchor", "direction")
-
 
 @dataclasses.dataclass(frozen=True)
 class TreeLoRAConfig(MethodSettings):
@@ -84,13 +82,17 @@ def snapshot_tensors(snapshot: TreeSnapshot | None, device) -> tuple[SignatureSp
     return space, sig.to(device), CompiledTree.from_structure(snapshot.tree)
 
 
-def conflict_weights(space: SignatureSpace, running: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+def conflict_weights(space: SignatureSpace, running: torch.Tensor, chosen: torch.Tensor,
+                     chosen_size: torch.Tensor | None = None) -> torch.Tensor:
     """[L] per-module weights of the anchor pull, mean 1: each module's relative gap
     |a - b| / (|a| + |b|) between the current gradient estimate and the chosen task's signature
     (0 = the same gradient, 1 = opposite signs everywhere), divided by their mean. Zero gaps
-    everywhere (no gradient yet) give uniform weights."""
+    everywhere (no gradient yet) give uniform weights. ``chosen_size``: |chosen| when the caller
+    has it (a task's signatures are fixed, so their sizes are computed once per task)."""
     zero = torch.zeros_like(running)
-    rel = space.distance(running, chosen) / (space.distance(running, zero) + space.distance(chosen, zero)).clamp(min=1e-30)
+    if chosen_size is None:
+        chosen_size = space.distance(chosen, zero)
+    rel = space.distance(running, chosen) / (space.distance(running, zero) + chosen_size).clamp(min=1e-30)
     return (rel / rel.mean().clamp(min=1e-12)).where(rel.sum() > 0, torch.ones_like(rel))
 
 
@@ -165,7 +167,7 @@ class TreeLoRA:
         self.steps_seen = 0
         self._pending = None
         self.step_direction = self.target = self.anchor_matrix = self.layer_weight = None
-        self.strength = by_kind(self.cfg.strength, STRENGTH_BY_KIND, ctx.task.kind)
+        self.strength = by_kind(self.cfg.strength, ANCHOR_STRENGTH_BY_KIND, ctx.task.kind)
         n_prev = 0 if sig is None else sig.shape[0]
         self.choice_counts = np.zeros((n_prev, len(self.modules)), dtype=np.int64)
         if self.cfg.regulariser != "direction" and n_prev:
@@ -174,6 +176,7 @@ class TreeLoRA:
             needed = earlier[-1:] if self.cfg.regulariser == "anchor" else earlier
             self.anchors.ensure(needed, ctx.earlier_adapters, self.modules, model.device)
             self.anchor_matrix = self.anchors.stacked(needed)
+            self.signature_sizes = self.space.distance(sig, torch.zeros_like(sig))  # [N, L], fixed for the task
             self.flat_index = torch.arange(self.anchor_matrix.shape[1], device=model.device)
             self.rng = np.random.default_rng([ctx.seed, ctx.task_index])  # alike on every rank
         return trainable
@@ -235,7 +238,8 @@ class TreeLoRA:
             self._observe(self.space.distance(running_sig, chosen))
         if self.cfg.regulariser == "anchor":
             self.target = self.anchor_matrix[0]
-            self.layer_weight = conflict_weights(self.space, running_sig, chosen)[self.module_of_flat]
+            sizes = self.signature_sizes[picked, self.module_index]
+            self.layer_weight = conflict_weights(self.space, running_sig, chosen, sizes)[self.module_of_flat]
         elif self.cfg.regulariser == "chosen-anchor":
             self.target = self.anchor_matrix[picked[self.module_of_flat], self.flat_index]
         else:

@@ -22,7 +22,7 @@ from ..config import RunConfig
 from ..data.scoring import score
 from ..data.tasks import Task
 from .features import pooled_features, reduce
-from .leaves import stream_leaves, within_budget
+from .leaves import snapshot_signatures, stream_leaves, within_budget
 from .routed import RoutedModel
 from .router import Router, confusion
 
@@ -95,12 +95,9 @@ def build_router(cfg: RunConfig, adapters: list[Path], snapshot: TreeSnapshot | 
     if missing:
         raise ValueError(f"tasks {missing} have no published leaf yet")
     names = list(task_names)
-    tree, signatures = None, None
-    if snapshot is not None and snapshot.task_ids:
-        _, _, sig = snapshot.arrays()
-        signatures = {t: sig[i] for i, t in enumerate(snapshot.task_ids)}
-        if sorted(snapshot.task_ids) == sorted(names):
-            names, tree = list(snapshot.task_ids), CompiledTree.from_structure(snapshot.tree)
+    tree, signatures = None, snapshot_signatures(snapshot)
+    if signatures is not None and sorted(snapshot.task_ids) == sorted(names):
+        names, tree = list(snapshot.task_ids), CompiledTree.from_structure(snapshot.tree)
     kept = within_budget({t: leaves[t] for t in names}, stats, signatures, max_leaves, workspace)
     router = Router(names, stats, cfg.routing.shrinkage, tree, cfg.routing.search)
     return router, kept, layer

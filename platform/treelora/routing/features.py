@@ -12,6 +12,7 @@ from typing import Sequence
 
 import torch
 
+from ..adapters import families
 from ..adapters.model import ContinualModel
 
 
@@ -20,13 +21,8 @@ class _Reached(Exception):
 
 
 def transformer_blocks(model: ContinualModel) -> torch.nn.ModuleList:
-    """The model's list of transformer blocks (the one ModuleList as long as its layer count)."""
-    base = model.peft.get_base_model()
-    count = base.config.num_hidden_layers
-    for module in base.modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) == count:
-            return module
-    raise ValueError(f"{model.source}: no list of {count} transformer blocks to read routing features from")
+    """The base model's list of transformer blocks (adapters/families.py finds it)."""
+    return families.transformer_blocks(model.peft.get_base_model())[1]
 
 
 def resolve_layer(model: ContinualModel, layer: int | None) -> int:

@@ -42,6 +42,14 @@ def stream_leaves(adapters: list[Path]) -> tuple[dict[str, Path], dict[str, Task
     return leaves, stats, layers.pop()
 
 
+def snapshot_signatures(snapshot) -> dict[str, torch.Tensor] | None:
+    """{task: its signature [L, D]} of a tree snapshot (what a budget merges by), None without tasks."""
+    if snapshot is None or not snapshot.task_ids:
+        return None
+    _, _, sig = snapshot.arrays()
+    return {t: sig[i] for i, t in enumerate(snapshot.task_ids)}
+
+
 def _updates(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     config = json.loads((folder / "adapter_config.json").read_text())
     return config, load_file(str(folder / "adapter_model.safetensors"))

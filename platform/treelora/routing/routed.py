@@ -18,6 +18,24 @@ from .features import pooled_features, reduce
 from .router import Router
 
 
+def answer_in_groups(model: ContinualModel, texts: Sequence[str], keys: Sequence[tuple[str | None, str]], task_of,
+                     batch_size: int = 64) -> list[str]:
+    """Answers for ``texts`` where row i is answered as ``keys[i] = (adapter, task name)`` says:
+    one predict call per distinct key (adapter None: the model's active adapter as it is);
+    ``task_of(name)`` gives the Task (labels, metric, decoding budget)."""
+    out = [""] * len(texts)
+    groups: dict[tuple[str | None, str], list[int]] = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(key, []).append(i)
+    for (adapter, task_name), rows in groups.items():
+        if adapter is not None:
+            model.peft.set_adapter(adapter)
+        task = task_of(task_name)
+        for i, a in zip(rows, model.predict(task, [Example(texts[i], task.train[0].target) for i in rows], batch_size=batch_size)):
+            out[i] = a
+    return out
+
+
 @dataclasses.dataclass
 class Answers:
     answers: list[str]
@@ -71,15 +89,6 @@ class RoutedModel:
         chosen, row_paths = list(given), [[] for _ in texts]
         for i, task, path in zip(open_rows, routed, paths):
             chosen[i], row_paths[i] = task, path
-        out = [""] * len(texts)
-        groups: dict[tuple[str, str], list[int]] = {}
-        for i, task in enumerate(chosen):
-            groups.setdefault((self.adapter_of[task], task), []).append(i)
-        for (adapter, task_name), rows in groups.items():
-            self.model.peft.set_adapter(adapter)
-            task = self.tasks[task_name]
-            got = self.model.predict(task, [Example(texts[i], task.train[0].target) for i in rows], batch_size=batch_size)
-            for i, a in zip(rows, got):
-                out[i] = a
+        out = answer_in_groups(self.model, texts, [(self.adapter_of[t], t) for t in chosen], self.tasks.__getitem__, batch_size)
         self.sync()
         return Answers(out, chosen, [self.adapter_of[t] for t in chosen], row_paths, t1 - t0, time.perf_counter() - t1)

@@ -21,7 +21,7 @@ from .. import events
 from ..config import RunConfig
 from ..layout import RunLayout
 from ..routing.bundle import write_bundle
-from ..routing.leaves import stream_leaves, within_budget
+from ..routing.leaves import snapshot_signatures, stream_leaves, within_budget
 from ..tracking import StreamTracker
 from .phase import ADAPTER_DIR, PhaseOutcome
 from .phase_store import PhaseStore
@@ -87,11 +87,7 @@ class StreamLedger:
         adapters = [folder / ADAPTER_DIR for i, (folder, _) in sorted(self.store.published().items()) if i <= outcome.index]
         snapshot = self.tree.snapshot(self.layout.run_id, outcome.tree_version) if self.uses_tree and outcome.tree_version else None
         leaves, stats, _ = stream_leaves(adapters)
-        signatures = None
-        if snapshot is not None and snapshot.task_ids:
-            _, _, sig = snapshot.arrays()
-            signatures = {t: sig[i] for i, t in enumerate(snapshot.task_ids)}
-        kept = within_budget(leaves, stats, signatures, self.cfg.tree.max_leaves, workspace)
+        kept = within_budget(leaves, stats, snapshot_signatures(snapshot), self.cfg.tree.max_leaves, workspace)
         r = self.cfg.routing
         return lambda folder: write_bundle(folder, adapter_dir, kept, snapshot.tree if snapshot else None,
                                            list(snapshot.task_ids) if snapshot else None, r.shrinkage, r.search)

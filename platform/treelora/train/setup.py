@@ -9,6 +9,7 @@ import torch
 from tree_service import TreeRegistry
 
 from ..adapters import ContinualModel, load_backbone
+from ..adapters.families import check_kind
 from ..config import RunConfig
 from ..data import Stream, load_stream
 from ..data.streams import Stream as StreamCls
@@ -43,11 +44,7 @@ def stream_kind(stream: Stream) -> str:
 def build_model(cfg: RunConfig, kind: str, dtype: torch.dtype = torch.float32, device: torch.device | None = None) -> ContinualModel:
     torch.manual_seed(cfg.train.seed)  # LoRA A init: the same on every worker
     backbone = load_backbone(cfg.model.name, kind, dtype=dtype, device=device, quantization=cfg.model.quantization)
-    want = "causal" if kind == "generation" else "encoder"
-    if backbone.kind != want:
-        raise ValueError(f"model.name {cfg.model.name!r} is a{'n' if backbone.kind == 'encoder' else ''} {backbone.kind} model "
-                         f"({backbone.family}) but the stream's tasks are {kind}: generation needs a causal LM, "
-                         f"classification an encoder")
+    check_kind(cfg.model.name, backbone.kind, kind)
     return ContinualModel(backbone, r=cfg.adapter.r, alpha=cfg.adapter.alpha, dropout=cfg.adapter.dropout,
                           targets=cfg.adapter.targets, max_length=cfg.model.max_length, max_new_tokens=cfg.model.max_new_tokens,
                           chat_template=cfg.model.chat_template)

@@ -11,7 +11,7 @@ import torch
 
 from ..adapters import backbone
 from ..adapters.backbone import QUANTIZATION, ModelNotAvailable, check_model_name, resolve_name
-from ..adapters.families import UnsupportedModel
+from ..adapters.families import UnsupportedModel, check_kind
 from ..config import ConfigError, RunConfig
 from ..layout import RunLayout
 from ..storage import redact
@@ -140,9 +140,11 @@ def validate_stream(cfg: RunConfig):
         model_kind = check_model_name(name)
     except (ModelNotAvailable, UnsupportedModel) as exc:
         raise ConfigError(str(exc)) from exc
-    if model_kind is not None and model_kind != ("causal" if kind == "generation" else "encoder"):
-        raise ConfigError(f"model.name {cfg.model.name!r} is a{'n' if model_kind == 'encoder' else ''} {model_kind} model but the "
-                          f"stream's tasks are {kind}: generation needs a causal LM, classification an encoder")
+    if model_kind is not None:
+        try:
+            check_kind(cfg.model.name, model_kind, kind)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     if name in ("minilm", "smollm2"):
         try:
             backbone.minilm_dir() if name == "minilm" else backbone.smollm2_dir()
