@@ -206,3 +206,30 @@ def test_any_float_for_a_bounded_setting_is_in_range_or_refused_naming_it(name, 
     assert math.isfinite(got) and got == value
     assert lo is None or (got >= lo if meta["min_inclusive"] else got > lo)
     assert hi is None or (got <= hi if meta["max_inclusive"] else got < hi)
+
+
+def test_adding_a_method_is_one_module(tmp_path, monkeypatch):
+    """A module dropped into the methods package is found, configured and built with no other edit."""
+    import treelora.methods as methods
+
+    (tmp_path / "keep_half.py").write_text(
+        "import dataclasses\n"
+        "from treelora.methods.base import NoExtraState\n"
+        "from treelora.methods.settings import MethodSettings, method_name, setting\n\n"
+        "@dataclasses.dataclass(frozen=True)\n"
+        "class KeepHalfConfig(MethodSettings):\n"
+        "    name: str = method_name('keep-half')\n"
+        "    share: float = setting(0.5, 'share of modules trained', lo=0, hi=1)\n\n"
+        "class KeepHalf(NoExtraState):\n"
+        "    name = 'keep-half'\n"
+        "    config_class = KeepHalfConfig\n"
+        "    def __init__(self, cfg):\n"
+        "        self.share = cfg.share\n")
+    monkeypatch.setattr(methods, "__path__", [*methods.__path__, str(tmp_path)])
+    found = methods._discover()
+    assert set(found) == set(METHODS) | {"keep-half"}
+    monkeypatch.setitem(METHODS, "keep-half", found["keep-half"])
+    cfg = load_config(None, ["method.name=keep-half", "method.share=0.25"])
+    assert make_method(cfg.method).share == 0.25
+    with pytest.raises(ConfigError, match=r"method\.share must be"):
+        load_config(None, ["method.name=keep-half", "method.share=2"])

@@ -1,22 +1,41 @@
 """Continual-learning methods as plugins behind one small interface (see base.Method).
 
-To add a method, write one module here holding the method class and its frozen config class
-(a ``settings.MethodSettings`` with ``setting(...)`` fields, named by the method's
-``config_class``), add the class to ``METHODS`` below, and add its tests: the run config, its
-overrides and its validation pick the method's settings up from the registry.
+To add a method, write one module in this package holding the method class (with ``name`` and
+``config_class``) and its frozen config class (a ``settings.MethodSettings`` with ``setting(...)``
+fields), and add its tests. Nothing else changes: the registry below finds every method class
+defined in this package's modules, and the run config, its overrides and its validation pick the
+method's settings up from it.
 """
 
 from __future__ import annotations
 
-from .base import Method, TaskContext, TaskOutcome
-from .l2_anchor import L2Anchor
-from .o_lora import OLoRA
-from .seq_lora import Joint, SeqLoRA
-from .settings import MethodSettings
-from .treelora import TreeLoRA
-from .treelora_reference import TreeLoRAReference
+import importlib
+import inspect
+import pkgutil
 
-METHODS = {m.name: m for m in (TreeLoRA, TreeLoRAReference, SeqLoRA, L2Anchor, OLoRA, Joint)}
+from .base import Method, TaskContext, TaskOutcome
+from .settings import MethodSettings
+
+# modules that hold shared machinery, not methods
+_HELPERS = {"base", "settings", "anchors"}
+
+
+def _discover() -> dict[str, type]:
+    found: dict[str, type] = {}
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        if info.name in _HELPERS:
+            continue
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        for _, cls in inspect.getmembers(module, inspect.isclass):
+            if cls.__module__ != module.__name__ or not isinstance(getattr(cls, "config_class", None), type):
+                continue
+            if cls.name in found:
+                raise ImportError(f"two methods are named {cls.name!r}: {found[cls.name].__module__} and {module.__name__}")
+            found[cls.name] = cls
+    return found
+
+
+METHODS = _discover()
 
 
 def make_method(cfg: MethodSettings) -> Method:
