@@ -751,13 +751,142 @@ SECRET_CASES = [
          _submitted_entrypoint),
 ]
 
+# -- stored state that lies, and outside input the catalogue once lacked (issue 24) ------------
+def _progress_lie(lie: Callable[[dict], dict], expect_refused: bool) -> Callable[[Path], tuple[bool, str]]:
+    """A finished two-task run whose progress.json is then rewritten: refused naming the file
+    (or, when the file still names its parent run, recovered from the published phases), and the
+    registered versions and their aliases exactly as they were."""
+    def run(tmp: Path) -> tuple[bool, str]:
+        import json
+
+        from treelora.config import ConfigError
+        from treelora.train.stream import run_stream
+
+        cfg = _tiny_stream(tmp, "stream.tasks=[agnews, SST-2]")
+        first = run_stream(cfg, executor="local", log=lambda *_: None)
+        progress = next((tmp / "runs").rglob("progress.json"))
+        progress.write_text(json.dumps(lie(json.loads(progress.read_text()))))
+        if expect_refused:
+            handled, seen = refused(lambda: run_stream(cfg, executor="local", log=lambda *_: None), ConfigError, str(progress))
+        else:
+            again = run_stream(cfg, executor="local", log=lambda *_: None)
+            handled, seen = _complete(again, ["agnews", "SST-2"]), "rerun recovered the records from the published phases"
+        from treelora.tracking import StreamTracker
+
+        after = StreamTracker(first.tracking_uri, cfg.tracking.experiment, first.registered_model, cfg).versions()
+        same = after == first.versions
+        return handled and same, seen + ("" if same else f"; the registry changed: {first.versions} -> {after}")
+    return run
+
+
+def _manifest_escape(field: str) -> Callable[[Path], str]:
+    def text(tmp: Path) -> str:
+        (tmp / "other").mkdir(exist_ok=True)
+        (tmp / "inside").mkdir(exist_ok=True)
+        if field == "labels_file":
+            return f"name: x\ntasks:\n  - name: a\n    path: {_sst2()}\n    labels_file: ../../etc/passwd\n"
+        return "name: x\ntasks:\n  - name: a\n    splits: {train: ../other/train.json, test: t.json}\n"
+    return text
+
+
+def _config_in_utf16(tmp: Path) -> tuple[bool, str]:
+    from treelora.config import ConfigError, load_config
+
+    path = tmp / "run.yaml"
+    path.write_bytes("train:\n  epochs: 1\n".encode("utf-16"))
+    return refused(lambda: load_config(path), ConfigError, str(path), "UTF-8")
+
+
+def _string_version(tmp: Path) -> tuple[bool, str]:
+    from tree_service import TreeServiceError
+
+    reg = _registry(tmp)
+    reg.add_task("s", "a", SIG, expected_version=0)
+    handled, seen = refused(lambda: reg.add_task("s", "b", SIG * 2, expected_version="1"), TreeServiceError, "expected_version")
+    return handled and reg.snapshot("s").task_ids == ("a",), seen
+
+
+def _newline_stream_id(tmp: Path) -> tuple[bool, str]:
+    reg = _registry(tmp)
+    handled, seen = refused(lambda: reg.add_task("abc\n", "a", SIG, expected_version=0), ValueError, "stream id")
+    return handled and not any((tmp / "trees").rglob("*")), seen
+
+
+def _damaged_identity(tmp: Path) -> tuple[bool, str]:
+    from treelora.config import ConfigError
+    from treelora.layout import RunLayout
+    from treelora.train.stream import check_resume
+
+    cfg = _tiny_stream(tmp)
+    other = RunLayout.of(cfg, "olora-cls.treelora.tiny-bert.00000000")
+    other.identity_file.parent.mkdir(parents=True)
+    other.identity_file.write_text('{"model.name": ')
+    return refused(lambda: check_resume(cfg, RunLayout.of(cfg, "olora-cls.treelora.tiny-bert.11111111"), other.run_id),
+                   ConfigError, str(other.identity_file))
+
+
+def _one_spec_queued_twice(tmp: Path) -> tuple[bool, str]:
+    """Two `add-task`s of one spec wait in the inbox of a finished run: the next run trains the
+    first, rejects the second naming the duplicate name, and the console counts 3 of 3."""
+    import io
+
+    import yaml
+
+    from treelora import events
+    from treelora.console import Console
+    from treelora.layout import RunLayout
+    from treelora.train.inbox import Inbox
+    from treelora.train.stream import run_stream
+
+    cfg = _tiny_stream(tmp, "stream.tasks=[agnews, SST-2]", "method.name=seq-lora")
+    first = run_stream(cfg, executor="local", log=lambda *_: None)
+    spec = tmp / "extra.yaml"
+    spec.write_text(yaml.safe_dump({"name": "SST-2-extra", "path": _sst2()}))
+    from treelora.data.streams import load_task_spec
+
+    inbox = Inbox.of(RunLayout.of(cfg, first.run_id))
+    for _ in range(2):
+        inbox.drop(load_task_spec(spec)[1])
+    out = io.StringIO()
+    console = Console(out=out, tty=False)
+    again = run_stream(cfg, executor="local", log=console.line, progress=console.event)
+    rejected = list(inbox.rejected_dir.glob("*.error.txt"))
+    said = out.getvalue()
+    ok = (again.task_names == ["agnews", "SST-2", "SST-2-extra"] and len(rejected) == 1 and "already in the stream" in rejected[0].read_text()
+          and "3 of 3 tasks done" in said and "of 2 tasks done" not in said.split("SST-2-extra")[-1])
+    return ok, f"trained {again.task_names}; rejected {len(rejected)}; console: {[l for l in said.splitlines() if 'tasks done' in l][-1:]}"
+
+
+STORED_STATE_CASES = [
+    Case('progress.json replaced by {"tasks": {}}', "stored state", "refused naming progress.json; registry unchanged",
+         _progress_lie(lambda p: {"tasks": {}}, expect_refused=True)),
+    Case("progress.json records a task not in the stream", "stored state", "refused naming progress.json; registry unchanged",
+         _progress_lie(lambda p: {**p, "tasks": {**p["tasks"], "other": p["tasks"]["agnews"]}}, expect_refused=True)),
+    Case("progress.json emptied but naming its run", "stored state", "recovered from the published phases, nothing registered again",
+         _progress_lie(lambda p: {**p, "tasks": {}}, expect_refused=False)),
+    Case("progress.json's record holds another phase's outcome", "stored state", "refused naming progress.json",
+         _progress_lie(lambda p: {**p, "tasks": {"agnews": p["tasks"]["SST-2"], "SST-2": p["tasks"]["agnews"]}}, expect_refused=True)),
+    Case("a damaged identity.json on --resume", "stored state", "refused naming the file", _damaged_identity),
+    manifest_case("a split path climbing out of the manifest's folder", _manifest_escape("splits"), "leaves"),
+    manifest_case("labels_file: ../../etc/passwd", _manifest_escape("labels_file"), "leaves"),
+    Case("a config file in UTF-16", "config", "refused naming the file and the encoding", _config_in_utf16),
+    config_case("stream.train_size=0", "stream.train_size=0", "stream.train_size"),
+    config_case("stream.train_size=-5", "stream.train_size=-5", "stream.train_size"),
+    config_case("adapter.dropout=NAN (any spelling)", "adapter.dropout=NAN", "adapter.dropout"),
+    config_case("workdir=file://runs/x (a host, not a folder)", "workdir=file://runs/x", "file://"),
+    _tree_case("a stream id with a final newline", "refused, nothing written", _newline_stream_id),
+    _tree_case('expected_version="1" (a string)', "refused at once, not VersionConflict forever", _string_version),
+    Case("one add-task spec queued twice", "stored state", "the second rejected naming the duplicate; 3 of 3 tasks",
+         _one_spec_queued_twice),
+]
+
 CASES = [*CONFIG_CASES, Case("workdir is a file", "config", "refused naming workdir", _workdir_is_a_file),
          Case("a second driver of the same run", "concurrency", "refused naming the live holder; a dead holder's lock taken over",
               _second_driver),
          Case("the latest tree snapshot deleted", "resume", "refused naming the task it held and the file", _deleted_latest_snapshot),
          Case("a damaged progress.json (the CLI)", "resume", "one line on stderr naming the file, exit 2", _damaged_progress),
          Case("tracking server down (closed port)", "config", "refused within seconds naming tracking.tracking_uri", _tracking_down),
-         *MANIFEST_CASES, *TREE_CASES, *CHECKPOINT_CASES, *SECRET_CASES, *RUNNING_CASES]
+         *MANIFEST_CASES, *TREE_CASES, *CHECKPOINT_CASES, *SECRET_CASES, *STORED_STATE_CASES, *RUNNING_CASES]
 
 
 def run_case(case: Case) -> tuple[bool, str]:

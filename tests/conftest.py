@@ -3,6 +3,8 @@ import socket
 import tempfile
 
 import pytest
+from fuzz_plugin import FuzzCounter
+from hypothesis import settings as hypothesis_settings
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -11,6 +13,18 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 # a Hugging Face cache of this session only (tests lay tiny models out in it as Hub entries); set
 # before Ray starts, so its workers resolve Hub ids from the same cache
 os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="treelora-test-hf-")
+
+
+# CI replays the same examples every run (derandomised: a failure is reproducible from the log);
+# benchmarks/fuzz_boundaries.py explores with the "fuzz" profile, a fresh seed and a larger budget
+hypothesis_settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
+hypothesis_settings.register_profile("fuzz", derandomize=False, database=None, print_blob=True)
+hypothesis_settings.load_profile(os.environ.get("TREELORA_HYPOTHESIS_PROFILE", "ci"))
+FUZZ_SCALE = int(os.environ.get("TREELORA_FUZZ_SCALE", "1"))  # examples per property test x this
+
+
+def pytest_configure(config):
+    config.pluginmanager.register(FuzzCounter(), "treelora-fuzz-counter")
 
 
 RAY_FIXTURES = {"ray_session", "ray_head"}

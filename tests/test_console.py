@@ -110,3 +110,15 @@ def test_a_two_task_run_prints_its_stages_and_summary_in_few_lines(tmp_path):
     assert lines[0].startswith("validated the config") and lines[1].startswith("treelora run olora-cls.treelora.tiny-bert.")
     assert any(line.startswith("[2/2] amazon: model version 2 registered") for line in lines)
     assert run.stdout.rstrip().splitlines()[-1].startswith("MLflow UI: mlflow ui --backend-store-uri sqlite:///")
+
+
+def test_a_task_that_joins_through_the_inbox_grows_the_count():
+    """Two stream tasks, then one taken from the inbox: the count says 3 of 3, never 3 of 2."""
+    out, clock = io.StringIO(), Clock()
+    console = Console(out=out, tty=False, every_s=30, clock=clock)
+    _start(console)
+    for index, key in enumerate(("agnews", "amazon", "joined")):
+        _phase(console, clock, index, key, 4, 1.0)
+    lines = out.getvalue().splitlines()
+    assert lines[-1].startswith("  stream: 3 of 3 tasks done") and not any("3 of 2" in line for line in lines)
+    assert "[3/3] joined: training 4 steps" in lines

@@ -18,9 +18,7 @@ from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config that cannot work; the message names the field (e.g. ``method.name``)."""
+from .config_values import ConfigError, coerce as _coerce
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,9 +72,9 @@ def _method_section(data: Any, where: str):
         raise ConfigError(f"{where}: method.name {name!r} is not one of {sorted(METHODS)}")
     cls = METHODS[name].config_class
     known = cls.setting_names()
-    unknown = sorted(set(data) - {"name", *known})
+    unknown = sorted(set(data) - {"name", *known}, key=str)
     if unknown:
-        raise ConfigError(f"{where}: method.{unknown[0]} is not a setting of method {name!r} "
+        raise ConfigError(f"{where}: method.{_shown(unknown[0])} is not a setting of method {name!r} "
                           f"(its settings: {', '.join(known) or 'none'})")
     hints = typing.get_type_hints(cls)
     kwargs = {k: _coerce(v, hints[k], f"{where}: field method.{k}") for k, v in data.items() if k != "name"}
@@ -193,7 +191,10 @@ class RunConfig:
             if "=" not in item:
                 raise ConfigError(f"override {item!r}: expected section.field=value")
             key, raw = item.split("=", 1)
-            pairs.append((key, yaml.safe_load(raw)))
+            try:
+                pairs.append((key, yaml.safe_load(raw)))
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"override {key!r}: the value is not valid YAML ({one_line_yaml(exc)})") from None
         return self.with_values(pairs)
 
     def with_values(self, values: dict[str, Any] | list[tuple[str, Any]], where: str = "overrides") -> "RunConfig":
@@ -258,13 +259,26 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} does not exist")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{p}: not UTF-8 text (byte {exc.start}); save the config as UTF-8") from None
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{p}: not valid YAML ({exc})") from exc
+            raise ConfigError(f"{p}: not valid YAML ({one_line_yaml(exc)})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of sections")
         cfg = RunConfig.from_dict(data, where=str(p))
     return cfg.with_overrides(overrides) if overrides else cfg
+
+
+def _shown(key: Any) -> str:
+    """A key as written when it is plain, escaped (and clipped) when it holds anything else."""
+    text = str(key)
+    return text if text.isprintable() and len(text) <= 80 else repr(text[:80])[1:-1]
+
+
+def one_line_yaml(exc: yaml.YAMLError) -> str:
+    """PyYAML's message (several lines, with the offending text quoted) as one line."""
+    return " ".join(str(exc).split())[:300]
 
 
 def _set(data: dict[str, Any], key: str, value: Any, where: str) -> None:
@@ -284,9 +298,9 @@ def _build(cls, data: dict[str, Any], where: str, prefix: str):
         raise ConfigError(f"{where}: {prefix.rstrip('.') or 'top level'} must be a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted(set(data) - set(fields), key=str)
     if unknown:
-        raise ConfigError(f"{where}: unknown field '{prefix}{unknown[0]}'; known: {sorted(fields)}")
+        raise ConfigError(f"{where}: unknown field '{prefix}{_shown(unknown[0])}'; known: {sorted(fields)}")
     kwargs = {}
     for name, value in data.items():
         hint, build = hints[name], fields[name].metadata.get("build")
@@ -297,54 +311,3 @@ def _build(cls, data: dict[str, Any], where: str, prefix: str):
         else:
             kwargs[name] = _coerce(value, hint, f"{where}: field {prefix}{name}")
     return cls(**kwargs)
-
-
-def _number(value: Any) -> Any:
-    """A number written as people write them, from YAML or an override: YAML 1.1 reads 2e-4 and
-    1e3 (an exponent without a dot) as strings; 5_000 is read as 5000 already."""
-    if isinstance(value, str):
-        text = value.strip().replace("_", "")
-        try:
-            return int(text)
-        except ValueError:
-            try:
-                return float(text)
-            except ValueError:
-                return value
-    return value
-
-
-def _coerce(value: Any, hint: Any, where: str) -> Any:
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], where)
-    if origin is tuple:
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where} must be a list, got {value!r}")
-        return tuple(_coerce(v, args[0], where) for v in value)
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where} must be true or false, got {value!r}")
-        return value
-    if hint is int:
-        value = _number(value)
-        if isinstance(value, float) and value.is_integer():  # 1e3, 2.0e4
-            value = int(value)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where} must be an integer, got {value!r}")
-        return value
-    if hint is float:
-        value = _number(value)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where} must be a number, got {value!r}")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where} must be a string, got {value!r}")
-        return value
-    return value

@@ -116,6 +116,7 @@ class Console:
             case events.ModelReady():
                 self.line(f"model ready: {ev.model}, {ev.workers} worker(s) ({_seconds(ev.seconds)})")
             case events.PhaseStarted():
+                self.total = max(self.total, ev.index + 1)  # a task that joined through the inbox adds a phase
                 self._phase, self._phase_t0 = ev, self.clock()
                 if self._first_start is None:
                     self._first_start = self.clock()
@@ -129,6 +130,7 @@ class Console:
                 self.line(f"{self._tag(ev)}: trained {ev.steps} steps in {_seconds(ev.train_seconds)}; evaluating")
             case events.PhaseDone():
                 self.close_bar()
+                self.total = max(self.total, ev.index + 1)
                 self.done += 1
                 self.line(ev.line)
                 self.line(f"  {self._stream_status()}")

@@ -37,9 +37,18 @@ def is_remote(uri: str) -> bool:
 def local_path(text: str) -> Path:
     """A local folder given as a path or a ``file://`` URI, absolute (``~`` expanded)."""
     text = str(text)
+    if any(ord(c) < 0x20 or c == "\x7f" for c in text):  # a newline or NUL in a workdir is a paste gone wrong
+        raise ConfigError(f"{text[:80]!r}: a path cannot hold control characters")
     if text.startswith("file://"):
-        text = urlsplit(text).path
-    return Path(text).expanduser().resolve()
+        split = urlsplit(text)
+        if split.netloc not in ("", "localhost"):  # file://runs/x names the host "runs", not a folder
+            raise ConfigError(f"{text[:80]!r}: a file:// URI names an absolute path on this machine (file:///path), "
+                              f"not host {split.netloc!r}")
+        text = split.path
+    try:
+        return Path(text).expanduser().resolve()
+    except RuntimeError as exc:  # ~name of a user this machine does not know
+        raise ConfigError(f"{text[:80]!r}: {exc}") from None
 
 
 def join_uri(uri: str, *parts: str) -> str:

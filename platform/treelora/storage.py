@@ -26,6 +26,8 @@ def inside(root: str | Path, *parts: str, what: str) -> Path:
     """``root/parts`` after resolving, refused unless it is still under ``root``: names from
     configs, manifests and the inbox are already checked against one pattern, and this is the
     second lock on every path built from them."""
+    if any("\x00" in str(part) for part in parts):
+        raise ConfigError(f"{what} {'/'.join(map(str, parts))[:80]!r} holds a NUL character")
     base = Path(root).resolve()
     path = base.joinpath(*parts).resolve()
     if path == base or not path.is_relative_to(base):

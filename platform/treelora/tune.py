@@ -66,11 +66,13 @@ class SweepSpec:
     def load(cls, path: str | Path, base: RunConfig) -> SweepSpec:
         where = str(path)
         try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise ConfigError(f"{where}: cannot read the sweep space ({exc})") from exc
+            data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+            raise ConfigError(f"{where}: cannot read the sweep space ({' '.join(str(exc).split())[:300]})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{where}: the sweep space must be a mapping, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(set(data) - known, key=str)
         if unknown:
             raise ConfigError(f"{where}: unknown keys {unknown}; known: {sorted(known)}")
         space = {}

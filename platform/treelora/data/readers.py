@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -165,6 +166,19 @@ def _split_file(folder: Path, split: str) -> Path | None:
     return found[0] if found else None
 
 
+def within(base: Path, value: Any, where: str | Path, field: str) -> Path:
+    """``value``, a path a file gives relative to its own folder ``base``: refused when it is not a
+    string or when, relative, it climbs out of ``base`` (``../other``) — such a file would not
+    mean the same once its folder is copied elsewhere. An absolute path is taken as written, and a
+    symlink inside ``base`` may point anywhere: both are deliberate."""
+    if not isinstance(value, str) or not value.strip() or "\0" in value:
+        raise DataValidationError(where, f"{field} must be a file path, got {value!r}")
+    if not os.path.isabs(value) and os.path.normpath(value).split(os.sep)[0] == os.pardir:
+        raise DataValidationError(where, f"{field} {value!r} leaves {base}: relative paths stay inside the file's folder "
+                                         "(give an absolute path, or a symlink inside the folder, to read data elsewhere)")
+    return base / value
+
+
 def read_label_set(path: str | Path) -> list[str]:
     """The ordered label set of a labels.json file (a JSON list of strings)."""
     path = Path(path)
@@ -181,10 +195,12 @@ def read_yaml(path: Path, what: str) -> Any:
     """A YAML file's content; a file that is not valid YAML is refused naming it and the line."""
     try:
         return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise DataValidationError(path, f"the {what} is not UTF-8 text (byte {exc.start})") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise DataValidationError(path, f"the {what} is not valid YAML{where}: {getattr(exc, 'problem', None) or exc}") from None
+        raise DataValidationError(path, f"the {what} is not valid YAML{where}: {' '.join(str(getattr(exc, 'problem', None) or exc).split())}") from None
 
 
 def _folder_layout(folder: Path) -> dict[str, Any]:
@@ -198,8 +214,11 @@ def _folder_layout(folder: Path) -> dict[str, Any]:
         if unknown:
             raise DataValidationError(spec_file, f"unknown key(s) {sorted(unknown)}; known: {sorted(_TASK_YAML_KEYS)}")
         if "labels_file" in spec:
-            spec["labels"] = read_label_set(folder / spec.pop("labels_file"))
-        spec["splits"] = {split: folder / file for split, file in (spec.get("splits") or {}).items()}
+            spec["labels"] = read_label_set(within(folder, spec.pop("labels_file"), spec_file, "labels_file"))
+        splits = spec.get("splits") or {}
+        if not isinstance(splits, dict):
+            raise DataValidationError(spec_file, f"splits must be a mapping of split to file, got {splits!r}")
+        spec["splits"] = {split: within(folder, file, spec_file, f"splits.{split}") for split, file in splits.items()}
         return spec
     splits = {split: file for split in SPLITS if (file := _split_file(folder, split))}
     if (folder / "labels.json").is_file():
@@ -257,6 +276,15 @@ def load_task(
 
 def _check_settings(name: str, kind: Any, settings: dict[str, Any], folder: str | Path | None) -> None:
     """Refuse a task description that cannot work, before any file is read."""
+    if not isinstance(name, str):
+        raise ValueError(f"a task's name must be a string, got {str(name)[:80]!r}")
+    for key in ("kind", "metric", "text_field", "target_field"):
+        if settings.get(key) is not None and not (isinstance(settings[key], str) and settings[key]):
+            raise ValueError(f"task {name!r}: {key} must be a non-empty string, got {str(settings[key])[:80]!r}")
+    for key in ("labels", "skip_labels"):
+        value = settings.get(key)
+        if value is not None and not (isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)):
+            raise ValueError(f"task {name!r}: {key} must be a list of strings, got {str(value)[:80]!r}")
     if kind not in _FIELDS:
         raise ValueError(f"task {name!r}: kind must be one of {sorted(_FIELDS)}, got {kind!r}")
     unknown = set(settings["splits"]) - set(SPLITS)

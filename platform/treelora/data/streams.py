@@ -1,7 +1,8 @@
 """A stream: tasks in the order they arrive. Loaded from a built-in name, a YAML manifest or
 a folder of task folders.
 
-YAML manifest (paths relative to the manifest's folder)::
+YAML manifest (relative paths are relative to the manifest's folder and may not leave it;
+an absolute path is taken as written)::
 
     name: my-stream              # default: the file's stem
     description: what it is
@@ -35,7 +36,8 @@ from typing import Any
 import yaml
 
 from .builtin import BUILTIN_STREAMS, resolve_data_root
-from .readers import load_task, read_label_set, read_yaml
+from .errors import DataValidationError
+from .readers import load_task, read_label_set, read_yaml, within
 from .sampling import SplitSizes, subsample
 from .tasks import SPLITS, Task
 
@@ -100,20 +102,37 @@ def _builtin(name: str, data_root: str | Path | None, sizes: SplitSizes, seed: i
 
 
 def _entry_task(entry: Any, base: Path, where: str, sizes: SplitSizes, seed: int) -> Task:
-    """One task from a manifest entry (paths relative to ``base``), subsampled to its sizes."""
+    """One task from a manifest entry (paths relative to ``base``), subsampled to its sizes; an
+    error names the manifest's entry as well as the data file it concerns."""
+    try:
+        return _read_entry(entry, base, where, sizes, seed)
+    except DataValidationError as exc:
+        if exc.path.startswith(where.split(": ")[0]):
+            raise
+        raise DataValidationError(exc.path, f"{exc.problem} (given by {where})", row=exc.row, line=exc.line, field=exc.field) from None
+    except ValueError as exc:
+        if str(exc).startswith(where):
+            raise
+        raise ValueError(f"{where}: {exc}") from None
+
+
+def _read_entry(entry: Any, base: Path, where: str, sizes: SplitSizes, seed: int) -> Task:
     if not isinstance(entry, dict) or set(entry) - _ENTRY_KEYS:
-        raise ValueError(f"{where}: an entry is a mapping with only the keys {sorted(_ENTRY_KEYS)}, got {entry!r}")
+        raise ValueError(f"{where}: an entry is a mapping with only the keys {sorted(_ENTRY_KEYS)}, got {str(entry)[:120]!r}")
     if ("path" in entry) == ("splits" in entry):
         raise ValueError(f"{where}: give either 'path' (a task folder) or 'splits' (split files)")
     options = {key: entry[key] for key in _PASSED_ON if key in entry}
     if "labels_file" in entry:
-        options["labels"] = read_label_set(base / entry["labels_file"])
+        options["labels"] = read_label_set(within(base, entry["labels_file"], where, "labels_file"))
+    splits = entry.get("splits", {})
+    if not isinstance(splits, dict):
+        raise ValueError(f"{where}: splits must be a mapping of split to file, got {str(splits)[:120]!r}")
     task_sizes = {**sizes, **_sizes(entry.get("sizes"), where)}
     if "eval_size" not in options and task_sizes.get("eval") is not None:
         options["eval_size"] = task_sizes["eval"]  # only used by a task without an eval file
     task = load_task(
-        base / entry["path"] if "path" in entry else None,
-        split_files={split: base / file for split, file in entry.get("splits", {}).items()},
+        within(base, entry["path"], where, "path") if "path" in entry else None,
+        split_files={split: within(base, file, where, f"splits.{split}") for split, file in splits.items()},
         seed=seed,
         **options,
     )
@@ -124,13 +143,13 @@ def absolute_task_spec(entry: Any, base: Path, where: str) -> dict:
     """A manifest entry with its file paths made absolute, so it means the same from anywhere
     (a task spec dropped into a running stream's inbox is read from another folder)."""
     if not isinstance(entry, dict):
-        raise ValueError(f"{where}: a task spec is a mapping of manifest entry keys {sorted(_ENTRY_KEYS)}, got {entry!r}")
+        raise ValueError(f"{where}: a task spec is a mapping of manifest entry keys {sorted(_ENTRY_KEYS)}, got {str(entry)[:120]!r}")
     out = dict(entry)
     for key in ("path", "labels_file"):
         if key in out:
-            out[key] = str((base / str(out[key])).resolve())
+            out[key] = str(within(base, out[key], where, key).resolve())
     if isinstance(out.get("splits"), dict):
-        out["splits"] = {split: str((base / str(f)).resolve()) for split, f in out["splits"].items()}
+        out["splits"] = {split: str(within(base, f, where, f"splits.{split}").resolve()) for split, f in out["splits"].items()}
     return out
 
 
@@ -142,8 +161,8 @@ def load_task_spec(path: str | Path, sizes: SplitSizes | None = None, seed: int 
     path = Path(path)
     try:
         entry = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as exc:
-        raise ValueError(f"{path}: not a readable YAML task spec ({exc})") from exc
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ValueError(f"{path}: not a readable YAML task spec ({' '.join(str(exc).split())[:300]})") from None
     spec = absolute_task_spec(entry, path.parent, str(path))
     if "name" not in spec:
         raise ValueError(f"{path}: a task spec needs a 'name'")

@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 from mlflow.entities import Metric, Param, RunStatus
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
@@ -160,6 +161,17 @@ class StreamTracker:
     def versions(self) -> list[VersionInfo]:
         """(version, task, aliases) of every registered adapter version, oldest first."""
         return list_versions(self.client, self.registered_model)
+
+    def versions_of_this_config(self) -> list[tuple[str, str, str]]:
+        """(version, task, parent run id) of every version registered with this run's config, oldest first."""
+        try:
+            found = self.client.search_model_versions(f"name = '{self.registered_model}' and tags.config_hash = '{self.config_hash}'")
+        except MlflowException as exc:
+            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return []
+            raise
+        rows = sorted(found, key=lambda mv: int(mv.version))
+        return [(str(mv.version), (mv.tags or {}).get("task", ""), (mv.tags or {}).get("parent_run_id", "")) for mv in rows]
 
     # -- helpers -----------------------------------------------------------------------------
     def _logged_version(self, task_name: str, task_index: int, parent: str) -> tuple[str, str] | None:

@@ -80,7 +80,10 @@ class PhaseOutcome:
             raise ValueError(f"{where}: a phase outcome of version {SEAM_VERSION} expected, got {data.get('version') if isinstance(data, dict) else data!r}")
         names = {f.name for f in dataclasses.fields(cls)}
         if set(data) != names:
-            raise ValueError(f"{where}: fields {sorted(set(data) ^ names)} missing or unknown")
+            raise ValueError(f"{where}: fields {sorted(set(data) ^ names, key=str)} missing or unknown")
+        wrong = [name for name, check in _FIELD_CHECKS.items() if not check(data[name])]
+        if wrong:
+            raise ValueError(f"{where}: field(s) {wrong} of the wrong type (e.g. {wrong[0]} = {str(data[wrong[0]])[:60]!r})")
         data["stream_tasks"] = tuple(data["stream_tasks"])
         data["accuracy_column"] = tuple(data["accuracy_column"])
         data["losses"] = tuple(tuple(x) for x in data["losses"])
@@ -97,6 +100,35 @@ class PhaseOutcome:
     def final_loss(self) -> float:
         return self.losses[-1][1] if self.losses else float("nan")
 
+
+def _int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _list_of(check):
+    return lambda v: isinstance(v, (list, tuple)) and all(check(x) for x in v)
+
+
+def _or_none(check):
+    return lambda v: v is None or check(v)
+
+
+_STRS, _INTS = _list_of(lambda x: isinstance(x, str)), _list_of(_int)
+# what each field of an outcome.json must hold before it is believed (JSON has lists, not tuples)
+_FIELD_CHECKS = {
+    "index": lambda v: _int(v) and v >= 0, "key": lambda v: isinstance(v, str) and bool(v), "stream_tasks": _STRS,
+    "accuracy_column": _list_of(_num), "losses": _list_of(lambda x: isinstance(x, (list, tuple)) and len(x) == 3 and _int(x[0])
+                                                          and _num(x[1]) and _num(x[2])),
+    "tree_version": _or_none(_int), "choices": _or_none(_list_of(_INTS)), "previous_tasks": _STRS,
+    "adapters": _STRS, "world_size": _int, "ranks_agree": lambda v: isinstance(v, bool), "tokens": _int,
+    "train_seconds": _num, "eval_seconds": _num, "step_seconds_median": _num, "setup_seconds": _num,
+    "checkpoint_seconds": _num, "checkpoints": _int, "load_seconds": _num, "started_at": _num, "finished_at": _num,
+    "added_task_spec": _or_none(lambda v: isinstance(v, dict)), "version": _int,
+}
 
 OUTCOME_FILE, ADAPTER_DIR = "outcome.json", "adapter"
 

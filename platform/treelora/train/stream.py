@@ -33,7 +33,8 @@ from .inbox import Inbox, load_specs
 from .job import StreamJob
 from .ledger import StreamLedger, TaskReport
 from .phase import PhaseJob, PhaseOutcome
-from .progress import StreamProgress
+from .phase_store import PhaseStore
+from .progress import RegisteredPhase, StreamProgress, check_progress
 from .run_lock import RunLock
 from .setup import run_id_of, split_sizes
 from .validate import preflight
@@ -83,7 +84,14 @@ def check_resume(cfg: RunConfig, layout: RunLayout, resume: str) -> None:
     other.mirror.pull_file(other.rel(other.identity_file))
     if not other.identity_file.is_file():
         raise ConfigError(f"no run {resume!r} in workdir {redact(layout.root)} to resume (the run id is printed by `treelora run`)")
-    then, now = json.loads(other.identity_file.read_text()), cfg.identity()
+    try:
+        then = json.loads(other.identity_file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{other.identity_file}: the run's identity file is damaged ({exc}); it is rewritten by a run "
+                          f"of the same settings (`treelora run` without --resume)") from None
+    if not isinstance(then, dict):
+        raise ConfigError(f"{other.identity_file}: the run's identity file is damaged (not an object of settings)")
+    now = cfg.identity()
     changed = sorted(k for k in then.keys() | now.keys() if then.get(k) != now.get(k))
     raise ConfigError(f"cannot resume run {resume!r} with these settings: they make run {layout.run_id!r}; fields that differ: "
                       + ", ".join(f"{k} ({then.get(k, 'unset')} -> {now.get(k, 'unset')})" for k in changed))
@@ -197,6 +205,8 @@ class _StreamRun:
         progress.after_save = lambda: mirror.push_file(layout.rel(layout.progress_file))
         tasks = list(self.stream.tasks) + load_specs(Inbox.of(layout).accepted(), split_sizes(cfg), cfg.stream.seed)
         self.names = [t.name for t in tasks]
+        self.phases = _phases(cfg, self.names, self.joint)
+        self.check_progress()
         try:
             progress.parent_run_id = self.tracker.start_stream(self.stream.name, self.names, resume_run_id=progress.parent_run_id,
                                                                sweep_run_id=sweep_run_id)
@@ -206,7 +216,15 @@ class _StreamRun:
         progress.save()
         if self.method_cls.uses_tree:
             check_tree_holds_progress(self.tree, layout, progress)
-        self.phases = _phases(cfg, self.names, self.joint)
+
+    def check_progress(self) -> None:
+        """progress.json against the stream's phases, this run's registered versions and its tree."""
+        registered = [RegisteredPhase(*row) for row in self.tracker.versions_of_this_config()]
+        tree_tasks = self.tree.snapshot(self.layout.run_id).task_ids if self.method_cls.uses_tree else None
+        store, recorded = PhaseStore(self.layout), lambda key: key in self.progress.tasks  # noqa: E731
+        store.pull(skip_key=recorded)  # what the ledger fetches next anyway
+        published = [outcome.key for _, outcome in store.published(skip_key=recorded).values()]
+        check_progress(self.progress, [p.key for p in self.phases], registered, tree_tasks, published)
 
     def ledger(self, on_phase) -> StreamLedger:
         layout, progress, out = self.layout, self.progress, self.progress_out
