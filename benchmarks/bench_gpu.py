@@ -36,7 +36,7 @@ SHAPE = dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num
 SEQ, BATCH, LR = 1024, 8, 2e-4
 
 
-def make_llama_folder(folder: Path) -> Path:
+def make_llama_folder(folder: Path, device: str = "cuda") -> Path:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from treelora.adapters.backbone import minilm_dir
@@ -46,7 +46,7 @@ def make_llama_folder(folder: Path) -> Path:
     config = LlamaConfig(vocab_size=tok.vocab_size, max_position_embeddings=4096, pad_token_id=tok.pad_token_id,
                          eos_token_id=tok.sep_token_id, bos_token_id=tok.cls_token_id, torch_dtype="bfloat16", **SHAPE)
     torch.manual_seed(0)
-    with torch.device("cuda"):
+    with torch.device(device):
         model = LlamaForCausalLM(config).to(torch.bfloat16)
     model.save_pretrained(folder)
     params = sum(p.numel() for p in model.parameters())

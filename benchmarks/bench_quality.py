@@ -111,12 +111,40 @@ def parse_method(spec: str) -> tuple[str, list[str]]:
     return name, [f"method.{kv}" for kv in settings]
 
 
+def jobs_for_memory(job_gib: float, most: int = 16) -> int:
+    """Streams that fit side by side in the GPU's free memory at ``job_gib`` GiB each (1 without a GPU)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return 1
+    free, _ = torch.cuda.mem_get_info()
+    return max(1, min(most, int(0.9 * free / 2**30 // job_gib)))
+
+
+def failed(job: tuple, exc: BaseException) -> dict:
+    """A job that raised (an out-of-memory stream, a crashed process): recorded, the others go on."""
+    return {"kind": "failed", "job": [str(x) for x in job[:3]], "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"}
+
+
 def run_all(jobs: list[tuple], workers: int, on_done) -> list[dict]:
     if workers <= 1:
-        return [on_done(run_job(j)) for j in jobs]
+        out = []
+        for j in jobs:
+            try:
+                out.append(on_done(run_job(j)))
+            except Exception as exc:  # noqa: BLE001 - one stream's failure must not lose the others' results
+                out.append(on_done(failed(j, exc)))
+        return out
     # spawn: a forked CUDA context is unusable in the child
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return [on_done(f.result()) for f in concurrent.futures.as_completed([pool.submit(run_job, j) for j in jobs])]
+        futures = {pool.submit(run_job, j): j for j in jobs}
+        out = []
+        for f in concurrent.futures.as_completed(futures):
+            try:
+                out.append(on_done(f.result()))
+            except Exception as exc:  # noqa: BLE001 - BrokenProcessPool included: the finished ones are kept
+                out.append(on_done(failed(futures[f], exc)))
+        return out
 
 
 def interval(diffs: list[float]) -> str:
@@ -261,7 +289,9 @@ def parser(description: str = __doc__.splitlines()[0]) -> argparse.ArgumentParse
                     help="methods whose streams are also answered without task ids (a '<method>-routed' line each)")
     ap.add_argument("--leaf-budgets", default="",
                     help="fractions of the leaves kept (tree.max_leaves), e.g. 0.5,0.25: routed OP under each")
-    ap.add_argument("--jobs", type=int, default=1, help="streams trained at once, each in its own process")
+    ap.add_argument("--jobs", default="1", help="streams trained at once, each in its own process; 'auto': as many as the "
+                                                "GPU's free memory holds at --job-gib each")
+    ap.add_argument("--job-gib", type=float, default=8.0, help="GPU memory one stream needs, for --jobs auto")
     ap.add_argument("--save", default=None, help="write every stream's results to this JSON file")
     ap.add_argument("--merge", nargs="+", default=None, help="print the tables of these --save files and train nothing")
     ap.add_argument("--config", default=None, help="a run config YAML to start from")
@@ -292,6 +322,8 @@ def collect(ap: argparse.ArgumentParser, args) -> list[dict]:
         finished.append(r)
         if args.save:  # after every stream, so a run cut short keeps what it finished
             Path(args.save).write_text(json.dumps({"stream": args.stream, "overrides": overrides, "records": finished}))
+        if r["kind"] == "failed":
+            print(f"FAILED {' '.join(r['job'])}: {r['error']}", flush=True)
         if r["kind"] == "stream":
             print(f"seed {r['seed']} {r['method']:<19} OP {r['op'] * 100:5.1f}  BWT {r['bwt'] * 100:6.1f}  "
                   f"wall {r['wall_seconds']:6.1f} s", flush=True)
@@ -303,7 +335,9 @@ def collect(ap: argparse.ArgumentParser, args) -> list[dict]:
         routing = {"methods": [m for m in args.routed.split(",") if m], "budgets": [float(f) for f in args.leaf_budgets.split(",") if f]}
         jobs += [("stream", s, m, overrides, args.config, os.path.join(tmp, f"{i}-{s}"), chosen, routing)
                  for s in seeds for i, m in enumerate(methods)]
-        return run_all(jobs, args.jobs, done)
+        workers = jobs_for_memory(args.job_gib) if args.jobs == "auto" else int(args.jobs)
+        print(f"jobs: {workers} at once" + (f" ({args.job_gib:g} GiB each in the free GPU memory)" if args.jobs == "auto" else ""), flush=True)
+        return run_all(jobs, workers, done)
 
 
 def main(argv=None) -> int:

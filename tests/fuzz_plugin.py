@@ -23,6 +23,14 @@ class FuzzCounter:
         self.violations = 0
         self.tests = 0
 
+    def pytest_collection_modifyitems(self, config, items):
+        """``TREELORA_FUZZ_ONLY=1`` (benchmarks/fuzz_boundaries.py): keep only the property tests."""
+        if os.environ.get("TREELORA_FUZZ_ONLY") != "1":
+            return
+        keep = [item for item in items if getattr(getattr(item, "obj", None), "hypothesis", None) is not None]
+        config.hook.pytest_deselected(items=[item for item in items if item not in keep])
+        items[:] = keep
+
     @pytest.hookimpl(hookwrapper=True)
     def pytest_runtest_call(self, item):
         handle = getattr(getattr(item, "obj", None), "hypothesis", None)
