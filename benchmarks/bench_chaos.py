@@ -1,7 +1,7 @@
 """Chaos soak: a stream trained while its processes are SIGKILLed, against a clean run of the same stream.
 
     .venv/bin/python benchmarks/bench_chaos.py                       # 12 tasks, >= 20 kills, own Ray head
-    .venv/bin/python benchmarks/bench_chaos.py --tasks 2 --kills 4 --train-size 16   # about the suite's version
+    .venv/bin/python benchmarks/bench_chaos.py --tasks 2 --kills 4 --train-size 32   # about the suite's version
 
 Trains a stream of tiny-model tasks (CPU, Ray Train with 2 workers and DeepSpeed, a checkpoint
 every step) twice on one Ray cluster: once undisturbed, once while a seeded schedule SIGKILLs a
@@ -158,17 +158,30 @@ def victims(kind: str, head: RayHead, tree_name: str, driver: Driver, server: Ml
         return []
 
 
-def kind_schedule(rng: random.Random):
-    """The kinds to kill, in order: every kind once per round, each round in a seeded order."""
-    while True:
-        yield from rng.sample(KINDS, len(KINDS))
+class KindSchedule:
+    """The kinds to kill: every kind once per round, each round in a seeded order, except that a
+    training worker goes first while one is alive: a worker group exists only while a phase
+    trains, the other kinds almost always. A kind with nothing alive to kill at that moment
+    waits while the next kind of the round goes, so a short stream still sees every kind killed."""
+
+    def __init__(self, rng: random.Random):
+        self.rng, self.round = rng, []
+
+    def pick(self, alive) -> tuple[str, list[int]] | None:
+        if not self.round:
+            self.round = self.rng.sample(KINDS, len(KINDS))
+        for kind in sorted(self.round, key=lambda k: k != "worker"):  # stable: the seeded order otherwise
+            pids = alive(kind)
+            if pids:
+                self.round.remove(kind)
+                return kind, pids
+        return None
 
 
 def soak(head: RayHead, sets: list[str], workdir: Path, tree_name: str, server: MlflowServer, kills_wanted: int, seed: int,
          budget_s: float, say) -> dict[str, int]:
     rng, kills = random.Random(seed), {k: 0 for k in KINDS}
-    kinds = kind_schedule(random.Random(seed + 1))
-    kind = next(kinds)
+    schedule = KindSchedule(random.Random(seed + 1))
     driver = Driver(sets, head.address, workdir.parent / "chaos-driver.log")
     driver.start()
     last_mark, t_end = progress_marks(workdir), time.monotonic() + budget_s
@@ -185,10 +198,11 @@ def soak(head: RayHead, sets: list[str], workdir: Path, tree_name: str, server: 
             time.sleep(0.5)
             continue
         time.sleep(rng.uniform(0.0, 4.0))
-        pids = victims(kind, head, tree_name, driver, server)
-        if not pids:  # none alive just now (e.g. no worker group between phases): wait for the next mark
+        picked = schedule.pick(lambda kind: victims(kind, head, tree_name, driver, server))
+        if picked is None:  # nothing of this round alive just now: wait for the next mark
             last_mark = progress_marks(workdir)
             continue
+        kind, pids = picked
         pid = rng.choice(pids)
         try:
             if kind == "mlflow":
@@ -199,12 +213,11 @@ def soak(head: RayHead, sets: list[str], workdir: Path, tree_name: str, server: 
             continue
         kills[kind] += 1
         last_mark = progress_marks(workdir)
-        killed, kind = kind, next(kinds)
-        say(f"kill {sum(kills.values())}: {killed} (pid {pid}) at progress mark {last_mark}")
-        if killed == "driver":
+        say(f"kill {sum(kills.values())}: {kind} (pid {pid}) at progress mark {last_mark}")
+        if kind == "driver":
             driver.proc.wait()
             driver.start()
-        elif killed == "mlflow":
+        elif kind == "mlflow":
             time.sleep(rng.uniform(1.0, 4.0))
             server.start()
     return {**kills, "driver_starts": driver.starts, "finished": 0}
@@ -252,7 +265,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tasks", type=int, default=12)
     ap.add_argument("--kills", type=int, default=20, help="kills wanted (the schedule keeps going until the stream ends)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--train-size", type=int, default=32, help="training rows per task (batch 8: a checkpoint per step)")
+    ap.add_argument("--train-size", type=int, default=48, help="training rows per task (batch 8: a checkpoint per step)")
     ap.add_argument("--budget-s", type=float, default=1080, help="the chaos run's own time limit")
     ap.add_argument("--address", help="an existing Ray cluster (its GCS address); default: a head of this benchmark's own")
     ap.add_argument("--workdir", help="keep the runs here (default: a temporary folder)")

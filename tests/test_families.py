@@ -125,3 +125,61 @@ def test_a_family_by_hub_id_survives_a_worker_death_on_ray_and_serves(ray_sessio
     write_cache_entry(os.environ["HF_HOME"], "modernbert")
     row = model_matrix.run_case("modernbert", "ray", tmp_path)
     assert row["kind"] == "encoder" and row["peft"] == "ModernBertModel"
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("model_type", CAUSAL)
+def test_the_answer_only_loss_is_the_models_own_loss_and_gradient(model_type, tmp_path):
+    """The loss projects only the answer positions to the vocabulary: the same value and the
+    same LoRA gradients as the model's own loss over full logits (gemma2's soft-capped logits
+    take the model's path)."""
+    model, tok = build_tiny(model_type)
+    backbone = Backbone(model, tok, model_type, f"tiny {model_type}", str(tmp_path / "base"), kind="causal")
+    cm = ContinualModel(backbone, r=4, alpha=8, targets=("q", "v"), max_length=64)
+    task = _task(True)
+    params = cm.trainable_for(task)
+    torch.manual_seed(0)
+    for m in cm.modules_in_order:  # B starts at zero: give the adapters a gradient path worth comparing
+        m.B().data.normal_(0, 0.1)
+    cm.eval()  # dropout (gpt2's 0.1) would draw other masks in the two passes
+    batch = cm.batch(task, task.train)
+    assert (batch["labels"] == -100).float().mean() > 0.5  # mostly prompt: what the short cut is for
+    ours = cm.loss(task, batch)
+    ours.backward()
+    grads = [p.grad.clone() for p in params]
+    cm.peft.zero_grad()
+    theirs = cm.peft(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    theirs.backward()
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    for a, p in zip(grads, params):
+        torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "bert"])
+def test_gradient_checkpointing_gives_the_same_loss_and_lora_gradients(model_type, tmp_path):
+    causal = model_type in CAUSAL
+    task = _task(causal)
+    results = []
+    for checkpointing in (False, True):
+        model, tok = build_tiny(model_type)
+        backbone = Backbone(copy.deepcopy(model), tok, model_type, f"tiny {model_type}", str(tmp_path / "base"),
+                            kind="causal" if causal else "encoder")
+        cm = ContinualModel(backbone, r=4, alpha=8, targets=("q", "v"), max_length=64, gradient_checkpointing=checkpointing)
+        assert cm.peft.get_base_model().is_activation_checkpointing == checkpointing
+        cm.add_head(task)
+        params = cm.trainable_for(task)
+        torch.manual_seed(0)
+        for m in cm.modules_in_order:
+            m.B().data.normal_(0, 0.1)
+        cm.train()
+        for module in cm.modules():  # dropout off: the two runs must draw nothing at random
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        loss = cm.loss(task, cm.batch(task, task.train))
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in params]))
+    (l0, g0), (l1, g1) = results
+    torch.testing.assert_close(l0, l1)
+    for a, b in zip(g0, g1):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

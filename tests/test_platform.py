@@ -117,13 +117,13 @@ def test_crashed_stream_resumes_with_the_tree_service_restarted(ray_session, tmp
     service = get_tree_service(str(tmp_path / "trees"), name=cfg.tree.service_name, namespace=cfg.tree.namespace)
     logs = []
     with pytest.raises(TrainingFailedError):
-        run_stream(cfg, step_hooks=[die_at_step("SST-2", 0)], log=lambda line: (logs.append(line), "agnews: model" in line and ray_session.kill(service, no_restart=False)))
+        run_stream(cfg, step_hooks=[die_at_step("SST-2", 0)], log=lambda line: (logs.append(line), "agnews: model" in line and ray_session.kill(service.handle, no_restart=False)))
     assert any("agnews: model version 1" in line for line in logs)
     logs.clear()
     result = run_stream(cfg, log=logs.append)
     assert any("agnews: already done" in line for line in logs) and not any("SST-2: already done" in line for line in logs)
     assert result.accuracy.shape == (2, 2) and np.isfinite(result.accuracy).all()
-    snap = ray_session.get(service.snapshot.remote(result.run_id))
+    snap = service.snapshot(result.run_id)
     assert snap.task_ids == ("agnews", "SST-2") and snap.version == 2
     _, versions = _registry(result)
     assert [v.tags["task"] for v in versions] == ["agnews", "SST-2"]

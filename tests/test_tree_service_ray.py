@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tree_service import TaskEntry, TreeClient, TreeDescription, TreeRegistry, TreeSnapshot, VersionConflict
-from tree_service.actor import RemoteTree, get_tree_service
+from tree_service.actor import get_tree_service
 
 pytestmark = pytest.mark.ray
 
@@ -22,8 +22,8 @@ def test_same_name_gives_the_same_actor(ray_session, tmp_path):
     name = _name()
     a = get_tree_service(str(tmp_path), name=name)
     b = get_tree_service(str(tmp_path), name=name)
-    ray.get(a.add_task.remote("s", "x", np.ones((2, 3), np.float32), 0))
-    assert ray.get(b.snapshot.remote("s")).task_ids == ("x",)
+    a.add_task("s", "x", np.ones((2, 3), np.float32), 0)
+    assert b.snapshot("s").task_ids == ("x",)
 
 
 def test_two_clients_add_tasks_concurrently_without_losing_any(ray_session, tmp_path):
@@ -41,16 +41,16 @@ def test_two_clients_add_tasks_concurrently_without_losing_any(ray_session, tmp_
         for i in range(count):
             sig = np.full((2, 3), float(i), np.float32)
             while True:  # optimistic concurrency: re-read the version and retry on conflict
-                current = ray.get(service.snapshot.remote("shared")).version
+                current = service.snapshot("shared").version
                 try:
-                    versions.append(ray.get(service.add_task.remote("shared", f"{prefix}-{i}", sig, current)))
+                    versions.append(service.add_task("shared", f"{prefix}-{i}", sig, current))
                     break
                 except Conflict:
                     continue
         return versions
 
     va, vb = ray.get([client.remote("a", 6), client.remote("b", 6)])
-    snap = ray.get(owner.snapshot.remote("shared"))
+    snap = owner.snapshot("shared")
     assert snap.version == 12 and sorted(snap.task_ids) == sorted([f"a-{i}" for i in range(6)] + [f"b-{i}" for i in range(6)])
     assert sorted(va + vb) == list(range(1, 13))  # every write got its own version
     assert snap.signatures.shape == (12, 2, 3)
@@ -59,11 +59,11 @@ def test_two_clients_add_tasks_concurrently_without_losing_any(ray_session, tmp_
 def test_conflicting_write_is_refused_naming_both_versions(ray_session, tmp_path):
     ray = ray_session
     service = get_tree_service(str(tmp_path), name=_name())
-    ray.get(service.add_task.remote("s", "a", np.zeros((2, 2), np.float32), 0))
-    ray.get(service.add_task.remote("s", "b", np.ones((2, 2), np.float32), 1))
+    service.add_task("s", "a", np.zeros((2, 2), np.float32), 0)
+    service.add_task("s", "b", np.ones((2, 2), np.float32), 1)
     with pytest.raises(VersionConflict, match="expected version 1.*current version is 2"):
-        ray.get(service.add_task.remote("s", "c", np.ones((2, 2), np.float32), 1))
-    assert ray.get(service.snapshot.remote("s")).task_ids == ("a", "b")
+        service.add_task("s", "c", np.ones((2, 2), np.float32), 1)
+    assert service.snapshot("s").task_ids == ("a", "b")
 
 
 def test_killed_actor_comes_back_with_every_task(ray_session, tmp_path):
@@ -72,34 +72,34 @@ def test_killed_actor_comes_back_with_every_task(ray_session, tmp_path):
     service = get_tree_service(str(tmp_path), name=name)
     rng = np.random.default_rng(0)
     sigs = [rng.standard_normal((3, 4)).astype(np.float32) for _ in range(4)]
-    ray.get(service.add_task.remote("s", "t0", sigs[0], 0))
-    ray.get(service.add_task.remote("s", "t1", sigs[1], 1))
-    ray.kill(service, no_restart=False)
+    service.add_task("s", "t0", sigs[0], 0)
+    service.add_task("s", "t1", sigs[1], 1)
+    ray.kill(service.handle, no_restart=False)
     # calls after the kill wait for the restart (max_restarts=-1) and see the restored state
-    assert ray.get(service.add_task.remote("s", "t2", sigs[2], 2), timeout=60) == 3
-    ray.kill(service, no_restart=False)
+    assert service.add_task("s", "t2", sigs[2], 2) == 3
+    ray.kill(service.handle, no_restart=False)
     time.sleep(0.5)
-    snap = ray.get(get_tree_service(str(tmp_path), name=name).snapshot.remote("s"), timeout=60)
+    snap = get_tree_service(str(tmp_path), name=name).snapshot("s")
     assert snap.task_ids == ("t0", "t1", "t2") and snap.version == 3
     assert all(np.array_equal(snap.signatures[i], sigs[i]) for i in range(3))
     # a retried write of a task that was stored before the crash answers its version, no insert
-    assert ray.get(service.add_task.remote("s", "t1", sigs[1], 1)) == 2
+    assert service.add_task("s", "t1", sigs[1], 1) == 2
 
 
 def test_snapshot_carries_the_tree_and_delete_needs_confirmation(ray_session, tmp_path):
     ray = ray_session
     service = get_tree_service(str(tmp_path), name=_name())
     for i in range(5):
-        ray.get(service.add_task.remote("s", f"t{i}", np.full((2, 2), float(i * i), np.float32), i))
-    snap = ray.get(service.snapshot.remote("s"))
+        service.add_task("s", f"t{i}", np.full((2, 2), float(i * i), np.float32), i)
+    snap = service.snapshot("s")
     kinds = [n["kind"] for n in snap.tree["nodes"]]
     assert kinds.count("task") == 5 and snap.tree["nodes"][0]["kind"] == "split"
-    assert ray.get(service.list_streams.remote()) == ["s"]
-    assert "t4" in ray.get(service.describe.remote("s")).tree_text
+    assert service.list_streams() == ["s"]
+    assert "t4" in service.describe("s").tree_text
     with pytest.raises(Exception, match="confirm"):
-        ray.get(service.delete.remote("s"))
-    ray.get(service.delete.remote("s", confirm="s"))
-    assert ray.get(service.list_streams.remote()) == []
+        service.delete("s")
+    service.delete("s", confirm="s")
+    assert service.list_streams() == []
 
 
 def test_service_on_s3_survives_a_restart(ray_session, s3_server):
@@ -108,9 +108,9 @@ def test_service_on_s3_survives_a_restart(ray_session, s3_server):
     name = _name()
     service = get_tree_service(uri, name=name)
     sig = np.arange(6, dtype=np.float32).reshape(2, 3)
-    ray.get(service.add_task.remote("s", "a", sig, 0))
-    ray.kill(service, no_restart=False)
-    snap = ray.get(service.snapshot.remote("s"), timeout=60)
+    service.add_task("s", "a", sig, 0)
+    ray.kill(service.handle, no_restart=False)
+    snap = service.snapshot("s")
     assert snap.task_ids == ("a",) and np.array_equal(snap.signatures[0], sig)
 
 
@@ -123,7 +123,7 @@ def test_the_local_registry_and_the_actor_are_both_tree_clients(ray_session, tmp
     """Code that uses a tree takes a ``TreeClient``: the registry in this process and the service
     behind Ray take the same calls and answer the same types."""
     local = TreeRegistry(str(tmp_path / "local"))
-    remote = RemoteTree(get_tree_service(str(tmp_path / "remote"), name=_name()))
+    remote = get_tree_service(str(tmp_path / "remote"), name=_name())
     for client in (local, remote):
         assert isinstance(client, TreeClient)
         for name in ("snapshot", "describe", "add_task"):
@@ -138,3 +138,18 @@ def test_the_local_registry_and_the_actor_are_both_tree_clients(ray_session, tmp
         space, ids, sig = snap.arrays()
         sig += 1  # a writable copy, also of an array that came through Ray's object store
         assert space.shape == (2, 3) and ids == ["a"] and (sig == 2).all() and (snap.signatures == 1).all()
+
+
+def test_one_service_keeps_the_trees_of_two_workdirs_apart(ray_session, tmp_path):
+    """Every job shares the one service actor, but a job's trees live in its own workdir: a run
+    with the same id in another workdir starts from an empty tree and writes nothing into the
+    first one's store (found by a rerun of a tuned config in a fresh workdir)."""
+    name = _name()
+    first = get_tree_service(str(tmp_path / "a" / "trees"), name=name)
+    first.add_task("run", "x", np.ones((2, 3), np.float32), 0)
+    second = get_tree_service(str(tmp_path / "b" / "trees"), name=name)
+    assert second.handle._actor_id == first.handle._actor_id
+    assert second.snapshot("run").version == 0 and second.list_streams() == []
+    assert second.add_task("run", "y", np.zeros((2, 3), np.float32), 0) == 1
+    assert TreeRegistry(str(tmp_path / "a" / "trees")).snapshot("run").task_ids == ("x",)
+    assert TreeRegistry(str(tmp_path / "b" / "trees")).snapshot("run").task_ids == ("y",)

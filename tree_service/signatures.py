@@ -21,6 +21,7 @@ for exact signatures, the median estimator for Cauchy ones.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Sequence
 
 import numpy as np
@@ -98,6 +99,21 @@ class SignatureSpace:
         return signature.detach().cpu().contiguous()
 
 
+@functools.lru_cache(maxsize=8)
+def _matrix(projection: str, seed: int, size: int, width: int, device: str) -> torch.Tensor:
+    """A projection matrix [size, width], built once per process: drawing one (float64, on the CPU,
+    so every machine draws the same) takes about a second at a 7B model's module sizes, which a
+    per-task rebuild would add to every task's first step."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + size)
+    if projection == "cauchy":
+        u = torch.rand(size, width, generator=gen, dtype=torch.float64)
+        m = torch.tan(torch.pi * (u - 0.5))  # inverse CDF of the standard Cauchy
+    else:
+        m = torch.randint(0, 2, (size, width), generator=gen).double() * 2 - 1
+        m /= width**0.5
+    return m.float().to(device)
+
+
 class Projector:
     """Maps raw per-module vectors of any size to a stream's signature width.
 
@@ -108,20 +124,9 @@ class Projector:
 
     def __init__(self, space: SignatureSpace):
         self.space = space
-        self._matrices: dict[tuple[int, str], torch.Tensor] = {}
 
     def matrix(self, size: int, device: torch.device | str = "cpu") -> torch.Tensor:
-        key = (size, str(device))
-        if key not in self._matrices:
-            gen = torch.Generator().manual_seed(self.space.seed * 1_000_003 + size)
-            if self.space.projection == "cauchy":
-                u = torch.rand(size, self.space.width, generator=gen, dtype=torch.float64)
-                m = torch.tan(torch.pi * (u - 0.5))  # inverse CDF of the standard Cauchy
-            else:
-                m = torch.randint(0, 2, (size, self.space.width), generator=gen).double() * 2 - 1
-                m /= self.space.width**0.5
-            self._matrices[key] = m.float().to(device)
-        return self._matrices[key]
+        return _matrix(self.space.projection, self.space.seed, size, self.space.width, str(torch.device(device)))
 
     def project_module(self, vector: torch.Tensor) -> torch.Tensor:
         """One module's raw vector (any shape) -> [D]."""

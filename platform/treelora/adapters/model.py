@@ -23,6 +23,9 @@ from ..data.tasks import Example, Task
 from .backbone import Backbone
 from .families import resolve_targets
 
+# config attributes of families that transform logits after the output projection
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
 
 def head_key(task_name: str) -> str:
     """A task's key in ``ContinualModel.heads``: torch module names cannot hold '.', task names
@@ -45,7 +48,7 @@ class LoraModule:
 class ContinualModel(torch.nn.Module):
     def __init__(self, backbone: Backbone, r: int = 8, alpha: int = 16, dropout: float = 0.0,
                  targets: Sequence[str] = ("q", "v"), max_length: int | None = 128, max_new_tokens: int | None = 8,
-                 chat_template: bool = True):
+                 chat_template: bool = True, gradient_checkpointing: bool = False):
         super().__init__()
         self.family, self.kind, self.tokenizer, self.source = backbone.family, backbone.kind, backbone.tokenizer, backbone.source
         self.reference, self.gguf_file, self.revision = backbone.reference, backbone.gguf_file, backbone.revision
@@ -59,6 +62,13 @@ class ContinualModel(torch.nn.Module):
         conv1d = any(isinstance(m, Conv1D) for n, m in backbone.model.named_modules() if n in set(names))
         self.lora_config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none", target_modules=names,
                                       fan_in_fan_out=conv1d)  # GPT-2's Conv1D stores its weight transposed
+        if gradient_checkpointing:
+            # non-reentrant: the frozen base's inputs need no requires_grad for the LoRA weights to get
+            # gradients; transformers 5.24 renamed the switch (5.17, the GPU image's, has only the old name)
+            if hasattr(backbone.model, "activation_checkpointing_enable"):
+                backbone.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                backbone.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.peft = get_peft_model(backbone.model, self.lora_config)
         forward = inspect.signature(self.peft.get_base_model().forward).parameters
         self.takes_token_types = "token_type_ids" in forward  # BERT, DeBERTa; not DistilBERT or ModernBERT
@@ -250,14 +260,35 @@ class ContinualModel(torch.nn.Module):
             labels.append([-100] * len(prompt) + answer)  # loss on answer tokens only
         out = {"input_ids": self._pad(rows, self.tokenizer.pad_token_id),  # right-padded for training
                "attention_mask": self._pad([[1] * len(r) for r in rows], 0), "labels": self._pad(labels, -100)}
+        # where the loss reads: flat positions t (row-major in [batch, width]) whose next token is an
+        # answer token, and those tokens; found here, on the host, so the device never has to
+        # report how many there are (a boolean mask would make every step wait for it)
+        width = out["input_ids"].shape[1]
+        found = [(i * width + j - 1, t) for i, row in enumerate(labels) for j, t in enumerate(row) if j and t != -100]
+        out["answer_index"] = torch.tensor([f[0] for f in found], dtype=torch.long)
+        out["answer_target"] = torch.tensor([f[1] for f in found], dtype=torch.long)
         return self._to_device(out)
 
     # -- forward --------------------------------------------------------------------------
     def loss(self, task: Task, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.is_causal:
-            return self.peft(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+            return self._answer_loss(batch)
         logits = self.logits(task, batch)
         return torch.nn.functional.cross_entropy(logits.float(), batch["labels"])
+
+    def _answer_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The model's own next-token loss (mean over answer tokens), with the vocabulary
+        projection applied to the answer positions alone: a prompt-heavy batch never holds
+        [batch, length, vocab] fp32 logits (16 x 1024 tokens of SmolLM2's 49k vocabulary: 3 GiB,
+        plus their gradient), nor spends the projection on prompt tokens it would throw away.
+        Families whose logits are scaled or soft-capped after the projection take the model's path."""
+        lm = self.peft.get_base_model()
+        head = lm.get_output_embeddings()
+        if head is None or any(getattr(lm.config, a, None) not in (None, 1, 1.0) for a in _LOGIT_TRANSFORMS):
+            return self.peft(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+        hidden = lm.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        answers = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch["answer_index"])  # position t predicts token t + 1
+        return torch.nn.functional.cross_entropy(head(answers).float(), batch["answer_target"])
 
     def logits(self, task: Task, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         out = self.peft(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],

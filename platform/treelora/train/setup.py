@@ -47,7 +47,7 @@ def build_model(cfg: RunConfig, kind: str, dtype: torch.dtype = torch.float32, d
     check_kind(cfg.model.name, backbone.kind, kind)
     return ContinualModel(backbone, r=cfg.adapter.r, alpha=cfg.adapter.alpha, dropout=cfg.adapter.dropout,
                           targets=cfg.adapter.targets, max_length=cfg.model.max_length, max_new_tokens=cfg.model.max_new_tokens,
-                          chat_template=cfg.model.chat_template)
+                          chat_template=cfg.model.chat_template, gradient_checkpointing=cfg.model.gradient_checkpointing)
 
 
 def use_bf16(cfg: RunConfig, device: torch.device) -> bool:
@@ -62,10 +62,10 @@ def open_tree(cfg: RunConfig, uri: str, *, service: bool):
     same one, as a registry caches what it has read)."""
     if not service:
         return TreeRegistry(uri)
-    from tree_service.actor import RemoteTree, get_tree_service  # Ray: only the distributed runner imports it
+    from tree_service.actor import get_tree_service  # Ray: only the distributed runner imports it
 
     t = cfg.tree
-    return RemoteTree(get_tree_service(uri, name=t.service_name, namespace=t.namespace, detached=t.detached))
+    return get_tree_service(uri, name=t.service_name, namespace=t.namespace, detached=t.detached)
 
 
 def run_id_of(cfg: RunConfig, stream: Stream) -> str:
