@@ -6,11 +6,12 @@
 Trains a stream of tiny-model tasks (CPU, Ray Train with 2 workers and DeepSpeed, a checkpoint
 every step) twice on one Ray cluster: once undisturbed, once while a seeded schedule SIGKILLs a
 training worker, the tree-service actor, the MLflow tracking server and the driver itself (every
-kind once per round, each round in a seeded order, at a seeded moment). A killed
-driver is started again with the same command (what a user does); a killed MLflow server is
-started again on its port after a few seconds (what a supervisor does). A kill is armed only once
-the run has made progress since the last one (a new checkpoint or phase), so the stream always
-ends. Then it compares the two runs: the accuracy matrix, the tree (version, tasks, signatures,
+kind once per round, each round in a seeded order, a training worker first while one is alive, at
+a seeded moment). A killed driver is started again with the same command (what a user does); a
+killed MLflow server is started again on its port after a few seconds (what a supervisor does). A
+kill is armed only once the run has made progress since the last one (a checkpoint or phase not
+seen before), so the stream always ends. Its own head runs without Ray's token auth (127.0.0.1
+only). Then it compares the two runs: the accuracy matrix, the tree (version, tasks, signatures,
 structure) and the registered versions with their aliases.
 
 Last lines: ``kills=<n>`` (``kills_<kind>=`` before it), ``identical=<0|1>`` and ``lost=<n>``
@@ -73,6 +74,10 @@ class RayHead:
     def __init__(self, address: str | None):
         self.own = address is None
         if self.own:
+            # no token auth on this 127.0.0.1 head, for it and every process of the soak: Ray 2.60
+            # turns it on for `ray start` when ~/.ray/auth_token exists (left by any earlier local
+            # ray.init), and then the drivers cannot connect
+            ENV["RAY_AUTH_MODE"] = os.environ["RAY_AUTH_MODE"] = "disabled"
             port, dash = free_port(), free_port()
             subprocess.run([RAY, "start", "--head", f"--port={port}", "--num-cpus=2", "--object-store-memory=268435456",
                             "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
@@ -138,9 +143,18 @@ class Driver:
         return None if self.proc is None else self.proc.poll()
 
 
-def progress_marks(workdir: Path) -> int:
-    """Checkpoints written plus phases published: grows whenever the run gets further."""
-    return len(list(workdir.glob("ray_train/*/checkpoint_*"))) + len(list(workdir.glob("streams/*/phases/*/outcome.json")))
+class ProgressMarks:
+    """Checkpoints written plus phases published, counted once each as they appear: it grows
+    whenever the run gets further (Ray Train deletes old checkpoints, so a plain count of the
+    folders stops growing once it holds scaling.keep_checkpoints of them)."""
+
+    def __init__(self, workdir: Path):
+        self.workdir, self.seen = workdir, set()
+
+    def __call__(self) -> int:
+        self.seen.update(str(p) for p in self.workdir.glob("ray_train/*/checkpoint_*"))
+        self.seen.update(str(p) for p in self.workdir.glob("streams/*/phases/*/outcome.json"))
+        return len(self.seen)
 
 
 def victims(kind: str, head: RayHead, tree_name: str, driver: Driver, server: MlflowServer) -> list[int]:
@@ -184,7 +198,8 @@ def soak(head: RayHead, sets: list[str], workdir: Path, tree_name: str, server: 
     schedule = KindSchedule(random.Random(seed + 1))
     driver = Driver(sets, head.address, workdir.parent / "chaos-driver.log")
     driver.start()
-    last_mark, t_end = progress_marks(workdir), time.monotonic() + budget_s
+    progress_marks = ProgressMarks(workdir)
+    last_mark, t_end = progress_marks(), time.monotonic() + budget_s
     while time.monotonic() < t_end:
         code = driver.exited()
         if code == 0:
@@ -193,14 +208,14 @@ def soak(head: RayHead, sets: list[str], workdir: Path, tree_name: str, server: 
             say(f"driver exited {code}; starting it again")
             server.proc.poll() is None or server.start()
             driver.start()
-        mark = progress_marks(workdir)
+        mark = progress_marks()
         if mark == last_mark or sum(kills.values()) >= kills_wanted * 3:
             time.sleep(0.5)
             continue
         time.sleep(rng.uniform(0.0, 4.0))
         picked = schedule.pick(lambda kind: victims(kind, head, tree_name, driver, server))
         if picked is None:  # nothing of this round alive just now: wait for the next mark
-            last_mark = progress_marks(workdir)
+            last_mark = progress_marks()
             continue
         kind, pids = picked
         pid = rng.choice(pids)
@@ -212,7 +227,7 @@ def soak(head: RayHead, sets: list[str], workdir: Path, tree_name: str, server: 
         except ProcessLookupError:
             continue
         kills[kind] += 1
-        last_mark = progress_marks(workdir)
+        last_mark = progress_marks()
         say(f"kill {sum(kills.values())}: {kind} (pid {pid}) at progress mark {last_mark}")
         if kind == "driver":
             driver.proc.wait()

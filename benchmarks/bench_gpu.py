@@ -14,6 +14,9 @@
    end); stream wall time against the sum of step times and evaluation; checkpoint size/time.
 4. ``--workers 2``: the seq-lora stream again on 2 workers (same per-worker batch).
 5. ``--trace-data``: trace-gen with SmolLM2-135M-Instruct (batch 16): steps/s.
+6. ``--shape 7b``: the Llama-2-7B shape at 4 x 2048 tokens, with MFU rows; ``--smol``: the
+   SmolLM2-135M shape's peak memory and steps/s, or 8 such streams side by side;
+   ``--zero3 shard|offload``: the seq-lora stream again under ZeRO-3, memory and step time.
 Prints a markdown table and ratios; the last line is ``gpu_bench_done``.
 """
 
@@ -168,6 +171,31 @@ def platform_stream(overrides: list[str], workdir: Path):
     return result
 
 
+class DeviceMemory:
+    """The device's memory in use (every process on it: the worker's), sampled every 0.2 s while
+    a run goes: the peak is what a stream needs of the GPU, whichever process holds it."""
+
+    def __init__(self):
+        import threading
+
+        self.peak, self._stop = 0, threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.2):
+            free, total = torch.cuda.mem_get_info()
+            self.peak = max(self.peak, total - free)
+
+    def __enter__(self):
+        torch.cuda.empty_cache()  # this process's cached blocks out of the figure
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def import_seconds() -> float:
     """A fresh interpreter importing what `treelora run` imports before it does anything (warm file cache)."""
     import subprocess
@@ -210,7 +238,11 @@ def llama_section(args, tmp: Path, rows: Rows) -> None:
               f"train.batch_size={BATCH}", "train.epochs=1", f"train.lr={LR}", "scaling.use_gpu=true", "scaling.num_workers=1",
               "scaling.cpus_per_worker=4", "scaling.checkpoint_every=25", "eval.batch_size=16", "tree.service_name=bench-gpu",
               "routing.enabled=false"]
-    runs = {method: platform_stream(common + [f"method.name={method}"], tmp / f"run-{method}") for method in args.methods.split(",")}
+    runs, memory = {}, {}
+    for method in args.methods.split(","):
+        with DeviceMemory() as mem:
+            runs[method] = platform_stream(common + [f"method.name={method}"], tmp / f"run-{method}")
+        memory[method] = mem.peak
     seq = runs["seq-lora"]
     plat = statistics.median(step_seconds(o) for o in seq.outcomes)
     rows.append((f"bare torch+peft step, {args.shape} (s)", f"{bare:.4f}"))
@@ -245,6 +277,10 @@ def llama_section(args, tmp: Path, rows: Rows) -> None:
                      f"{statistics.median(ck) if ck else float('nan'):.3f} / {checkpoint_size(tmp / f'run-{name}'):.1f}"))
     rows.append(("tokens/s, 1 worker (seq-lora, all tasks)", f"{sum(o.tokens for o in seq.outcomes) / sum(o.train_seconds for o in seq.outcomes):.0f}"))
     rows.append(("GPU memory peak in this process (GiB, bare loop)", f"{torch.cuda.max_memory_allocated() / 2**30:.1f}"))
+    rows.append(("GPU memory in use on the device during the seq-lora stream, ZeRO-2 (GiB, peak, sampled)",
+                 f"{memory['seq-lora'] / 2**30:.1f}"))
+    if args.zero3:
+        zero3_rows(args, tmp, common, seq, memory["seq-lora"], rows)
     if args.workers > 1 and torch.cuda.device_count() >= args.workers:
         w = args.workers
         multi = platform_stream([c for c in common if not c.startswith(("scaling.num_workers", "train.batch_size"))]
@@ -257,6 +293,22 @@ def llama_section(args, tmp: Path, rows: Rows) -> None:
                      f"**{multi.wall_seconds / seq.wall_seconds:.2f}**"))
     elif args.workers > 1:
         rows.append((f"{args.workers} workers", f"not run: {torch.cuda.device_count()} GPU(s) here"))
+
+
+def zero3_rows(args, tmp: Path, common: list[str], seq, zero2_peak: int, rows: "Rows") -> None:
+    """The seq-lora stream again under ZeRO-3 (the frozen base sharded; with ``offload`` its
+    shards in CPU memory): step time and the device's memory against ZeRO-2's."""
+    sets = ["method.name=seq-lora", "scaling.zero_stage=3", "tree.service_name=bench-gpu-z3"]
+    sets += ["scaling.offload_params=true"] if args.zero3 == "offload" else []
+    with DeviceMemory() as mem:
+        z3 = platform_stream(common + sets, tmp / "run-zero3")
+    label = "ZeRO-3 + parameter offload to CPU" if args.zero3 == "offload" else "ZeRO-3"
+    step2 = statistics.median(step_seconds(o) for o in seq.outcomes)
+    step3 = statistics.median(step_seconds(o) for o in z3.outcomes)
+    rows.append((f"**{label}: GPU memory in use during the stream (GiB, peak, sampled) / ZeRO-2's**",
+                 f"**{mem.peak / 2**30:.1f}** / {zero2_peak / 2**30:.1f}"))
+    rows.append((f"{label}: step (s) / ZeRO-2 step (s)", f"{step3:.4f} / {step2:.4f} ({step3 / step2:.2f}x)"))
+    rows.append((f"{label}: OP / ZeRO-2 OP (%)", f"{z3.metrics['op'] * 100:.1f} / {seq.metrics['op'] * 100:.1f}"))
 
 
 def smol_stream(model_dir: Path, manifest: Path, workdir: Path, full_logits: bool, extra: tuple[str, ...] = ()):
@@ -330,6 +382,8 @@ def main(argv=None) -> int:
                                                                              "steps/s (single), 8 streams side by side (parallel)")
     ap.add_argument("--job-gib", type=float, default=8.0, help="--smol parallel alone: GPU memory per stream for --jobs auto")
     ap.add_argument("--smol-rows", type=int, default=160, help="training rows per smol task (10 steps at batch 16)")
+    ap.add_argument("--zero3", choices=["shard", "offload"], help="also the seq-lora stream under ZeRO-3 (offload: the base's "
+                                                                   "shards in CPU memory): its step time and GPU memory")
     ap.add_argument("--skip-llama", action="store_true")
     args = ap.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -93,7 +93,7 @@ CONFIG_CASES = [
     config_case("scaling.max_failures=-5", "scaling.max_failures=-5", "scaling.max_failures"),
     config_case("scaling.cpus_per_worker=0", "scaling.cpus_per_worker=0", "scaling.cpus_per_worker"),
     config_case("scaling.checkpoint_every=0", "scaling.checkpoint_every=0", "scaling.checkpoint_every"),
-    config_case("scaling.zero_stage=3", "scaling.zero_stage=3", "zero_stage"),
+    config_case("scaling.zero_stage=4", "scaling.zero_stage=4", "zero_stage"),
     config_case("train.epochs=0", "train.epochs=0", "train.epochs"),
     config_case("method.strength=.nan", "method.strength=.nan", "method.strength"),
     config_case("train.weight_decay=-1", "train.weight_decay=-1", "train.weight_decay"),

@@ -7,6 +7,7 @@
 #   bash benchmarks/gpu_step.sh startup    # bytecode compiled first (a warm machine), the worker's import times, then a
 #                                          # short 1.1B run twice: the second one's start-up rows are a warm machine's
 #   bash benchmarks/gpu_step.sh stream5    # a warm machine: 5-task 1.1B streams of 50 steps per task (the stream ratio)
+#   bash benchmarks/gpu_step.sh zero3      # 1 task (SHAPE=1.1b or 7b): the seq-lora stream under ZeRO-2 and ZeRO-3 + offload
 #   bash benchmarks/gpu_step.sh 7b         # bench_gpu --shape 7b: MFU of the bare loop and the platform, then
 #                                          # 8 SmolLM2-shape streams side by side (JOB_GIB GiB each)
 #
@@ -48,6 +49,9 @@ case "${1:-diagnose}" in
     python3 -m compileall -q -j 16 "$(python3 -c 'import torch, os; print(os.path.dirname(os.path.dirname(torch.__file__)))')" > /dev/null 2>&1
     run warmup 150 python3 benchmarks/bench_gpu.py --tasks 1 --train-rows 40 --bare-steps 3 --methods seq-lora
     run stream5-warm 300 python3 benchmarks/bench_gpu.py --tasks 5 --train-rows 400 --bare-steps 10 --methods seq-lora,treelora ;;
+  zero3)  # ZeRO-3 with the base's shards offloaded to CPU memory, on one GPU (SHAPE 1.1b or 7b): memory against ZeRO-2
+    run "zero3-${SHAPE:-1.1b}" 420 python3 benchmarks/bench_gpu.py --shape "${SHAPE:-1.1b}" --tasks 1 --train-rows 40 --bare-steps 3 \
+      --methods seq-lora --zero3 offload ;;
   7b)
     run bench-7b 400 python3 benchmarks/bench_gpu.py --shape 7b --tasks 2 --train-rows 80 --bare-steps 10 --methods seq-lora,treelora
     run smol-parallel 150 python3 benchmarks/bench_gpu.py --skip-llama --smol parallel --job-gib "${JOB_GIB:-8}" ;;

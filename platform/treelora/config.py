@@ -120,7 +120,8 @@ class ScalingConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0  # with use_gpu; a fraction packs several small runs (Tune trials) on one GPU
-    zero_stage: int = 2  # DeepSpeed ZeRO stage: 0, 1 or 2 (3 is refused up front: see train/)
+    zero_stage: int = 2  # DeepSpeed ZeRO stage 0-3; 3 also shards the frozen base over the workers
+    offload_params: bool = False  # ZeRO-3 only: the frozen base's shards live in CPU memory between uses
     precision: str = "auto"  # auto = bf16 on GPU, fp32 on CPU; or "bf16" / "fp32"
     checkpoint_every: int = 50  # steps between mid-task checkpoints (one more at every task's end)
     keep_checkpoints: int = 2  # Ray Train keeps this many of the newest checkpoints
@@ -223,7 +224,7 @@ class RunConfig:
     # what does not change a run's results: where it is stored and tracked, how it is spread
     # over workers (the global batch and its order stay the same), logging cadence
     NOT_IDENTITY = ("name", "workdir", "stream.data_root", "eval.batch_size", "scaling.num_workers", "scaling.cpus_per_worker",
-                    "scaling.use_gpu", "scaling.gpus_per_worker", "scaling.zero_stage", "scaling.checkpoint_every", "scaling.keep_checkpoints",
+                    "scaling.use_gpu", "scaling.gpus_per_worker", "scaling.zero_stage", "scaling.offload_params", "scaling.checkpoint_every", "scaling.keep_checkpoints",
                     "scaling.max_failures", "scaling.gpu_wait_s", "tree.storage_uri", "tree.service_name", "tree.namespace",
                     "tree.detached", "tracking.", "train.log_every", "model.gradient_checkpointing", "tree.max_leaves", "routing.shrinkage",
                     "routing.search")

@@ -73,6 +73,7 @@ class ContinualModel(torch.nn.Module):
         forward = inspect.signature(self.peft.get_base_model().forward).parameters
         self.takes_token_types = "token_type_ids" in forward  # BERT, DeBERTa; not DistilBERT or ModernBERT
         self.heads = torch.nn.ModuleDict()
+        self.synced_generation = False  # ZeRO-3 over several ranks: each decodes until every rank is done
         self.modules_in_order = [
             LoraModule(name.removeprefix("base_model.model."), m) for name, m in self.peft.named_modules() if isinstance(m, LoraLayer)
         ]
@@ -331,6 +332,6 @@ class ContinualModel(torch.nn.Module):
         enc = self._to_device({"input_ids": self._pad(rows, tok.pad_token_id, left=True),
                                "attention_mask": self._pad([[1] * len(r) for r in rows], 0, left=True)})
         width = enc["input_ids"].shape[1]
-        gen = self.peft.generate(**enc, max_new_tokens=new_tokens,
-                                 do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        gen = self.peft.generate(**enc, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
+                                 eos_token_id=tok.eos_token_id, synced_gpus=self.synced_generation)
         return [tok.decode(g[width:], skip_special_tokens=True).strip() for g in gen.tolist()]

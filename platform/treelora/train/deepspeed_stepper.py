@@ -1,5 +1,9 @@
 """DeepSpeed as the recipe's stepper: one engine per phase over the phase's trainable parameters.
 
+Under ZeRO-3 the frozen base is sharded over the workers (or offloaded to CPU memory with
+``scaling.offload_params``) while adapters and heads stay whole on every rank; every forward
+then gathers the base's shards, a collective, so the recipe runs all forwards in lockstep.
+
 The model stays loaded for the whole stream; what changes between phases is the trainable set
 (the task's head, o-lora's new adapter) and a fresh optimizer, so each phase wraps the same
 module in a new engine and the previous one is destroyed first (its ZeRO gradient hooks would
@@ -16,6 +20,7 @@ import deepspeed.comm as dist
 import torch
 from deepspeed.runtime.fp16.loss_scaler import LossScaler
 from deepspeed.runtime.zero.config import ZeroStageEnum
+from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 from deepspeed.utils import safe_get_full_grad
 from deepspeed.utils.tensor_fragment import fragment_address
 
@@ -23,16 +28,48 @@ from ..config import RunConfig
 from .loop import optimizer_and_schedule
 
 
-def deepspeed_config(cfg: RunConfig, micro_batch: int, use_bf16: bool) -> dict:
+def deepspeed_config(cfg: RunConfig, micro_batch: int, use_bf16: bool, persist_below: int = 0) -> dict:
+    """``persist_below``: under ZeRO-3, parameters with fewer elements stay whole on every rank:
+    the stepper passes one more than its largest adapter or head parameter, so only the frozen
+    base is sharded and the methods read and export whole LoRA weights as under ZeRO 0-2."""
+    zero: dict = {"stage": cfg.scaling.zero_stage}
+    if cfg.scaling.zero_stage == 3:
+        zero["stage3_param_persistence_threshold"] = persist_below
+        if cfg.scaling.offload_params:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": cfg.scaling.use_gpu}
     return {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": cfg.train.grad_accum,
-        "zero_optimization": {"stage": cfg.scaling.zero_stage},
+        "zero_optimization": zero,
         "bf16": {"enabled": use_bf16},
         "gradient_clipping": cfg.train.grad_clip,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+
+
+def _adapter_or_head(name: str, p: torch.nn.Parameter) -> bool:
+    return p.requires_grad or "lora_" in name or name.startswith("heads.")
+
+
+def _refresh_shards(model: torch.nn.Module) -> None:
+    """Copy whole ZeRO-3 parameters into this rank's shard before a new engine is built on them.
+
+    A parameter kept whole (persisted) also keeps its shard, and a new engine takes its fp32
+    master weights from the shard, not from the whole tensor: a write between two phases' engines
+    (restoring an adapter, a method's begin_task) would otherwise be silently undone. Every rank
+    holds the same whole tensor, so each copies its own slice.
+    """
+    for p in model.parameters():
+        shard = getattr(p, "ds_tensor", None)
+        if shard is None or p.data.numel() != p.ds_numel:  # not a ZeRO-3 parameter, or not whole here
+            continue
+        size = shard.ds_numel
+        start = size * dist.get_rank()
+        count = max(0, min(p.ds_numel - start, size))
+        with torch.no_grad():
+            if count:
+                shard.data.narrow(0, 0, count).copy_(p.data.reshape(-1).narrow(0, start, count))
 
 
 class CheckpointRefused(RuntimeError):
@@ -61,11 +98,15 @@ class DeepSpeedStepper:
                  lr: float, total_steps: int):
         optimizer, schedule = optimizer_and_schedule(params, cfg.train, lr, total_steps)
         micro = max(cfg.train.batch_size // world_size, 1)
+        persist_below = 0
+        if cfg.scaling.zero_stage == 3:
+            persist_below = 1 + max(p.numel() for name, p in model.named_parameters() if _adapter_or_head(name, p))
+            _refresh_shards(model)
         # the engine steps the schedule with the optimizer and keeps its state in its checkpoints
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
-                                                    config=deepspeed_config(cfg, micro, use_bf16))
+                                                    config=deepspeed_config(cfg, micro, use_bf16, persist_below))
         self.engine.checkpoint_engine.load = _weights_only_load  # every file DeepSpeed reads goes through it
-        self.world_size = world_size
+        self.world_size, self.stage3 = world_size, cfg.scaling.zero_stage == 3
 
     def backward(self, loss: torch.Tensor, boundary: bool = True) -> None:
         # the loop decides the boundary (an epoch's last group may be short); the engine then
@@ -114,6 +155,17 @@ class DeepSpeedStepper:
 
     def load(self, folder: str) -> None:
         self.engine.load_checkpoint(folder, tag=self.TAG, load_module_strict=False)
+
+    def whole_weights(self) -> None:
+        """ZeRO-3 keeps adapters and heads whole (persisted) through training, but a forward that
+        does not go through the engine's root module (an evaluation) releases them: gather the
+        released ones again. The same on every rank, as every rank runs the same forwards."""
+        if not self.stage3:
+            return
+        released = [p for name, p in self.engine.module.named_parameters()
+                    if _adapter_or_head(name, p) and p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
+        if released:
+            released[0].all_gather(released)
 
     def close(self) -> None:
         self.engine.destroy()

@@ -41,6 +41,10 @@ class Stepper(Protocol):
 
     def load(self, folder: str) -> None: ...
 
+    # every trainable weight whole in this process again (ZeRO-3: a forward outside training,
+    # an evaluation, releases the gathered copies); a collective, called on every rank
+    def whole_weights(self) -> None: ...
+
     def close(self) -> None: ...
 
 
@@ -115,6 +119,9 @@ class TorchStepper:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state["scheduler"] is not None:
             self.scheduler.load_state_dict(state["scheduler"])
+
+    def whole_weights(self) -> None:
+        pass  # one process holds them whole
 
     def close(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -210,6 +217,7 @@ def train_task(
             torch.manual_seed(step_seed(ctx.seed, ctx.task_index, step, rank))
             batch = model.batch(task, list(examples)[rank::world_size])
             loss = model.loss(task, batch)
+            stepper.whole_weights()  # ZeRO-3: the forward released the adapters the penalty reads
             extra = method.penalty(ctx, step, loss)
             boundary = ctx.ends_group(step) or (max_steps is not None and step == max_steps - 1)
             stepper.backward(loss if extra is None else loss + extra, boundary)

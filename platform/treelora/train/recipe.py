@@ -56,6 +56,7 @@ class StreamRecipe:
         self.emit = emit if emit is not None else (lambda event: None)
         self.job, self.cfg, self.layout = job, job.run_config, job.run_layout
         self.comm, self.device, self.use_bf16 = comm, device, use_bf16
+        self.lockstep = self.cfg.scaling.zero_stage == 3 and comm.world_size > 1
         self.make_stepper, self.tree, self.checkpointer, self.log = make_stepper, tree, checkpointer, log
         self.after_phase = after_phase
         self.restarted = False  # set by an executor whose worker group came back from a failure
@@ -81,6 +82,7 @@ class StreamRecipe:
         accepted = self.comm.broadcast([str(p) for p in self.inbox.accepted()] if self.is_main else None)
         self.tasks: list[Task] = list(stream.tasks) + load_specs(accepted, self.sizes, cfg.stream.seed)
         self.model = build_model(cfg, self.kind, torch.bfloat16 if self.use_bf16 else torch.float32, self.device)
+        self.model.synced_generation = self.lockstep
         self.method = make_method(cfg.method)
         for i, t in enumerate(self.tasks):  # every head from the start (seeded per task), so every cell of R is measured
             self.model.add_head(t, seed=cfg.train.seed + i)
@@ -220,9 +222,10 @@ class StreamRecipe:
         train_seconds = time.perf_counter() - t0
         if self.is_main:
             self.emit(events.Evaluating(phase.index, phase.key, len(meter.losses), train_seconds))
-        stepper.close()
         timing = PhaseTiming(started_at, setup_seconds, train_seconds, self._tokens(phase_tasks, records))
-        return self.finish_phase(phase, ctx, snapshot, meter, timing)
+        outcome = self.finish_phase(phase, ctx, snapshot, meter, timing, stepper)
+        stepper.close()  # after evaluation: under ZeRO-3 the engine's hooks gather the sharded base for every forward
+        return outcome
 
     def _start_meter(self, phase: PhaseJob, mid: MidPhase | None, stepper: Stepper, total_steps: int) -> tuple[tuple[int, int], StepMeter]:
         """Where the phase starts (a checkpoint's position, or its beginning) and its meter."""
@@ -271,17 +274,19 @@ class StreamRecipe:
         return version
 
     def _evaluate(self) -> dict[int, float]:
-        """Every task's score on ``eval.split``, the tasks split over the ranks."""
-        comm = self.comm
-        mine = dict(zip(range(comm.rank, len(self.tasks), comm.world_size),
-                        evaluate_tasks(self.model, self.tasks[comm.rank :: comm.world_size], self.cfg.eval.split, self.cfg.eval.batch_size)))
+        """Every task's score on ``eval.split``, the tasks split over the ranks (under ZeRO-3 each
+        forward gathers the base's shards, a collective: every rank then scores every task)."""
+        comm, step = self.comm, 1 if self.lockstep else self.comm.world_size
+        mine = dict(zip(range(comm.rank % step, len(self.tasks), step),
+                        evaluate_tasks(self.model, self.tasks[comm.rank % step :: step], self.cfg.eval.split, self.cfg.eval.batch_size)))
         scores: dict[int, float] = {}
         for part in comm.all_gather(mine):
             scores.update(part)
         return scores
 
     def finish_phase(self, phase: PhaseJob, ctx: TaskContext, snapshot: TreeSnapshot | None, meter: StepMeter,
-                     timing: "PhaseTiming") -> PhaseOutcome:
+                     timing: "PhaseTiming", stepper: Stepper) -> PhaseOutcome:
+        stepper.whole_weights()  # ZeRO-3: what the method reads of its adapters, whole
         result = self.method.end_task(ctx)
         tree_version = self._add_signature(phase, result, snapshot)
         t_eval = time.perf_counter()
@@ -294,20 +299,27 @@ class StreamRecipe:
             previous_tasks=snapshot.task_ids if snapshot else (), adapters=tuple(self.method.export_adapters()),
             world_size=self.comm.world_size, ranks_agree=len(set(digests)) == 1, eval_seconds=time.perf_counter() - t_eval,
             load_seconds=self.load_seconds, added_task_spec=self.inbox.spec_of(phase.key))
+        stats = self._leaf_statistics(phase) if self.is_main or self.lockstep else None
+        stepper.whole_weights()  # the forwards above may have released ZeRO-3's gathered adapters
         if self.is_main:
-            self.phases.publish(phase, outcome, lambda folder: self.write_leaf(folder, phase))
+            self.phases.publish(phase, outcome, lambda folder: self.write_leaf(folder, phase, stats))
             if self.after_phase is not None:
                 self.after_phase()
         return outcome
 
-    def write_leaf(self, folder: Path, phase: PhaseJob) -> None:
+    def _leaf_statistics(self, phase: PhaseJob):
+        """The routing statistics of the phase's tasks' inputs (None with routing off)."""
+        if not self.cfg.routing.enabled:
+            return None
+        return task_statistics(self.model, [t for t in self.tasks if t.name in phase.task_names],
+                               self.cfg.routing.layer, self.cfg.routing.fit_rows, self.cfg.eval.batch_size)
+
+    def write_leaf(self, folder: Path, phase: PhaseJob, stats) -> None:
         """A published phase's adapter folder, with the routing statistics of its tasks' inputs:
         the folder is that task's leaf (routing/)."""
         self.write_adapter(folder, phase.index)
-        if self.cfg.routing.enabled:
-            stats, layer = task_statistics(self.model, [t for t in self.tasks if t.name in phase.task_names],
-                                           self.cfg.routing.layer, self.cfg.routing.fit_rows, self.cfg.eval.batch_size)
-            save_stats(folder, stats, layer, self.model.hidden_size)
+        if stats is not None:
+            save_stats(folder, *stats, self.model.hidden_size)
 
     def write_adapter(self, folder: Path, through: int) -> None:
         """The adapter folder with the heads of the tasks trained up to phase ``through`` (in a

@@ -72,14 +72,11 @@ def validate_config(cfg: RunConfig, cluster_gpus: float | None = None) -> None:
     """Checks that need no Ray (cluster_gpus: GPUs the cluster has, when known)."""
     _check_numbers(cfg)
     _check_workdir(cfg)
-    if cfg.scaling.zero_stage == 3:
-        raise ConfigError(
-            "scaling.zero_stage 3 is refused: ZeRO-3 partitions the LoRA weights themselves, so no rank holds a "
-            "module's full gradient for the tree signature without an extra gather per step; use 0, 1 or 2 "
-            "(LoRA optimizer state is small, stage 2 already shards it)"
-        )
-    if cfg.scaling.zero_stage not in (0, 1, 2):
-        raise ConfigError(f"scaling.zero_stage must be 0, 1 or 2, got {cfg.scaling.zero_stage}")
+    if cfg.scaling.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"scaling.zero_stage must be 0, 1, 2 or 3, got {cfg.scaling.zero_stage}")
+    if cfg.scaling.offload_params and cfg.scaling.zero_stage != 3:
+        raise ConfigError(f"scaling.offload_params needs scaling.zero_stage: 3 (it is {cfg.scaling.zero_stage}): only ZeRO-3 "
+                          "shards the frozen base, so only its shards can live in CPU memory")
     if cfg.scaling.num_workers < 1:
         raise ConfigError(f"scaling.num_workers must be >= 1, got {cfg.scaling.num_workers}")
     if cfg.scaling.precision not in ("auto", "bf16", "fp32"):
