@@ -163,7 +163,7 @@ class DeepSpeedStepper:
         if not self.stage3:
             return
         released = [p for name, p in self.engine.module.named_parameters()
-                    if _adapter_or_head(name, p) and p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
+                    if _adapter_or_head(name, p) and getattr(p, "ds_status", None) == ZeroParamStatus.NOT_AVAILABLE]
         if released:
             released[0].all_gather(released)
 
