@@ -72,6 +72,8 @@ class ContinualModel(torch.nn.Module):
         self.peft = get_peft_model(backbone.model, self.lora_config)
         forward = inspect.signature(self.peft.get_base_model().forward).parameters
         self.takes_token_types = "token_type_ids" in forward  # BERT, DeBERTa; not DistilBERT or ModernBERT
+        config = self.peft.get_base_model().config
+        self.transforms_logits = any(getattr(config, a, None) not in (None, 1, 1.0) for a in _LOGIT_TRANSFORMS)
         self.heads = torch.nn.ModuleDict()
         self.synced_generation = False  # ZeRO-3 over several ranks: each decodes until every rank is done
         self.modules_in_order = [
@@ -253,21 +255,26 @@ class ContinualModel(torch.nn.Module):
 
     def _causal_batch(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
         eos = self.tokenizer.eos_token_id
-        rows, labels = [], []
+        rows, labels, spans = [], [], []
         for e in examples:
             answer = (self._text_ids(e.target) + [eos])[: max(self.max_length // 2, 1)]
             prompt = self.cut_middle(self._text_ids(e.text, prompt=True), self.max_length - len(answer))
             rows.append(prompt + answer)
             labels.append([-100] * len(prompt) + answer)  # loss on answer tokens only
+            spans.append((len(prompt), answer))
         out = {"input_ids": self._pad(rows, self.tokenizer.pad_token_id),  # right-padded for training
                "attention_mask": self._pad([[1] * len(r) for r in rows], 0), "labels": self._pad(labels, -100)}
         # where the loss reads: flat positions t (row-major in [batch, width]) whose next token is an
-        # answer token, and those tokens; found here, on the host, so the device never has to
+        # answer token, and those tokens; known here, on the host, so the device never has to
         # report how many there are (a boolean mask would make every step wait for it)
         width = out["input_ids"].shape[1]
-        found = [(i * width + j - 1, t) for i, row in enumerate(labels) for j, t in enumerate(row) if j and t != -100]
-        out["answer_index"] = torch.tensor([f[0] for f in found], dtype=torch.long)
-        out["answer_target"] = torch.tensor([f[1] for f in found], dtype=torch.long)
+        index, target = [], []
+        for i, (start, answer) in enumerate(spans):
+            skip = 0 if start else 1  # an answer token at position 0 has no position before it
+            index.extend(range(i * width + start - 1 + skip, i * width + start - 1 + len(answer)))
+            target.extend(answer[skip:])
+        out["answer_index"] = torch.tensor(index, dtype=torch.long)
+        out["answer_target"] = torch.tensor(target, dtype=torch.long)
         return self._to_device(out)
 
     # -- forward --------------------------------------------------------------------------
@@ -285,7 +292,7 @@ class ContinualModel(torch.nn.Module):
         Families whose logits are scaled or soft-capped after the projection take the model's path."""
         lm = self.peft.get_base_model()
         head = lm.get_output_embeddings()
-        if head is None or any(getattr(lm.config, a, None) not in (None, 1, 1.0) for a in _LOGIT_TRANSFORMS):
+        if head is None or self.transforms_logits:
             return self.peft(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
         hidden = lm.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
         answers = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch["answer_index"])  # position t predicts token t + 1

@@ -98,15 +98,17 @@ class DeepSpeedStepper:
                  lr: float, total_steps: int):
         optimizer, schedule = optimizer_and_schedule(params, cfg.train, lr, total_steps)
         micro = max(cfg.train.batch_size // world_size, 1)
+        # under ZeRO-3, what stays whole on every rank (found once: whole_weights runs every step)
+        self.kept_whole = [p for name, p in model.named_parameters() if _adapter_or_head(name, p)] if cfg.scaling.zero_stage == 3 else []
         persist_below = 0
-        if cfg.scaling.zero_stage == 3:
-            persist_below = 1 + max(p.numel() for name, p in model.named_parameters() if _adapter_or_head(name, p))
+        if self.kept_whole:
+            persist_below = 1 + max(p.numel() for p in self.kept_whole)
             _refresh_shards(model)
         # the engine steps the schedule with the optimizer and keeps its state in its checkpoints
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
                                                     config=deepspeed_config(cfg, micro, use_bf16, persist_below))
         self.engine.checkpoint_engine.load = _weights_only_load  # every file DeepSpeed reads goes through it
-        self.world_size, self.stage3 = world_size, cfg.scaling.zero_stage == 3
+        self.world_size = world_size
 
     def backward(self, loss: torch.Tensor, boundary: bool = True) -> None:
         # the loop decides the boundary (an epoch's last group may be short); the engine then
@@ -160,10 +162,7 @@ class DeepSpeedStepper:
         """ZeRO-3 keeps adapters and heads whole (persisted) through training, but a forward that
         does not go through the engine's root module (an evaluation) releases them: gather the
         released ones again. The same on every rank, as every rank runs the same forwards."""
-        if not self.stage3:
-            return
-        released = [p for name, p in self.engine.module.named_parameters()
-                    if _adapter_or_head(name, p) and getattr(p, "ds_status", None) == ZeroParamStatus.NOT_AVAILABLE]
+        released = [p for p in self.kept_whole if getattr(p, "ds_status", None) == ZeroParamStatus.NOT_AVAILABLE]
         if released:
             released[0].all_gather(released)
 

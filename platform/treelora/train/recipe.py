@@ -276,9 +276,9 @@ class StreamRecipe:
     def _evaluate(self) -> dict[int, float]:
         """Every task's score on ``eval.split``, the tasks split over the ranks (under ZeRO-3 each
         forward gathers the base's shards, a collective: every rank then scores every task)."""
-        comm, step = self.comm, 1 if self.lockstep else self.comm.world_size
-        mine = dict(zip(range(comm.rank % step, len(self.tasks), step),
-                        evaluate_tasks(self.model, self.tasks[comm.rank % step :: step], self.cfg.eval.split, self.cfg.eval.batch_size)))
+        comm, (first, every) = self.comm, (0, 1) if self.lockstep else (self.comm.rank, self.comm.world_size)
+        mine = dict(zip(range(first, len(self.tasks), every),
+                        evaluate_tasks(self.model, self.tasks[first::every], self.cfg.eval.split, self.cfg.eval.batch_size)))
         scores: dict[int, float] = {}
         for part in comm.all_gather(mine):
             scores.update(part)
@@ -286,7 +286,7 @@ class StreamRecipe:
 
     def finish_phase(self, phase: PhaseJob, ctx: TaskContext, snapshot: TreeSnapshot | None, meter: StepMeter,
                      timing: "PhaseTiming", stepper: Stepper) -> PhaseOutcome:
-        stepper.whole_weights()  # ZeRO-3: what the method reads of its adapters, whole
+        stepper.whole_weights()  # ZeRO-3: a phase of no steps (resumed at its end) has not gathered them yet
         result = self.method.end_task(ctx)
         tree_version = self._add_signature(phase, result, snapshot)
         t_eval = time.perf_counter()
