@@ -333,6 +333,48 @@ def smol_stream(model_dir: Path, manifest: Path, workdir: Path, full_logits: boo
     return result, torch.cuda.max_memory_allocated() / 2**30
 
 
+def smol_graph_rows(model_dir: Path, manifest: Path, tmp: Path, rows: Rows, where: tuple[str, ...] = ("local", "ray")) -> None:
+    """``model.cuda_graphs`` on the SmolLM2 shape: steady steps/s (from the median step), the whole
+    tasks' steps/s, capture time apart and the steps it takes to pay back, the losses against
+    eager's; in this process, then through Ray Train + DeepSpeed (what `treelora run` does)."""
+    ray_sets = [f"model.name={model_dir}", f"stream.spec={manifest}", "model.max_length=1024", "model.max_new_tokens=4",
+                "train.batch_size=16", "train.epochs=1", f"train.lr={LR}", "method.name=treelora", "eval.batch_size=16",
+                "scaling.use_gpu=true", "scaling.num_workers=1", "scaling.cpus_per_worker=4", "scaling.checkpoint_every=1000",
+                "tree.service_name=bench-gpu-smolg", "routing.enabled=false"]
+    graphs = ("model.cuda_graphs=true",)
+    variants = (("eager", (), False), ("model.cuda_graphs", graphs, False),
+                ("model.cuda_graphs + gradient checkpointing", graphs + ("model.gradient_checkpointing=true",), False),
+                ("Ray Train + DeepSpeed, eager", (), True), ("Ray Train + DeepSpeed, model.cuda_graphs", graphs, True))
+    eager = None
+    for i, (label, extra, through_ray) in enumerate(variants):
+        if ("ray" if through_ray else "local") not in where:
+            continue
+        try:
+            if through_ray:
+                with DeviceMemory() as mem:
+                    res = platform_stream(ray_sets + list(extra), tmp / f"smol-r{i}")
+                peak = mem.peak / 2**30
+            else:
+                res, peak = smol_stream(model_dir, manifest, tmp / f"smol-g{i}", False, extra)
+        except Exception as exc:  # one variant's failure is a row, not the end of the others
+            rows.append((f"SmolLM2-135M shape, {label}", f"FAILED: {type(exc).__name__}: {str(exc)[:300]}"))
+            continue
+        step = statistics.median(o.step_seconds_median for o in res.outcomes)
+        capture = sum(o.capture_seconds for o in res.outcomes)
+        whole = sum(len(o.losses) for o in res.outcomes) / sum(o.train_seconds for o in res.outcomes)
+        eager = res if not extra else eager
+        eager_step = statistics.median(o.step_seconds_median for o in eager.outcomes)
+        payback = ("-" if not capture else f"pays back after {capture / (eager_step - step):.0f} steps" if step < eager_step
+                   else "never pays back")
+        drift = max(abs(b[1] - a[1]) / max(abs(a[1]), 1e-9) for oa, ob in zip(eager.outcomes, res.outcomes)
+                    for a, b in zip(oa.losses, ob.losses))
+        rows.append((f"SmolLM2-135M shape, batch 16 x 1024, {label}: steady steps/s (median step) / whole tasks' steps/s / "
+                     f"capture s / peak GiB / largest loss difference to eager", f"**{1 / step:.1f}** / {whole:.1f} / {capture:.1f} "
+                     f"({payback}) / {peak:.1f} / {drift:.1e}"))
+        print(f"ROW | {label} | capture s per task {[round(o.capture_seconds, 2) for o in res.outcomes]} | "
+              f"OP {res.metrics['op']:.3f}", flush=True)
+
+
 def smol_section(args, tmp: Path, rows: Rows) -> None:
     """SmolLM2-135M's shape (random weights): peak memory and steps/s of one stream, then 8 side by side."""
     import subprocess
@@ -351,7 +393,9 @@ def smol_section(args, tmp: Path, rows: Rows) -> None:
             res, peak = smol_stream(model_dir, manifest, tmp / f"smol-{i}", full, extra)
             sps = statistics.median(len(o.losses) / o.train_seconds for o in res.outcomes)
             rows.append((f"SmolLM2-135M shape, batch 16 x 1024, {label}: peak GPU memory (GiB) / steps/s", f"**{peak:.1f}** / {sps:.1f}"))
-    if args.smol == "single":
+    if args.smol == "graphs":
+        smol_graph_rows(model_dir, manifest, tmp, rows, tuple(args.graphs_in.split(",")))
+    if args.smol in ("single", "graphs"):
         return
     job_gib = max(peak * 1.3, 2.0)
     t0 = time.perf_counter()
@@ -378,8 +422,10 @@ def main(argv=None) -> int:
     ap.add_argument("--test-rows", type=int, default=16)
     ap.add_argument("--trace-data", help="data root holding trace/ (runs trace-gen with SmolLM2-135M)")
     ap.add_argument("--trace-rows", type=int, default=500)
-    ap.add_argument("--smol", choices=["single", "parallel", "both"], help="SmolLM2-135M's shape: one stream's peak memory and "
-                                                                             "steps/s (single), 8 streams side by side (parallel)")
+    ap.add_argument("--smol", choices=["single", "parallel", "both", "graphs"],
+                    help="SmolLM2-135M's shape: one stream's peak memory and steps/s (single), 8 streams side by side "
+                         "(parallel), model.cuda_graphs against eager (graphs)")
+    ap.add_argument("--graphs-in", default="local,ray", help="--smol graphs: in this process (local), through Ray (ray), or both")
     ap.add_argument("--job-gib", type=float, default=8.0, help="--smol parallel alone: GPU memory per stream for --jobs auto")
     ap.add_argument("--smol-rows", type=int, default=160, help="training rows per smol task (10 steps at batch 16)")
     ap.add_argument("--zero3", choices=["shard", "offload"], help="also the seq-lora stream under ZeRO-3 (offload: the base's "

@@ -8,6 +8,9 @@
 #                                          # short 1.1B run twice: the second one's start-up rows are a warm machine's
 #   bash benchmarks/gpu_step.sh stream5    # a warm machine: 5-task 1.1B streams of 50 steps per task (the stream ratio)
 #   bash benchmarks/gpu_step.sh zero3      # 1 task (SHAPE=1.1b or 7b): the seq-lora stream under ZeRO-2 and ZeRO-3 + offload
+#   bash benchmarks/gpu_step.sh graphs     # model.cuda_graphs: probe_graphs.py (each step), tests/test_gpu.py -k cuda_graphs,
+#                                          # bench_gpu --smol graphs (in process and through Ray)
+#   bash benchmarks/gpu_step.sh graphs2    # probe_graphs --profile (host time), graphs through Ray alone, ZeRO-3 offload 1.1B
 #   bash benchmarks/gpu_step.sh 7b         # bench_gpu --shape 7b: MFU of the bare loop and the platform, then
 #                                          # 8 SmolLM2-shape streams side by side (JOB_GIB GiB each)
 #
@@ -52,6 +55,19 @@ case "${1:-diagnose}" in
   zero3)  # ZeRO-3 with the base's shards offloaded to CPU memory, on one GPU (SHAPE 1.1b or 7b): memory against ZeRO-2
     run "zero3-${SHAPE:-1.1b}" 420 python3 benchmarks/bench_gpu.py --shape "${SHAPE:-1.1b}" --tasks 1 --train-rows 40 --bare-steps 3 \
       --methods seq-lora --zero3 offload ;;
+  graphs)  # model.cuda_graphs against eager at the SmolLM2 shape (30 steps per task), in process and through Ray; the GPU tests
+    python3 -m pip install -q --no-deps --target /tmp/site extra/*.whl > /dev/null 2>&1  # hypothesis, for tests/conftest.py
+    run probe-off 90 python3 benchmarks/probe_graphs.py --mode off --folder /tmp/probe --steps 24
+    run probe-graphs 100 python3 benchmarks/probe_graphs.py --mode graphs --folder /tmp/probe --steps 24
+    grep -E "^step|PROBE" "$OUT/probe-graphs.txt" | tail -30
+    run gpu-tests 150 python3 -m pytest -q -m gpu -s -p no:cacheprovider tests/test_gpu.py -k "cuda_graphs and local"
+    run smol-graphs 230 python3 benchmarks/bench_gpu.py --skip-llama --smol graphs --smol-rows 480 ;;
+  graphs2)  # where the graphed step's host time goes (cProfile), then graphs through Ray alone, then ZeRO-3 + offload at 1.1B
+    run smol-graphs-ray 160 python3 benchmarks/bench_gpu.py --skip-llama --smol graphs --smol-rows 480 --graphs-in ray
+    run probe-graphs 100 python3 benchmarks/probe_graphs.py --mode graphs --folder /tmp/probe --steps 24 --profile 10
+    grep -E "PROBE" "$OUT/probe-graphs.txt"; grep -A45 "Ordered by" "$OUT/probe-graphs.txt" | cut -c1-180
+    run zero3-1.1b 240 python3 benchmarks/bench_gpu.py --shape 1.1b --tasks 1 --train-rows 40 --bare-steps 3 --methods seq-lora \
+      --zero3 offload ;;
   7b)
     run bench-7b 400 python3 benchmarks/bench_gpu.py --shape 7b --tasks 2 --train-rows 80 --bare-steps 10 --methods seq-lora,treelora
     run smol-parallel 150 python3 benchmarks/bench_gpu.py --skip-llama --smol parallel --job-gib "${JOB_GIB:-8}" ;;

@@ -1,6 +1,6 @@
 """Where a training step's time goes: the loop body in one process, torch.profiler on the GPU.
 
-    python benchmarks/profile_step.py --data-root DIR [--model smollm2] [--stepper torch|deepspeed]
+    python benchmarks/profile_step.py --data-root DIR [--model smollm2] [--stepper torch|deepspeed] [--set model.compile=graphs]
 
 Trains the first trace-gen task (or any stream: --set) with the recipe's pieces (cached
 tokens, batches by length, the method's penalty), prints seconds per step measured with the
@@ -26,7 +26,6 @@ def main(argv=None) -> int:
     ap.add_argument("--stepper", default="torch", choices=["torch", "deepspeed"])
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--set", action="append", default=[])
-    ap.add_argument("--compile", action="store_true", help="torch.compile the model's forward (dynamic shapes)")
     args = ap.parse_args(argv)
 
     from treelora.config import load_config
@@ -42,8 +41,6 @@ def main(argv=None) -> int:
     model = build_model(cfg, stream_kind(stream), torch.bfloat16, device)
     task = stream.tasks[0]
     model.prepare([task])
-    if args.compile:
-        model.peft.base_model.model.forward = torch.compile(model.peft.base_model.model.forward, dynamic=True)
     method = make_method(cfg.method)
     ctx = TaskContext(model, task, 0, 1000, 1, cfg.train.seed)
     params = method.begin_task(ctx)
@@ -69,13 +66,13 @@ def main(argv=None) -> int:
     t_warm = time.perf_counter()
     run(3)  # warm-up
     torch.cuda.synchronize()
-    print(f"warm-up (3 steps{', compiling' if args.compile else ''}): {time.perf_counter() - t_warm:.1f} s")
+    print(f"warm-up (3 steps, model.compile {cfg.model.compile}): {time.perf_counter() - t_warm:.1f} s")
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     run(args.steps)
     torch.cuda.synchronize()
     per_step = (time.perf_counter() - t0) / args.steps
-    print(f"STEP {args.stepper} {args.method}{' compiled' if args.compile else ''}: {per_step * 1000:.1f} ms/step = {1 / per_step:.1f} steps/s")
+    print(f"STEP {args.stepper} {args.method} model.compile {cfg.model.compile}: {per_step * 1000:.1f} ms/step = {1 / per_step:.1f} steps/s")
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:

@@ -41,3 +41,30 @@ def test_three_task_stream_on_gpus(ray_session, tmp_path, workers):
     tps = [o.tokens / o.train_seconds / workers for o in result.outcomes]
     print(f"\nGPU workers={workers}: tokens/s per worker per task {[round(t) for t in tps]}; "
           f"OP {result.metrics['op'] * 100:.1f} BWT {result.metrics['bwt'] * 100:.1f}\n{np.round(result.accuracy * 100, 1)}")
+
+
+@pytest.mark.parametrize("executor", ["local", "ray"])
+def test_cuda_graphs_learn_what_the_eager_forward_learns(request, tmp_path, executor):
+    """model.cuda_graphs on a real GPU: the same losses (bf16, replayed kernels of the same padded
+    shapes), the capture time reported apart, and the run's output naming what the forward ran as."""
+    from treelora.train.stream import run_stream
+
+    if executor == "ray":
+        request.getfixturevalue("ray_session")
+    runs, logs = [], []
+    for graphs in (False, True):
+        cfg = load_config(None, [
+            "model.name=tiny-llama", f"stream.data_root={SAMPLE_ROOT}", "stream.spec=trace-gen", "stream.tasks=[C-STANCE, FOMC]",
+            "stream.train_size=32", "stream.eval_size=4", "stream.test_size=8", "train.batch_size=8", "train.epochs=2",
+            "model.max_length=128", "model.max_new_tokens=3", "method.name=treelora", f"workdir={tmp_path / str(graphs)}",
+            f"model.cuda_graphs={str(graphs).lower()}", "scaling.use_gpu=true", f"tree.service_name=gpu-{uuid.uuid4().hex[:8]}",
+        ])
+        runs.append(run_stream(cfg, executor=executor, log=logs.append))
+    eager, graphed = runs
+    for a, b in zip(eager.outcomes, graphed.outcomes):
+        np.testing.assert_allclose([x for _, x, _ in a.losses], [x for _, x, _ in b.losses], rtol=2e-2)
+    assert graphed.outcomes[0].capture_seconds > 0 and all(o.capture_seconds == 0 for o in eager.outcomes)
+    said = [line for line in logs if "training forward" in line]
+    assert said and all("CUDA graphs, " in line for line in said), said
+    print(f"\n{executor}: capture s {[round(o.capture_seconds, 2) for o in graphed.outcomes]}; step s eager "
+          f"{[round(o.step_seconds_median, 4) for o in eager.outcomes]} graphs {[round(o.step_seconds_median, 4) for o in graphed.outcomes]}")

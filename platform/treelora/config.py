@@ -48,6 +48,9 @@ class ModelConfig:
     # recompute each block's activations in backward instead of keeping them: less memory for
     # long sequences and large models, about a third more compute (the results are the same)
     gradient_checkpointing: bool = False
+    # a causal LM's training forward and backward replayed from CUDA graphs, one per batch shape:
+    # a small model's step no longer waits on Python launching its kernels (GPU only; the same results)
+    cuda_graphs: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,7 +229,7 @@ class RunConfig:
     NOT_IDENTITY = ("name", "workdir", "stream.data_root", "eval.batch_size", "scaling.num_workers", "scaling.cpus_per_worker",
                     "scaling.use_gpu", "scaling.gpus_per_worker", "scaling.zero_stage", "scaling.offload_params", "scaling.checkpoint_every", "scaling.keep_checkpoints",
                     "scaling.max_failures", "scaling.gpu_wait_s", "tree.storage_uri", "tree.service_name", "tree.namespace",
-                    "tree.detached", "tracking.", "train.log_every", "model.gradient_checkpointing", "tree.max_leaves", "routing.shrinkage",
+                    "tree.detached", "tracking.", "train.log_every", "model.gradient_checkpointing", "model.cuda_graphs", "tree.max_leaves", "routing.shrinkage",
                     "routing.search")
 
     def identity(self) -> dict[str, str]:

@@ -74,7 +74,9 @@ def lr_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, schedule: s
 def optimizer_and_schedule(params: list[torch.nn.Parameter], train: "TrainConfig", lr: float, total_steps: int):
     """AdamW and its learning-rate schedule over a phase's ``total_steps`` optimizer steps: the
     one recipe every stepper uses (DeepSpeed's engine is handed the same two objects)."""
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=train.weight_decay)
+    # fused: one kernel for the whole update on a GPU, where foreach still launches several per tensor group
+    fused = bool(params) and all(p.is_cuda for p in params)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=train.weight_decay, fused=fused or None)
     return optimizer, lr_scheduler(optimizer, total_steps, train.schedule, train.warmup_ratio)
 
 

@@ -7,6 +7,7 @@ excludes the checkpoints taken between steps.
 
 from __future__ import annotations
 
+import statistics
 import time
 from typing import Callable
 
@@ -14,6 +15,7 @@ import torch
 
 from .. import events
 from .loop import StepRecord
+from .phase import PhaseJob, PhaseOutcome
 
 
 class StepMeter:
@@ -54,3 +56,19 @@ class StepMeter:
         """A checkpoint was taken since the last step: its time is not step time."""
         self.checkpoint_times.append(seconds)
         self._last = time.perf_counter()
+
+
+class PhaseTiming:
+    """A phase's clock readings, turned into its outcome's timing fields."""
+
+    def __init__(self, started_at: float, setup_seconds: float, train_seconds: float, tokens: int, capture_seconds: float = 0.0):
+        self.started_at, self.setup_seconds, self.train_seconds, self.tokens = started_at, setup_seconds, train_seconds, tokens
+        self.capture_seconds = capture_seconds
+
+    def outcome(self, phase: PhaseJob, meter: StepMeter, **fields) -> PhaseOutcome:
+        return PhaseOutcome(
+            index=phase.index, key=phase.key, losses=tuple(tuple(x) for x in meter.losses), tokens=self.tokens,
+            train_seconds=self.train_seconds, setup_seconds=self.setup_seconds,
+            step_seconds_median=statistics.median(meter.step_times) if meter.step_times else 0.0,
+            checkpoint_seconds=sum(meter.checkpoint_times), checkpoints=len(meter.checkpoint_times), capture_seconds=self.capture_seconds,
+            started_at=self.started_at, finished_at=time.time(), **fields)

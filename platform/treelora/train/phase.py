@@ -57,6 +57,7 @@ class PhaseOutcome:
     started_at: float  # wall clock (epoch seconds) when the phase began, and when it was published
     finished_at: float
     added_task_spec: dict | None = None  # the task spec, for a task that arrived through the inbox
+    capture_seconds: float = 0.0  # CUDA graph captures (model.cuda_graphs), inside train_seconds
     version: int = SEAM_VERSION
 
     def to_json(self) -> str:
@@ -79,9 +80,11 @@ class PhaseOutcome:
         if not isinstance(data, dict) or data.get("version") != SEAM_VERSION:
             raise ValueError(f"{where}: a phase outcome of version {SEAM_VERSION} expected, got {data.get('version') if isinstance(data, dict) else data!r}")
         names = {f.name for f in dataclasses.fields(cls)}
-        if set(data) != names:
-            raise ValueError(f"{where}: fields {sorted(set(data) ^ names, key=str)} missing or unknown")
-        wrong = [name for name, check in _FIELD_CHECKS.items() if not check(data[name])]
+        # a field added later has a default: an outcome.json written before it still reads
+        required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING}
+        if set(data) - names or required - set(data):
+            raise ValueError(f"{where}: fields {sorted((set(data) - names) | (required - set(data)), key=str)} missing or unknown")
+        wrong = [name for name, check in _FIELD_CHECKS.items() if name in data and not check(data[name])]
         if wrong:
             raise ValueError(f"{where}: field(s) {wrong} of the wrong type (e.g. {wrong[0]} = {str(data[wrong[0]])[:60]!r})")
         data["stream_tasks"] = tuple(data["stream_tasks"])
@@ -127,7 +130,7 @@ _FIELD_CHECKS = {
     "adapters": _STRS, "world_size": _int, "ranks_agree": lambda v: isinstance(v, bool), "tokens": _int,
     "train_seconds": _num, "eval_seconds": _num, "step_seconds_median": _num, "setup_seconds": _num,
     "checkpoint_seconds": _num, "checkpoints": _int, "load_seconds": _num, "started_at": _num, "finished_at": _num,
-    "added_task_spec": _or_none(lambda v: isinstance(v, dict)), "version": _int,
+    "added_task_spec": _or_none(lambda v: isinstance(v, dict)), "capture_seconds": _num, "version": _int,
 }
 
 OUTCOME_FILE, ADAPTER_DIR = "outcome.json", "adapter"

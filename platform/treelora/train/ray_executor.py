@@ -157,6 +157,11 @@ def stream_worker(config: dict) -> None:
                           tree=open_tree(cfg, job.run_layout.tree_uri, service=True) if rank == 0 else None,
                           checkpointer=RayCheckpointer(rank), log=log, emit=send)
     recipe.setup()
+    # seen on the GPU machine (2026-12-03): under DeepSpeed's engine the capture fails ("operation failed
+    # due to a previous error during capture"; its ZeRO gradient hooks are the likely cause, not proven);
+    # saying so up front spares every worker a failed capture and names where graphs do run
+    recipe.model.train_forward.disable("not under DeepSpeed's engine (Ray Train workers); CUDA graphs train in one "
+                                       "process: treelora run --local; training eagerly")
     restored = restore_mid_phase(recipe)
     try:
         recipe.run(restored)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
-import statistics
 import time
 from pathlib import Path
 from typing import Callable
@@ -39,7 +38,7 @@ from ..routing.features import task_statistics
 from .inbox import Inbox, load_specs
 from .job import Checkpointer, Collective, MidPhase, StreamJob
 from .loop import DEFAULT_LR, Stepper, epoch_batches, seed_everything, train_task
-from .meter import StepMeter
+from .meter import PhaseTiming, StepMeter
 from .phase import ADAPTER_DIR, PhaseJob, PhaseOutcome
 from .phase_store import PhaseStore, write_adapter
 from .setup import build_model, build_stream, phase_parameters, split_sizes, steps_per_epoch, stream_kind
@@ -63,6 +62,7 @@ class StreamRecipe:
         self.phases = PhaseStore(self.layout)
         self.inbox = Inbox.of(self.layout)
         self.step_hooks = [_resolve_hook(name, kwargs) for name, kwargs in job.step_hooks]
+        self._forward_note = ""
 
     @property
     def is_main(self) -> bool:
@@ -210,7 +210,7 @@ class StreamRecipe:
             for hook in self.step_hooks:
                 hook(self, phase, rec)
 
-        setup_seconds, t0 = time.perf_counter() - t_begin, time.perf_counter()
+        setup_seconds, t0, compiled_before = time.perf_counter() - t_begin, time.perf_counter(), model.train_forward.seconds
         records = train_task(model, method, ctx, stepper,
                              lambda e: epoch_batches(phase_tasks, cfg.train.batch_size, cfg.train.seed, phase.index, e,
                                                      min_size=comm.world_size, length_of=model.example_length),
@@ -222,7 +222,11 @@ class StreamRecipe:
         train_seconds = time.perf_counter() - t0
         if self.is_main:
             self.emit(events.Evaluating(phase.index, phase.key, len(meter.losses), train_seconds))
-        timing = PhaseTiming(started_at, setup_seconds, train_seconds, self._tokens(phase_tasks, records))
+        timing = PhaseTiming(started_at, setup_seconds, train_seconds, self._tokens(phase_tasks, records),
+                             model.train_forward.seconds - compiled_before)
+        if self.is_main and model.train_forward.enabled and self._forward_note != model.train_forward.note:
+            self._forward_note = model.train_forward.note  # said once, and again if it fell back
+            self.log(f"[treelora] {phase.key}: training forward: {self._forward_note}")
         outcome = self.finish_phase(phase, ctx, snapshot, meter, timing, stepper)
         stepper.close()  # after evaluation: under ZeRO-3 the engine's hooks gather the sharded base for every forward
         return outcome
@@ -285,7 +289,7 @@ class StreamRecipe:
         return scores
 
     def finish_phase(self, phase: PhaseJob, ctx: TaskContext, snapshot: TreeSnapshot | None, meter: StepMeter,
-                     timing: "PhaseTiming", stepper: Stepper) -> PhaseOutcome:
+                     timing: PhaseTiming, stepper: Stepper) -> PhaseOutcome:
         stepper.whole_weights()  # ZeRO-3: a phase of no steps (resumed at its end) has not gathered them yet
         result = self.method.end_task(ctx)
         tree_version = self._add_signature(phase, result, snapshot)
@@ -326,21 +330,6 @@ class StreamRecipe:
         mid-phase checkpoint, the phase being trained)."""
         trained = self.tasks if self.job.joint else self.tasks[: through + 1]
         write_adapter(folder, self.cfg, self.model, self.kind, self.method.export_adapters(), trained)
-
-
-class PhaseTiming:
-    """A phase's clock readings, turned into its outcome's timing fields."""
-
-    def __init__(self, started_at: float, setup_seconds: float, train_seconds: float, tokens: int):
-        self.started_at, self.setup_seconds, self.train_seconds, self.tokens = started_at, setup_seconds, train_seconds, tokens
-
-    def outcome(self, phase: PhaseJob, meter: StepMeter, **fields) -> PhaseOutcome:
-        return PhaseOutcome(
-            index=phase.index, key=phase.key, losses=tuple(tuple(x) for x in meter.losses), tokens=self.tokens,
-            train_seconds=self.train_seconds, setup_seconds=self.setup_seconds,
-            step_seconds_median=statistics.median(meter.step_times) if meter.step_times else 0.0,
-            checkpoint_seconds=sum(meter.checkpoint_times), checkpoints=len(meter.checkpoint_times),
-            started_at=self.started_at, finished_at=time.time(), **fields)
 
 
 def _resolve_hook(name: str, kwargs: dict) -> Callable:

@@ -47,7 +47,8 @@ def build_model(cfg: RunConfig, kind: str, dtype: torch.dtype = torch.float32, d
     check_kind(cfg.model.name, backbone.kind, kind)
     return ContinualModel(backbone, r=cfg.adapter.r, alpha=cfg.adapter.alpha, dropout=cfg.adapter.dropout,
                           targets=cfg.adapter.targets, max_length=cfg.model.max_length, max_new_tokens=cfg.model.max_new_tokens,
-                          chat_template=cfg.model.chat_template, gradient_checkpointing=cfg.model.gradient_checkpointing)
+                          chat_template=cfg.model.chat_template, gradient_checkpointing=cfg.model.gradient_checkpointing,
+                          cuda_graphs=cfg.model.cuda_graphs)
 
 
 def use_bf16(cfg: RunConfig, device: torch.device) -> bool:

@@ -68,6 +68,20 @@ def check_tracking_reachable(cfg: RunConfig, timeout_s: float = 5.0) -> None:
                           f"{timeout_s:g} s ({exc}); start the MLflow server or fix the field") from None
 
 
+def _check_model(cfg: RunConfig) -> None:
+    if cfg.model.quantization not in QUANTIZATION:
+        raise ConfigError(f"model.quantization must be one of {', '.join(QUANTIZATION)}, got {cfg.model.quantization!r}")
+    if cfg.model.quantization != "none" and not cfg.scaling.use_gpu and not torch.cuda.is_available():
+        raise ConfigError(f"model.quantization {cfg.model.quantization} needs a CUDA GPU (bitsandbytes' kernels); this machine has "
+                          f"none and scaling.use_gpu is false: use model.quantization none on a CPU")
+    if cfg.model.cuda_graphs and cfg.scaling.zero_stage == 3:
+        raise ConfigError("model.cuda_graphs cannot run under scaling.zero_stage 3: ZeRO-3 gathers the base's shards inside every "
+                          "forward, which a captured graph would replay stale; use model.cuda_graphs false or zero_stage 2")
+    if cfg.model.cuda_graphs and cfg.train.grad_accum > 1:
+        raise ConfigError(f"model.cuda_graphs needs train.grad_accum 1 (it is {cfg.train.grad_accum}): a replayed graph writes "
+                          "its gradients into the same memory every micro-batch; raise train.batch_size instead")
+
+
 def validate_config(cfg: RunConfig, cluster_gpus: float | None = None) -> None:
     """Checks that need no Ray (cluster_gpus: GPUs the cluster has, when known)."""
     _check_numbers(cfg)
@@ -108,11 +122,7 @@ def validate_config(cfg: RunConfig, cluster_gpus: float | None = None) -> None:
         raise ConfigError(f"eval.split must be test or eval, got {cfg.eval.split!r}")
     if cfg.train.schedule not in SCHEDULES:
         raise ConfigError(f"train.schedule must be one of {sorted(SCHEDULES)}, got {cfg.train.schedule!r}")
-    if cfg.model.quantization not in QUANTIZATION:
-        raise ConfigError(f"model.quantization must be one of {', '.join(QUANTIZATION)}, got {cfg.model.quantization!r}")
-    if cfg.model.quantization != "none" and not cfg.scaling.use_gpu and not torch.cuda.is_available():
-        raise ConfigError(f"model.quantization {cfg.model.quantization} needs a CUDA GPU (bitsandbytes' kernels); this machine has "
-                          f"none and scaling.use_gpu is false: use model.quantization none on a CPU")
+    _check_model(cfg)
     if cfg.routing.search not in ("tree", "flat"):
         raise ConfigError(f"routing.search must be tree or flat, got {cfg.routing.search!r}")
     if not 0 <= cfg.train.warmup_ratio < 1:
