@@ -21,6 +21,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_gpu  # noqa: E402  (its model and data builders)
 
 
+def host_profile(run) -> None:
+    """cProfile of ``run()`` (the device synchronised at its end): the host's top functions."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    run()
+    torch.cuda.synchronize()
+    prof.disable()
+    pstats.Stats(prof).sort_stats("cumulative").print_stats(r"treelora|tree_service|optim|autograd|graphs|modeling", 30)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mode", default="graphs", choices=["off", "graphs"])
@@ -70,15 +83,7 @@ def main(argv=None) -> int:
 
     train_task(model, method, ctx, stepper, lambda e: batches, max_steps=args.steps, on_step=on_step)
     if args.profile:
-        import cProfile
-        import pstats
-
-        prof = cProfile.Profile()
-        prof.enable()
-        train_task(model, method, ctx, stepper, lambda e: batches, max_steps=args.profile)
-        torch.cuda.synchronize()
-        prof.disable()
-        pstats.Stats(prof).sort_stats("cumulative").print_stats(r"treelora|tree_service|optim|autograd|graphs|modeling", 30)
+        host_profile(lambda: train_task(model, method, ctx, stepper, lambda e: batches, max_steps=args.profile))
     steady = sorted(times[len(times) // 2:])
     median = steady[len(steady) // 2]
     print(f"PROBE mode={args.mode} method={args.method} steps={len(times)} median(second half)={median * 1000:.1f} ms "

@@ -1,6 +1,6 @@
 """Where a training step's time goes: the loop body in one process, torch.profiler on the GPU.
 
-    python benchmarks/profile_step.py --data-root DIR [--model smollm2] [--stepper torch|deepspeed] [--set model.compile=graphs]
+    python benchmarks/profile_step.py --data-root DIR [--model smollm2] [--stepper torch|deepspeed] [--set model.cuda_graphs=true]
 
 Trains the first trace-gen task (or any stream: --set) with the recipe's pieces (cached
 tokens, batches by length, the method's penalty), prints seconds per step measured with the
@@ -66,13 +66,13 @@ def main(argv=None) -> int:
     t_warm = time.perf_counter()
     run(3)  # warm-up
     torch.cuda.synchronize()
-    print(f"warm-up (3 steps, model.compile {cfg.model.compile}): {time.perf_counter() - t_warm:.1f} s")
+    print(f"warm-up (3 steps, model.cuda_graphs {cfg.model.cuda_graphs}): {time.perf_counter() - t_warm:.1f} s")
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     run(args.steps)
     torch.cuda.synchronize()
     per_step = (time.perf_counter() - t0) / args.steps
-    print(f"STEP {args.stepper} {args.method} model.compile {cfg.model.compile}: {per_step * 1000:.1f} ms/step = {1 / per_step:.1f} steps/s")
+    print(f"STEP {args.stepper} {args.method} model.cuda_graphs {cfg.model.cuda_graphs}: {per_step * 1000:.1f} ms/step = {1 / per_step:.1f} steps/s")
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:

@@ -18,6 +18,7 @@ from treelora.adapters.model import ContinualModel
 from treelora.config import ConfigError, load_config
 from treelora.data import SAMPLE_ROOT
 from treelora.data.tasks import Example, Task
+from treelora.train.phase import PhaseOutcome
 from treelora.train.stream import run_stream
 from treelora.train.validate import validate_config
 
@@ -78,13 +79,28 @@ def test_without_a_gpu_the_run_trains_eagerly_learns_the_same_and_says_why(tmp_p
         "[treelora] C-STANCE: training forward: eager (model.cuda_graphs: CUDA graphs need a GPU, this run trains on the CPU)"]
 
 
-@pytest.mark.parametrize("extra, needle", [
-    (["scaling.zero_stage=3"], "model.cuda_graphs cannot run under scaling.zero_stage 3"),
-    (["train.grad_accum=2"], "model.cuda_graphs needs train.grad_accum 1 \\(it is 2\\)"),
+def test_gradient_accumulation_with_graphs_is_refused_naming_both_fields(tmp_path):
+    with pytest.raises(ConfigError, match="model.cuda_graphs needs train.grad_accum 1 \\(it is 2\\)"):
+        validate_config(_cfg(tmp_path, "model.cuda_graphs=true", "train.grad_accum=2"))
+
+
+@pytest.mark.parametrize("name, dropout, reason", [
+    ("tiny-llama", 0.0, "CUDA graphs need a GPU, this run trains on the CPU"),
+    ("tiny-llama", 0.1, "dropout (p=0.1: adapter.dropout or the model's own) is not replayed from graphs"),
+    ("tiny-bert", 0.0, "causal LMs only"),
 ])
-def test_settings_graphs_cannot_run_with_are_refused_naming_the_fields(extra, needle, tmp_path):
-    with pytest.raises(ConfigError, match=needle):
-        validate_config(_cfg(tmp_path, "model.cuda_graphs=true", *extra))
+def test_what_cannot_be_captured_is_named_before_training(name, dropout, reason):
+    cm = ContinualModel(tiny_backbone(name), r=4, alpha=8, dropout=dropout, max_length=64, cuda_graphs=True)
+    assert not cm.train_forward.active and reason in cm.train_forward.note
+
+
+def test_an_outcome_written_before_capture_seconds_existed_still_reads_and_a_missing_field_is_still_named(tmp_path):
+    result = run_stream(_cfg(tmp_path, "stream.tasks=[C-STANCE]", "method.name=seq-lora"), executor="local", log=lambda *_: None)
+    data = result.outcomes[0].to_dict()
+    old = {k: v for k, v in data.items() if k != "capture_seconds"}
+    assert PhaseOutcome.from_dict(old).capture_seconds == 0.0
+    with pytest.raises(ValueError, match="fields \\['tokens'\\] missing or unknown"):
+        PhaseOutcome.from_dict({k: v for k, v in data.items() if k != "tokens"}, where="outcome.json")
 
 
 def test_cuda_graphs_are_not_part_of_a_runs_identity(tmp_path):

@@ -34,7 +34,8 @@ _spec.loader.exec_module(model_matrix)
 
 
 def _task(causal: bool) -> Task:
-    rows = tuple(Example(f"question {i}: how much is {i} and {i}?", str(2 * i)) for i in range(4)) if causal else \
+    # rows of different lengths: a right-padded batch (the causal loss reads no padding mask)
+    rows = tuple(Example(f"question {i}: how much is {i} and {i}?" + " please" * (3 * i), str(2 * i)) for i in range(4)) if causal else \
         tuple(Example(f"a sentence about topic {i % 2}", "yes" if i % 2 else "no") for i in range(4))
     kind, labels, metric = ("generation", (), "accuracy") if causal else ("classification", ("no", "yes"), "accuracy")
     return Task("t", kind, labels, metric, rows, (), rows, "test")

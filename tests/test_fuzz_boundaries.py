@@ -63,7 +63,7 @@ values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=
 # -- config fields and --set strings --------------------------------------------------------------
 FIELDS = sorted(k for k in RunConfig().identity() if not k.startswith("method."))
 FIELDS += ["method.name", "method.strength", "method.bandit_c", "unknown.field", "model", "stream.nope",
-           "scaling.zero_stage", "scaling.offload_params", "model.gradient_checkpointing", "scaling.num_workers"]
+           "scaling.zero_stage", "scaling.offload_params", "model.gradient_checkpointing", "model.cuda_graphs", "scaling.num_workers"]
 VALUE_TEXT = st.one_of(st.text(max_size=16), st.sampled_from(["0", "-1", "1.5", "nan", "inf", "true", "[a, b]", "{x: 1}", "null",
                                                                "''", "1e400", "[", "]", "!!python/object:os.system", "&a [*a]"]))
 

@@ -49,7 +49,8 @@ class ModelConfig:
     # long sequences and large models, about a third more compute (the results are the same)
     gradient_checkpointing: bool = False
     # a causal LM's training forward and backward replayed from CUDA graphs, one per batch shape:
-    # a small model's step no longer waits on Python launching its kernels (GPU only; the same results)
+    # a small model's step no longer waits on Python launching its kernels (one-process GPU runs; the
+    # same results up to rounding)
     cuda_graphs: bool = False
 
 

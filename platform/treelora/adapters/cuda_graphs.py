@@ -3,8 +3,9 @@
 A small model's step is bound by the host: SmolLM2-135M at batch 16 launches ~3,300 kernels a
 step from Python while the GPU needs ~27 ms for them. Captured once per batch shape, the
 backbone's forward and backward are each one graph launch. Capture is a few eager steps
-(``torch.cuda.make_graphed_callables``), not a compile: torch.compile's Inductor took over 5
-minutes for the same model on the GPU machine, more than a built-in task's training saves.
+(``torch.cuda.make_graphed_callables``), not a compile: torch.compile (reduce-overhead) did not
+finish compiling the same model within 7 minutes on the GPU machine, more than a built-in task's
+training saves.
 
 What makes the forward capturable: a right-padded causal batch needs no padding mask (no real
 position attends to a later one, and the loss reads real positions only), so the backbone sees
@@ -20,12 +21,12 @@ import time
 import torch
 
 WIDTH_BUCKETS = 8  # training batches are padded to a multiple of max_length / WIDTH_BUCKETS tokens
-MAX_GRAPHS = 16  # each graph keeps its shape's activations: beyond this many shapes, a batch runs eagerly
+MAX_GRAPHS = 8  # each graph keeps its own memory pool (its shape's activations): past this many shapes, a batch runs eagerly
 
 
 def pad_multiple(max_length: int) -> int:
     """The width unit training batches are padded to: at most ``WIDTH_BUCKETS`` widths up to
-    ``max_length``, each a multiple of 8, so padding is at most an eighth of the longest batch."""
+    ``max_length``, each a multiple of 8; a row gains at most ``max_length / 8`` padding tokens."""
     return max(8, -(-max_length // (WIDTH_BUCKETS * 8)) * 8)
 
 
@@ -80,7 +81,7 @@ class CausalForward:
             self.fallback = reason
 
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
-        if not self.active:
+        if not (self.active and self.backbone.training and torch.is_grad_enabled()):  # graphs hold a training step
             return _Backbone(self.backbone)(input_ids)
         trainable = tuple(id(p) for p in self.backbone.parameters() if p.requires_grad)
         if trainable != self._trainable:  # another trainable set (a new adapter): the graphs hold the old one's
@@ -101,9 +102,12 @@ class CausalForward:
         t0 = time.perf_counter()
         try:
             graphed = torch.cuda.make_graphed_callables(_Backbone(self.backbone), (input_ids.clone(),), allow_unused_input=True)
-        except RuntimeError as exc:  # an operation the capture refuses (a host read, an allocator call it cannot record)
-            torch.cuda.synchronize()
-            self.fallback = f"capture failed ({str(exc).strip().splitlines()[0][:200]}); training eagerly"
+        except (RuntimeError, AssertionError) as exc:  # an operation the capture refuses, a check of make_graphed_callables
+            self.fallback = f"capture failed ({(str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]}); training eagerly"
+            try:
+                torch.cuda.synchronize()  # a failed capture may leave an error on the stream: surface it here, not mid-step
+            except RuntimeError:
+                pass
             return None
         finally:
             self.seconds += time.perf_counter() - t0
@@ -111,12 +115,16 @@ class CausalForward:
         return graphed
 
 
-def why_no_graphs(causal: bool, transforms_logits: bool, dropout: float) -> str | None:
+def why_no_graphs(causal: bool, transforms_logits: bool, model: torch.nn.Module) -> str | None:
     """The reason a model cannot train from CUDA graphs, or None."""
     if not causal:
         return "causal LMs only (an encoder's padding mask cannot be left out); training eagerly"
     if transforms_logits:
         return "this family scales its logits after the output layer and trains through its own forward; training eagerly"
-    if dropout > 0:
-        return f"adapter.dropout {dropout:g} draws a fresh mask every step, which a replayed graph would repeat; training eagerly"
+    # dropout inside a graph draws from a graph-safe generator, not from the per-step seed a resumed
+    # eager run repeats; not checked on a GPU, so such models train eagerly
+    rates = [m.p for m in model.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
+    rates += [v for k, v in vars(getattr(model, "config", None) or object()).items() if "dropout" in k and isinstance(v, float) and v > 0]
+    if rates:
+        return f"dropout (p={max(rates):g}: adapter.dropout or the model's own) is not replayed from graphs; training eagerly"
     return None

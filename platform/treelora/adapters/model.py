@@ -78,7 +78,7 @@ class ContinualModel(torch.nn.Module):
         self.transforms_logits = any(getattr(config, a, None) not in (None, 1, 1.0) for a in _LOGIT_TRANSFORMS)
         self.heads = torch.nn.ModuleDict()
         self.train_forward = CausalForward(self.peft.get_base_model().base_model if self.is_causal else None, cuda_graphs,
-                                           why_no_graphs(self.is_causal, self.transforms_logits, dropout))
+                                           why_no_graphs(self.is_causal, self.transforms_logits, self.peft.get_base_model()))
         self.synced_generation = False  # ZeRO-3 over several ranks: each decodes until every rank is done
         self.modules_in_order = [
             LoraModule(name.removeprefix("base_model.model."), m) for name, m in self.peft.named_modules() if isinstance(m, LoraLayer)

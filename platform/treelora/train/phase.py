@@ -80,8 +80,7 @@ class PhaseOutcome:
         if not isinstance(data, dict) or data.get("version") != SEAM_VERSION:
             raise ValueError(f"{where}: a phase outcome of version {SEAM_VERSION} expected, got {data.get('version') if isinstance(data, dict) else data!r}")
         names = {f.name for f in dataclasses.fields(cls)}
-        # a field added later has a default: an outcome.json written before it still reads
-        required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING}
+        required = names - ADDED_LATER  # an outcome.json written before a field was added still reads
         if set(data) - names or required - set(data):
             raise ValueError(f"{where}: fields {sorted((set(data) - names) | (required - set(data)), key=str)} missing or unknown")
         wrong = [name for name, check in _FIELD_CHECKS.items() if name in data and not check(data[name])]
@@ -134,6 +133,7 @@ _FIELD_CHECKS = {
 }
 
 OUTCOME_FILE, ADAPTER_DIR = "outcome.json", "adapter"
+ADDED_LATER = frozenset({"capture_seconds"})  # fields an outcome.json of this version may lack (each has a default)
 
 
 def read_outcome(phase_dir: str | Path) -> PhaseOutcome:

@@ -225,7 +225,7 @@ class StreamRecipe:
         timing = PhaseTiming(started_at, setup_seconds, train_seconds, self._tokens(phase_tasks, records),
                              model.train_forward.seconds - compiled_before)
         if self.is_main and model.train_forward.enabled and self._forward_note != model.train_forward.note:
-            self._forward_note = model.train_forward.note  # said once, and again if it fell back
+            self._forward_note = model.train_forward.note  # said after a phase whenever it changed
             self.log(f"[treelora] {phase.key}: training forward: {self._forward_note}")
         outcome = self.finish_phase(phase, ctx, snapshot, meter, timing, stepper)
         stepper.close()  # after evaluation: under ZeRO-3 the engine's hooks gather the sharded base for every forward

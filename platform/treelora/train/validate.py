@@ -74,9 +74,6 @@ def _check_model(cfg: RunConfig) -> None:
     if cfg.model.quantization != "none" and not cfg.scaling.use_gpu and not torch.cuda.is_available():
         raise ConfigError(f"model.quantization {cfg.model.quantization} needs a CUDA GPU (bitsandbytes' kernels); this machine has "
                           f"none and scaling.use_gpu is false: use model.quantization none on a CPU")
-    if cfg.model.cuda_graphs and cfg.scaling.zero_stage == 3:
-        raise ConfigError("model.cuda_graphs cannot run under scaling.zero_stage 3: ZeRO-3 gathers the base's shards inside every "
-                          "forward, which a captured graph would replay stale; use model.cuda_graphs false or zero_stage 2")
     if cfg.model.cuda_graphs and cfg.train.grad_accum > 1:
         raise ConfigError(f"model.cuda_graphs needs train.grad_accum 1 (it is {cfg.train.grad_accum}): a replayed graph writes "
                           "its gradients into the same memory every micro-batch; raise train.batch_size instead")
