@@ -19,6 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_gpu  # noqa: E402  (its model and data builders)
+from profile_step import first_task_loop  # noqa: E402  (the recipe's pieces for one task)
 
 
 def host_profile(run) -> None:
@@ -45,10 +46,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from treelora.config import load_config
-    from treelora.methods import make_method
-    from treelora.methods.base import TaskContext
-    from treelora.train.loop import epoch_batches, torch_stepper, train_task
-    from treelora.train.setup import build_model, build_stream, stream_kind
+    from treelora.train.loop import train_task
 
     bench_gpu.SHAPE.clear()
     bench_gpu.SHAPE.update(bench_gpu.SHAPES["smol"])
@@ -58,16 +56,7 @@ def main(argv=None) -> int:
         bench_gpu.make_stream(manifest.parent, model_dir, 1, 16 * args.steps, 4)
     cfg = load_config(None, [f"model.name={model_dir}", f"stream.spec={manifest}", "model.max_length=1024", "train.batch_size=16",
                              f"method.name={args.method}", f"train.lr={bench_gpu.LR}", f"model.cuda_graphs={str(args.mode == 'graphs').lower()}", *args.set])
-    stream = build_stream(cfg)
-    task = stream.tasks[0]
-    model = build_model(cfg, stream_kind(stream), torch.bfloat16, torch.device("cuda"))
-    model.prepare([task])
-    method = make_method(cfg.method)
-    ctx = TaskContext(model, task, 0, 10**6, 1, cfg.train.seed)
-    params = method.begin_task(ctx)
-    stepper = torch_stepper(params, cfg.train, cfg.train.lr, 10**6)
-    ctx.grad_of, ctx.grads_of_many = stepper.grad_of, stepper.grads_of
-    batches = epoch_batches([task], cfg.train.batch_size, 0, 0, 0, length_of=model.example_length)
+    model, method, ctx, stepper, batches = first_task_loop(cfg)
     model.train()
     widths = [max(model.example_length(e) for e in ex) for _, ex in batches]
     last = [time.perf_counter()]

@@ -18,6 +18,35 @@ import time
 import torch
 
 
+def first_task_loop(cfg, stepper_kind: str = "torch"):
+    """The recipe's pieces for the stream's first task on the GPU, in this process: (model, method,
+    task context, stepper, the epoch's batches by length). Also benchmarks/probe_graphs.py's."""
+    from treelora.methods import make_method
+    from treelora.methods.base import TaskContext
+    from treelora.train.loop import epoch_batches, torch_stepper
+    from treelora.train.setup import build_model, build_stream, stream_kind
+
+    stream = build_stream(cfg)
+    task = stream.tasks[0]
+    model = build_model(cfg, stream_kind(stream), torch.bfloat16, torch.device("cuda"))
+    model.prepare([task])
+    method = make_method(cfg.method)
+    ctx = TaskContext(model, task, 0, 10**6, 1, cfg.train.seed)
+    params = method.begin_task(ctx)
+    if stepper_kind == "deepspeed":
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29511")
+        import deepspeed
+
+        deepspeed.init_distributed()
+        from treelora.train.deepspeed_stepper import DeepSpeedStepper
+
+        stepper = DeepSpeedStepper(model, params, cfg, 1, True, cfg.train.lr, 10**6)
+    else:
+        stepper = torch_stepper(params, cfg.train, cfg.train.lr, 10**6)
+    ctx.grad_of, ctx.grads_of_many = stepper.grad_of, stepper.grads_of
+    return model, method, ctx, stepper, epoch_batches([task], cfg.train.batch_size, 0, 0, 0, length_of=model.example_length)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data-root", required=True)
@@ -29,33 +58,11 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from treelora.config import load_config
-    from treelora.methods import make_method
-    from treelora.methods.base import TaskContext
-    from treelora.train.loop import TorchStepper, epoch_batches, train_task
-    from treelora.train.setup import build_model, build_stream, stream_kind
+    from treelora.train.loop import train_task
 
     cfg = load_config(None, ["stream.spec=trace-gen", f"stream.data_root={args.data_root}", f"model.name={args.model}",
                              "stream.train_size=500", "train.batch_size=16", f"method.name={args.method}", "train.lr=0.0002", *args.set])
-    stream = build_stream(cfg)
-    device = torch.device("cuda")
-    model = build_model(cfg, stream_kind(stream), torch.bfloat16, device)
-    task = stream.tasks[0]
-    model.prepare([task])
-    method = make_method(cfg.method)
-    ctx = TaskContext(model, task, 0, 1000, 1, cfg.train.seed)
-    params = method.begin_task(ctx)
-    if args.stepper == "deepspeed":
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29511")
-        import deepspeed
-
-        deepspeed.init_distributed()
-        from treelora.train.deepspeed_stepper import DeepSpeedStepper
-
-        stepper = DeepSpeedStepper(model, params, cfg, 1, True, cfg.train.lr, 10**6)
-    else:
-        stepper = TorchStepper(torch.optim.AdamW(params, lr=cfg.train.lr))
-    ctx.grad_of, ctx.grads_of_many = stepper.grad_of, stepper.grads_of
-    batches = epoch_batches([task], cfg.train.batch_size, 0, 0, 0, length_of=model.example_length)
+    model, method, ctx, stepper, batches = first_task_loop(cfg, args.stepper)
     tokens = [sum(model.example_length(e) for e in ex) for _, ex in batches]
     print(f"{args.model}: {len(batches)} batches, tokens/batch median {sorted(tokens)[len(tokens) // 2]}, params "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.0f} M, dtype {next(model.parameters()).dtype}")

@@ -37,7 +37,7 @@ def padded_width(width: int, multiple: int, cap: int) -> int:
 
 class _Backbone(torch.nn.Module):
     """Token ids in, last hidden states out: the positional tensor-to-tensor shape graph capture
-    takes. A fresh one per captured shape (capture replaces its ``forward``); the weights are shared."""
+    takes. Capture replaces its ``forward``: a fresh one per captured shape, one kept for eager calls."""
 
     def __init__(self, backbone: torch.nn.Module):
         super().__init__()
@@ -59,6 +59,7 @@ class CausalForward:
         self.seconds, self.eager_batches = 0.0, 0
         self._graphs: dict[tuple, torch.nn.Module] = {}
         self._trainable: tuple = ()
+        self._eager = _Backbone(backbone) if backbone is not None else None
 
     @property
     def active(self) -> bool:
@@ -82,7 +83,7 @@ class CausalForward:
 
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
         if not (self.active and self.backbone.training and torch.is_grad_enabled()):  # graphs hold a training step
-            return _Backbone(self.backbone)(input_ids)
+            return self._eager(input_ids)
         trainable = tuple(id(p) for p in self.backbone.parameters() if p.requires_grad)
         if trainable != self._trainable:  # another trainable set (a new adapter): the graphs hold the old one's
             self._graphs.clear()
@@ -92,10 +93,10 @@ class CausalForward:
         if graphed is None:
             if len(self._graphs) >= MAX_GRAPHS:
                 self.eager_batches += 1
-                return _Backbone(self.backbone)(input_ids)
+                return self._eager(input_ids)
             graphed = self._capture(input_ids)
             if graphed is None:
-                return _Backbone(self.backbone)(input_ids)
+                return self._eager(input_ids)
         return graphed(input_ids)
 
     def _capture(self, input_ids: torch.Tensor) -> torch.nn.Module | None:
@@ -124,7 +125,8 @@ def why_no_graphs(causal: bool, transforms_logits: bool, model: torch.nn.Module)
     # dropout inside a graph draws from a graph-safe generator, not from the per-step seed a resumed
     # eager run repeats; not checked on a GPU, so such models train eagerly
     rates = [m.p for m in model.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
-    rates += [v for k, v in vars(getattr(model, "config", None) or object()).items() if "dropout" in k and isinstance(v, float) and v > 0]
+    config = vars(model.config) if hasattr(model, "config") else {}  # attention dropout is a config value, not a module
+    rates += [v for k, v in config.items() if "dropout" in k and isinstance(v, float) and v > 0]
     if rates:
         return f"dropout (p={max(rates):g}: adapter.dropout or the model's own) is not replayed from graphs; training eagerly"
     return None

@@ -210,7 +210,7 @@ class StreamRecipe:
             for hook in self.step_hooks:
                 hook(self, phase, rec)
 
-        setup_seconds, t0, compiled_before = time.perf_counter() - t_begin, time.perf_counter(), model.train_forward.seconds
+        setup_seconds, t0, captured_before = time.perf_counter() - t_begin, time.perf_counter(), model.train_forward.seconds
         records = train_task(model, method, ctx, stepper,
                              lambda e: epoch_batches(phase_tasks, cfg.train.batch_size, cfg.train.seed, phase.index, e,
                                                      min_size=comm.world_size, length_of=model.example_length),
@@ -223,7 +223,7 @@ class StreamRecipe:
         if self.is_main:
             self.emit(events.Evaluating(phase.index, phase.key, len(meter.losses), train_seconds))
         timing = PhaseTiming(started_at, setup_seconds, train_seconds, self._tokens(phase_tasks, records),
-                             model.train_forward.seconds - compiled_before)
+                             model.train_forward.seconds - captured_before)
         if self.is_main and model.train_forward.enabled and self._forward_note != model.train_forward.note:
             self._forward_note = model.train_forward.note  # said after a phase whenever it changed
             self.log(f"[treelora] {phase.key}: training forward: {self._forward_note}")
