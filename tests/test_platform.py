@@ -300,13 +300,22 @@ def test_zero3_shards_the_base_trains_resumes_and_registers_like_zero2(ray_sessi
     """ZeRO-3 on 2 CPU workers: the frozen base is sharded (adapters and heads stay whole), a
     worker killed mid-task resumes from its checkpoint, and the stream's losses, accuracy matrix,
     tree and registered versions match the same stream under ZeRO-2."""
+    from treelora.adapters.backbone import tiny_backbone
     from treelora.train.progress import StreamProgress
     from treelora.train.stream import run_stream
 
-    common = ["stream.tasks=[agnews, amazon]", "stream.train_size=32", "scaling.max_failures=2", "routing.enabled=true"]
+    # a pretrained folder, as users train: ZeRO-3 then loads the base already sharded (zero.Init)
+    base = tiny_backbone("tiny-bert")
+    base.model.save_pretrained(tmp_path / "base")
+    base.tokenizer.save_pretrained(tmp_path / "base")
+    common = ["stream.tasks=[agnews, amazon]", "stream.train_size=32", "scaling.max_failures=2", "routing.enabled=true",
+              f"model.name={tmp_path / 'base'}"]
     two = run_stream(_cfg(tmp_path / "z2", *common))
-    three = run_stream(_cfg(tmp_path / "z3", *common, "scaling.zero_stage=3"), step_hooks=[die_at_step("amazon", 2)])
+    logs = []
+    three = run_stream(_cfg(tmp_path / "z3", *common, "scaling.zero_stage=3"), step_hooks=[die_at_step("amazon", 2)], log=logs.append)
     assert two.run_id == three.run_id  # the ZeRO stage is not part of a run's identity
+    loaded = [line for line in logs if "ZeRO-3" in line and "loaded" in line]
+    assert loaded and all("sharded at load" in line for line in loaded), loaded  # every (re)start of the group
     outcomes = [StreamProgress.load(tmp_path / z / "streams" / two.run_id / "progress.json") for z in ("z2", "z3")]
     for task in ("agnews", "amazon"):
         a, b = (o.done(task)["outcome"] for o in outcomes)

@@ -10,6 +10,13 @@
   through transformers' GGUF support;
 * ``tiny-bert`` / ``tiny-llama``: random weights from a small config, for fast unit tests only
   (they borrow MiniLM's tokenizer).
+
+Under ZeRO-3 a Ray worker keeps a ``HfDeepSpeedConfig`` alive while it loads (deepspeed_stepper.
+sharded_loading): transformers then builds every model here under ``deepspeed.zero.Init`` and
+copies the checkpoint into the shards, so no rank ever holds the whole base on its device.
+The tiny test models are built whole as ever (their random init under zero.Init would differ)
+and sharded when the first engine starts; GGUF files, which transformers de-quantises whole,
+likewise.
 """
 
 from __future__ import annotations
@@ -171,6 +178,7 @@ def _load_backbone(name: str, stream_kind: str, dtype: torch.dtype, device) -> B
 
     name = resolve_name(name, stream_kind)
     on_gpu = device is not None and torch.device(device).type == "cuda" and importlib.util.find_spec("accelerate") is not None
+    on_gpu = on_gpu and not sharded_at_load()  # ZeRO-3 places the shards itself (and refuses a device map)
     onto = {"device_map": {"": str(device)}} if on_gpu else {}
     if name == "minilm":
         path = minilm_dir()
@@ -203,6 +211,13 @@ def _from_folder(path: Path, hub: HubModel | None, name: str, source: str, dtype
     reference = hub.repo if hub else str(Path(path).resolve())
     return Backbone(model, _causal_tokenizer(tok) if kind == "causal" else tok, config.model_type, source, reference,
                     gguf, hub.commit if hub else None, kind)
+
+
+def sharded_at_load() -> bool:
+    """Whether transformers builds models under ``deepspeed.zero.Init`` now (a ZeRO-3 worker's load)."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    return is_deepspeed_zero3_enabled()
 
 
 def tiny_backbone(name: str, seed: int = 0) -> Backbone:

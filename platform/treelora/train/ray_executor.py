@@ -138,7 +138,7 @@ def stream_worker(config: dict) -> None:
     cfg = job.run_config
     # before deepspeed is imported; set both ways, since a driver's own environment is inherited
     os.environ["DS_ACCELERATOR"] = "cuda" if cfg.scaling.use_gpu else "cpu"
-    from .deepspeed_stepper import DeepSpeedStepper  # imports deepspeed, which reads DS_ACCELERATOR once
+    from .deepspeed_stepper import DeepSpeedStepper, loading_note, sharded_loading  # imports deepspeed, which reads DS_ACCELERATOR once
 
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -156,7 +156,10 @@ def stream_worker(config: dict) -> None:
                           make_stepper=lambda model, params, lr, total: DeepSpeedStepper(model, params, cfg, world, bf16, lr, total),
                           tree=open_tree(cfg, job.run_layout.tree_uri, service=True) if rank == 0 else None,
                           checkpointer=RayCheckpointer(rank), log=log, emit=send)
+    zero3_loading = sharded_loading(cfg, world, bf16)  # noqa: F841 - alive for the stream: transformers reads it
     recipe.setup()
+    if zero3_loading is not None and rank == 0:
+        log(loading_note(cfg, recipe.model, world))
     # seen on the GPU machine (2026-12-03): under DeepSpeed's engine the capture fails ("operation failed
     # due to a previous error during capture"; its ZeRO gradient hooks are the likely cause, not proven);
     # saying so up front spares every worker a failed capture and names where graphs do run
