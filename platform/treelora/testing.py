@@ -9,19 +9,23 @@ workers must import them.
 from __future__ import annotations
 
 import os
+import time
 
 
-def die_at_step(task: str, step: int) -> tuple[str, dict]:
+def die_at_step(task: str, step: int, after_s: float = 0.0) -> tuple[str, dict]:
     """The last rank's process dies (``os._exit``) at ``step`` of ``task``, on the worker group's
-    first attempt only: a restarted group then resumes from its checkpoint."""
-    return ("treelora.testing:DieAtStep", {"task": task, "step": step})
+    first attempt only: a restarted group then resumes from its checkpoint. ``after_s``: wait
+    first, so Ray Train's controller has taken the checkpoint just reported (it polls the
+    workers; a fast worker can die before a poll, and the restart then resumes from the one before)."""
+    return ("treelora.testing:DieAtStep", {"task": task, "step": step, "after_s": after_s})
 
 
 class DieAtStep:
-    def __init__(self, task: str, step: int):
-        self.task, self.step = task, step
+    def __init__(self, task: str, step: int, after_s: float = 0.0):
+        self.task, self.step, self.after_s = task, step, after_s
 
     def __call__(self, recipe, phase, rec) -> None:
         comm = recipe.comm
         if phase.key == self.task and rec.step == self.step and not recipe.restarted and comm.rank == comm.world_size - 1:
+            time.sleep(self.after_s)
             os._exit(1)

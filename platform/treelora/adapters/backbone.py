@@ -174,11 +174,23 @@ def _load_quantized(name: str, stream_kind: str, dtype: torch.dtype, device, qua
 
 
 def _load_backbone(name: str, stream_kind: str, dtype: torch.dtype, device) -> Backbone:
+    name = resolve_name(name, stream_kind)
+    if name in ("tiny-bert", "tiny-llama"):
+        backbone = tiny_backbone(name)
+        backbone.model.to(dtype)
+        return backbone
+    if not sharded_at_load():
+        return _load_pretrained(name, device, dtype)
+    # zero.Init initialises the shards it builds, drawing from the generators a whole load leaves
+    # alone: the draws go to a fork, so the LoRA weights start the same under every ZeRO stage
+    with torch.random.fork_rng():
+        return _load_pretrained(name, None, dtype)  # ZeRO-3 places the shards itself (and refuses a device map)
+
+
+def _load_pretrained(name: str, device, dtype: torch.dtype) -> Backbone:
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-    name = resolve_name(name, stream_kind)
     on_gpu = device is not None and torch.device(device).type == "cuda" and importlib.util.find_spec("accelerate") is not None
-    on_gpu = on_gpu and not sharded_at_load()  # ZeRO-3 places the shards itself (and refuses a device map)
     onto = {"device_map": {"": str(device)}} if on_gpu else {}
     if name == "minilm":
         path = minilm_dir()
@@ -189,10 +201,6 @@ def _load_backbone(name: str, stream_kind: str, dtype: torch.dtype, device) -> B
         model = AutoModelForCausalLM.from_pretrained(path, gguf_file=SMOLLM2_GGUF, dtype=dtype)
         tok = AutoTokenizer.from_pretrained(path, gguf_file=SMOLLM2_GGUF)
         return Backbone(model, _causal_tokenizer(tok), "llama", f"SmolLM2-135M-Instruct ({path / SMOLLM2_GGUF})", str(path), SMOLLM2_GGUF)
-    if name in ("tiny-bert", "tiny-llama"):
-        backbone = tiny_backbone(name)
-        backbone.model.to(dtype)
-        return backbone
     path, hub = model_folder(name)
     return _from_folder(path, hub, name, f"{name} ({path})", dtype, **onto)
 

@@ -3,8 +3,9 @@
 The driver side (``RayTrain``) starts the trainer and, while ``fit`` runs in a thread, drains
 the event channel and hands every finished phase to the stream's ledger, so MLflow has a task's
 run and registered version as soon as it is done. The worker side (``stream_worker``) loads
-the base model once per rank and runs the recipe's phases with a DeepSpeed engine per phase;
-rank 0 talks to the tree service. Checkpoints: ``ray_checkpoints``.
+the base model once per rank and runs the recipe's phases with a DeepSpeed engine per phase (one
+worker at ZeRO stage 0: the torch stepper, DeepSpeed would add nothing); rank 0 talks to the
+tree service. Checkpoints: ``ray_checkpoints``.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from .. import events
 from ..config import ConfigError, RunConfig
 from ..layout import RunLayout
 from .job import StreamJob
+from .loop import torch_stepper
 from .ray_checkpoints import RayCheckpointer, restore_mid_phase
 from .ray_runtime import EventChannel, ensure_ray, sender
 from .recipe import StreamRecipe
@@ -152,19 +154,24 @@ def stream_worker(config: dict) -> None:
         print(line, flush=True)  # Ray's worker log (and the driver's terminal with --verbose)
         send(events.LogLine(line))
 
+    # one worker without ZeRO: DeepSpeed's engine would only wrap the optimizer, so the recipe steps
+    # with the torch stepper, as a one-process run does (and CUDA graphs can capture under it)
+    plain = world == 1 and cfg.scaling.zero_stage == 0
     recipe = StreamRecipe(job, comm=TorchDistributed(rank, world, device), device=device, use_bf16=bf16,
-                          make_stepper=lambda model, params, lr, total: DeepSpeedStepper(model, params, cfg, world, bf16, lr, total),
+                          make_stepper=(lambda model, params, lr, total: torch_stepper(params, cfg.train, lr, total)) if plain else
+                          (lambda model, params, lr, total: DeepSpeedStepper(model, params, cfg, world, bf16, lr, total)),
                           tree=open_tree(cfg, job.run_layout.tree_uri, service=True) if rank == 0 else None,
                           checkpointer=RayCheckpointer(rank), log=log, emit=send)
     zero3_loading = sharded_loading(cfg, world, bf16)  # noqa: F841 - alive for the stream: transformers reads it
     recipe.setup()
     if zero3_loading is not None and rank == 0:
         log(loading_note(cfg, recipe.model, world))
-    # seen on the GPU machine (2026-12-03): under DeepSpeed's engine the capture fails ("operation failed
-    # due to a previous error during capture"; its ZeRO gradient hooks are the likely cause, not proven);
-    # saying so up front spares every worker a failed capture and names where graphs do run
-    recipe.model.train_forward.disable("not under DeepSpeed's engine (Ray Train workers); CUDA graphs train in one "
-                                       "process: treelora run --local; training eagerly")
+    if not plain:
+        # seen on the GPU machine (2026-12-03): under DeepSpeed's engine (ZeRO-2) the capture fails ("operation
+        # failed due to a previous error during capture"; its ZeRO gradient hooks are the likely cause, not
+        # proven); saying so up front spares every worker a failed capture and names where graphs do run
+        recipe.model.train_forward.disable("not under DeepSpeed's engine; CUDA graphs train in one process (treelora run "
+                                           "--local) or on one Ray worker with scaling.zero_stage: 0; training eagerly")
     restored = restore_mid_phase(recipe)
     try:
         recipe.run(restored)

@@ -42,11 +42,9 @@ def stream_kind(stream: Stream) -> str:
 
 
 def build_model(cfg: RunConfig, kind: str, dtype: torch.dtype = torch.float32, device: torch.device | None = None) -> ContinualModel:
+    torch.manual_seed(cfg.train.seed)  # LoRA A init: the same on every worker
     backbone = load_backbone(cfg.model.name, kind, dtype=dtype, device=device, quantization=cfg.model.quantization)
     check_kind(cfg.model.name, backbone.kind, kind)
-    # LoRA A init: the same on every worker, whatever the base's loading drew from the generator
-    # (a ZeRO-3 load under zero.Init draws differently from a whole one)
-    torch.manual_seed(cfg.train.seed)
     return ContinualModel(backbone, r=cfg.adapter.r, alpha=cfg.adapter.alpha, dropout=cfg.adapter.dropout,
                           targets=cfg.adapter.targets, max_length=cfg.model.max_length, max_new_tokens=cfg.model.max_new_tokens,
                           chat_template=cfg.model.chat_template, gradient_checkpointing=cfg.model.gradient_checkpointing,
