@@ -233,3 +233,11 @@ def test_adding_a_method_is_one_module(tmp_path, monkeypatch):
     assert make_method(cfg.method).share == 0.25
     with pytest.raises(ConfigError, match=r"method\.share must be"):
         load_config(None, ["method.name=keep-half", "method.share=2"])
+
+
+def test_quantisation_and_zero3_together_are_refused_naming_both(tmp_path):
+    from treelora.train.validate import validate_config
+
+    cfg = load_config(None, [f"workdir={tmp_path / 'runs'}", "model.quantization=4bit", "scaling.zero_stage=3"])
+    with pytest.raises(ConfigError, match=r"model\.quantization 4bit cannot be combined with scaling\.zero_stage 3"):
+        validate_config(cfg)

@@ -100,14 +100,15 @@ def test_zero3_offload_on_one_gpu_trains_resumes_and_registers_like_zero2(tmp_pa
         two = run_stream(cfg("z2", "scaling.zero_stage=2"), log=lambda *_: None)
         logs = []
         three = run_stream(cfg("z3", "scaling.zero_stage=3", "scaling.offload_params=true"), log=logs.append,
-                           step_hooks=[die_at_step("FOMC", 2, after_s=3.0)])
+                           step_hooks=[die_at_step("FOMC", 2, after_s=5.0)])
     finally:
         ray.shutdown()
     assert any("sharded at load" in line and "CPU memory" in line for line in logs), logs
     assert any("FOMC: resumed at" in line for line in logs), logs
     for a, b in zip(two.outcomes, three.outcomes, strict=True):
         assert [s for s, _, _ in b.losses] == list(range(len(b.losses)))  # every step once
-        np.testing.assert_allclose([x for _, x, _ in a.losses], [x for _, x, _ in b.losses], rtol=5e-2)
+        # bf16 on both: 4e-4 apart at most on the H200 (2026-12-03); a different LoRA init or no training would be ~1e-2
+        np.testing.assert_allclose([x for _, x, _ in a.losses], [x for _, x, _ in b.losses], rtol=0, atol=2e-3)
     from mlflow import MlflowClient
 
     versions = MlflowClient(tracking_uri=three.tracking_uri).search_model_versions(f"name='{three.registered_model}'")

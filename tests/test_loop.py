@@ -288,3 +288,40 @@ def test_a_joint_phase_of_generation_tasks_trains_the_adapter_alone():
     ctx = TaskContext(model, tasks[-1], 0, 1, 1, seed=0)
     trainable = phase_parameters(model, Joint(load_config(None, ["method.name=joint"]).method), ctx, tasks)
     assert trainable and {id(p) for p in trainable} == {id(p) for p in model.lora_parameters()}
+
+
+def test_a_mid_phase_checkpoint_of_another_stepper_is_set_aside_and_its_own_is_taken(tmp_path, monkeypatch):
+    """One Ray worker at ZeRO stage 0 stepped with DeepSpeed's engine before it stepped with the
+    torch stepper: a checkpoint holding the engine's state must not fail every restart of a
+    resumed run (the torch stepper cannot read it); the phase trains again from its start. A
+    checkpoint of the run's own stepper is taken."""
+    import json
+    from types import SimpleNamespace
+
+    import ray.train
+
+    from treelora.train import ray_checkpoints
+    from treelora.train.deepspeed_stepper import DeepSpeedStepper
+
+    def checkpoint(name: str, write_engine) -> str:
+        folder = tmp_path / name
+        write_engine(folder / "engine")
+        (folder / "position.json").write_text(json.dumps({"config": "c", "phase_index": 1, "next": [0, 2], "adapters": ["default"],
+                                                          "losses": [], "choices": []}))
+        return str(folder)
+
+    engine = checkpoint("checkpoint_2026-12-03_00-00-00.000000", lambda d: (d / DeepSpeedStepper.TAG).mkdir(parents=True))
+    w = torch.nn.Parameter(torch.ones(2))
+    torch_state = checkpoint("checkpoint_2026-12-03_00-00-01.000000",
+                             lambda d: TorchStepper(torch.optim.AdamW([w], lr=0.1)).save(str(d)))
+    for folder, wrote, taken in ((engine, TorchStepper.wrote, False), (torch_state, TorchStepper.wrote, True),
+                                 (engine, DeepSpeedStepper.wrote, True)):
+        monkeypatch.setattr(ray.train, "get_checkpoint", lambda f=folder: ray.train.Checkpoint.from_directory(f))
+        logs = []
+        recipe = SimpleNamespace(log=logs.append, restarted=False)
+        mid = ray_checkpoints.restore_mid_phase(recipe, wrote)
+        assert recipe.restarted  # a restarted group either way (the step hooks read it)
+        if taken:
+            assert mid is not None and mid.next_position == (0, 2) and not logs, logs
+        else:
+            assert mid is None and "phase 1 trains again from its start" in logs[-1], logs

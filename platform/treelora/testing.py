@@ -16,7 +16,8 @@ def die_at_step(task: str, step: int, after_s: float = 0.0) -> tuple[str, dict]:
     """The last rank's process dies (``os._exit``) at ``step`` of ``task``, on the worker group's
     first attempt only: a restarted group then resumes from its checkpoint. ``after_s``: wait
     first, so Ray Train's controller has taken the checkpoint just reported (it polls the
-    workers; a fast worker can die before a poll, and the restart then resumes from the one before)."""
+    workers every 2 s; a fast worker can die before a poll, and the restart then resumes from
+    the one before): a few polls' worth, e.g. 5 s."""
     return ("treelora.testing:DieAtStep", {"task": task, "step": step, "after_s": after_s})
 
 

@@ -183,7 +183,8 @@ def _load_backbone(name: str, stream_kind: str, dtype: torch.dtype, device) -> B
         return _load_pretrained(name, device, dtype)
     # zero.Init initialises the shards it builds, drawing from the generators a whole load leaves
     # alone: the draws go to a fork, so the LoRA weights start the same under every ZeRO stage
-    with torch.random.fork_rng():
+    cuda = device is not None and torch.device(device).type == "cuda"
+    with torch.random.fork_rng(devices=[torch.device(device)] if cuda else []):
         return _load_pretrained(name, None, dtype)  # ZeRO-3 places the shards itself (and refuses a device map)
 
 

@@ -15,6 +15,8 @@ only then imports this module.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import deepspeed
 import deepspeed.comm as dist
 import torch
@@ -79,8 +81,8 @@ def micro_batch(cfg: RunConfig, world_size: int) -> int:
 def sharded_loading(cfg: RunConfig, world_size: int, use_bf16: bool):
     """Under ZeRO-3, the object whose life makes transformers build and load the base already
     sharded (``deepspeed.zero.Init``, with the shards in CPU memory under ``offload_params``):
-    the worker keeps it for the whole stream, as transformers' own trainer does (resizing
-    embeddings and generation read it too). Loading the whole base first and sharding it when
+    the worker keeps it for the whole stream, as transformers' own trainer does (its model
+    code may ask whether ZeRO-3 is on at any time, e.g. when embeddings are resized). Loading the whole base first and sharding it when
     the first engine starts needed the whole base on each device and left its blocks in the
     allocator (measured on one H200: 16.5 GiB in use against ZeRO-2's 15.6 at 1.1B).
     None for ZeRO 0-2."""
@@ -179,6 +181,11 @@ class DeepSpeedStepper:
         if self.world_size > 1:
             dist.all_reduce(flat, group=params[0]._dp_group)
         return [g.view_as(p) for g, p in zip(torch.split(flat, sizes), params)]
+
+    @classmethod
+    def wrote(cls, folder: str) -> bool:
+        """Whether ``folder`` holds an engine's checkpoint (not the torch stepper's state)."""
+        return (Path(folder) / cls.TAG).is_dir()
 
     def save(self, folder: str) -> None:
         """Trainable weights and optimizer state only (a collective: every rank writes its shard)."""

@@ -111,13 +111,20 @@ class TorchStepper:
     def grads_of(self, params: list[torch.nn.Parameter]) -> list[torch.Tensor | None]:
         return [p.grad for p in params]
 
+    FILE = "stepper.pt"
+
+    @classmethod
+    def wrote(cls, folder: str) -> bool:
+        """Whether ``folder`` holds this stepper's state (not another stepper's)."""
+        return (Path(folder) / cls.FILE).is_file()
+
     def save(self, folder: str) -> None:
         Path(folder).mkdir(parents=True, exist_ok=True)
         torch.save({"optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None}, Path(folder) / "stepper.pt")
+                    "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None}, Path(folder) / self.FILE)
 
     def load(self, folder: str) -> None:
-        state = torch.load(Path(folder) / "stepper.pt", weights_only=True)  # never unpickle objects from storage
+        state = torch.load(Path(folder) / self.FILE, weights_only=True)  # never unpickle objects from storage
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state["scheduler"] is not None:
             self.scheduler.load_state_dict(state["scheduler"])

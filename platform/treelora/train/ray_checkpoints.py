@@ -1,7 +1,7 @@
 """Ray Train checkpoints of a stream: what trains, written by the ranks, read back intact.
 
-A checkpoint holds the adapter folder, DeepSpeed's trainable weights and optimizer shards
-(``engine/``), the method's state (``state/``) and ``position.json`` (the phase and the next
+A checkpoint holds the adapter folder, the optimizer stepper's state (``engine/``: DeepSpeed's
+trainable weights and optimizer shards, or the torch stepper's file), the method's state (``state/``) and ``position.json`` (the phase and the next
 step). Ray Train keeps ``scaling.keep_checkpoints`` of them. A checkpoint cut off mid-write is
 named and the newest intact one before it is used instead.
 """
@@ -14,7 +14,7 @@ import shutil
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import pyarrow.fs as pafs
 import ray.train
@@ -133,9 +133,12 @@ def latest_intact(checkpoint, log=lambda line: print(line, flush=True)) -> str |
     return None
 
 
-def restore_mid_phase(recipe: StreamRecipe) -> MidPhase | None:
+def restore_mid_phase(recipe: StreamRecipe, stepper_wrote: Callable[[str], bool]) -> MidPhase | None:
     """The latest intact checkpoint of this stream's Ray Train run, copied here; the recipe
-    decides whether it still belongs to what the stream has to do (``StreamRecipe._resume_point``)."""
+    decides whether it still belongs to what the stream has to do (``StreamRecipe._resume_point``).
+    ``stepper_wrote``: whether a mid-phase checkpoint's optimizer state is of the stepper this
+    group trains with (one worker at ZeRO stage 0 wrote DeepSpeed checkpoints before it stepped
+    with the torch stepper: such a phase trains again from its start instead of failing every restart)."""
     checkpoint = ray.train.get_checkpoint()
     recipe.restarted = checkpoint is not None
     if checkpoint is None:
@@ -144,6 +147,11 @@ def restore_mid_phase(recipe: StreamRecipe) -> MidPhase | None:
     if local is None:
         return None
     position = json.loads(Path(local, POSITION_FILE).read_text())
+    if tuple(position["next"]) != (0, 0) and not stepper_wrote(os.path.join(local, ENGINE)):
+        recipe.log(f"[treelora] checkpoint {checkpoint.path} holds another optimizer stepper's state than this run's "
+                   f"(DeepSpeed's engine or the torch stepper); phase {position['phase_index']} trains again from its start")
+        shutil.rmtree(local, ignore_errors=True)
+        return None
     return MidPhase(phase_index=position["phase_index"], next_position=tuple(position["next"]),
                     adapter_dir=os.path.join(local, ADAPTER), adapters=tuple(position["adapters"]),
                     engine_dir=os.path.join(local, ENGINE), state_dir=os.path.join(local, STATE),

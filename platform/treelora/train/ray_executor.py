@@ -29,7 +29,7 @@ from .. import events
 from ..config import ConfigError, RunConfig
 from ..layout import RunLayout
 from .job import StreamJob
-from .loop import torch_stepper
+from .loop import TorchStepper, torch_stepper
 from .ray_checkpoints import RayCheckpointer, restore_mid_phase
 from .ray_runtime import EventChannel, ensure_ray, sender
 from .recipe import StreamRecipe
@@ -167,12 +167,12 @@ def stream_worker(config: dict) -> None:
     if zero3_loading is not None and rank == 0:
         log(loading_note(cfg, recipe.model, world))
     if not plain:
-        # seen on the GPU machine (2026-12-03): under DeepSpeed's engine (ZeRO-2) the capture fails ("operation
+        # seen on the GPU machine (2026-12-03, ZeRO-2; declined under every stage of the engine): the capture fails ("operation
         # failed due to a previous error during capture"; its ZeRO gradient hooks are the likely cause, not
         # proven); saying so up front spares every worker a failed capture and names where graphs do run
         recipe.model.train_forward.disable("not under DeepSpeed's engine; CUDA graphs train in one process (treelora run "
                                            "--local) or on one Ray worker with scaling.zero_stage: 0; training eagerly")
-    restored = restore_mid_phase(recipe)
+    restored = restore_mid_phase(recipe, TorchStepper.wrote if plain else DeepSpeedStepper.wrote)
     try:
         recipe.run(restored)
     finally:

@@ -71,6 +71,9 @@ def check_tracking_reachable(cfg: RunConfig, timeout_s: float = 5.0) -> None:
 def _check_model(cfg: RunConfig) -> None:
     if cfg.model.quantization not in QUANTIZATION:
         raise ConfigError(f"model.quantization must be one of {', '.join(QUANTIZATION)}, got {cfg.model.quantization!r}")
+    if cfg.model.quantization != "none" and cfg.scaling.zero_stage == 3:
+        raise ConfigError(f"model.quantization {cfg.model.quantization} cannot be combined with scaling.zero_stage 3: DeepSpeed "
+                          "shards float weights, not bitsandbytes' packed ones; quantise (QLoRA) or shard the base, not both")
     if cfg.model.quantization != "none" and not cfg.scaling.use_gpu and not torch.cuda.is_available():
         raise ConfigError(f"model.quantization {cfg.model.quantization} needs a CUDA GPU (bitsandbytes' kernels); this machine has "
                           f"none and scaling.use_gpu is false: use model.quantization none on a CPU")
