@@ -311,7 +311,7 @@ def zero3_rows(args, tmp: Path, common: list[str], seq, zero2_peak: int, rows: "
     rows.append((f"{label}: OP / ZeRO-2 OP (%)", f"{z3.metrics['op'] * 100:.1f} / {seq.metrics['op'] * 100:.1f}"))
 
 
-TRACE_VARIANTS = {  # label: settings over the default run (Ray Train, one worker, DeepSpeed ZeRO-2, eager)
+RAY_VARIANTS = {  # label: settings over the default one-worker Ray run (DeepSpeed ZeRO-2, eager); trace-gen's and the SmolLM2 shape's
     "DeepSpeed ZeRO-2, eager": (),
     "ZeRO stage 0 (torch stepper), eager": ("scaling.zero_stage=0",),
     "ZeRO stage 0 (torch stepper), model.cuda_graphs": ("scaling.zero_stage=0", "model.cuda_graphs=true"),
@@ -320,12 +320,12 @@ TRACE_VARIANTS = {  # label: settings over the default run (Ray Train, one worke
 
 def trace_section(args, tmp: Path, rows: Rows) -> None:
     """trace-gen with the real SmolLM2-135M through Ray Train, batch 16: steps/s per variant."""
-    variants = list(TRACE_VARIANTS) if args.trace_variants == "all" else [list(TRACE_VARIANTS)[0]]
+    variants = list(RAY_VARIANTS) if args.trace_variants == "all" else [list(RAY_VARIANTS)[0]]
     for i, label in enumerate(variants):
         res = platform_stream([f"stream.data_root={args.trace_data}", "stream.spec=trace-gen", "model.name=smollm2",
                                f"stream.train_size={args.trace_rows}", "stream.test_size=32", "train.batch_size=16", "train.epochs=1",
                                "train.lr=2e-4", "scaling.use_gpu=true", "scaling.num_workers=1", "scaling.cpus_per_worker=4",
-                               "scaling.checkpoint_every=50", f"tree.service_name=bench-gpu-trace{i}", *TRACE_VARIANTS[label]],
+                               "scaling.checkpoint_every=50", f"tree.service_name=bench-gpu-trace{i}", *RAY_VARIANTS[label]],
                               tmp / f"run-trace{i}")
         sps = [len(o.losses) / (o.train_seconds - o.capture_seconds) for o in res.outcomes]
         busy = sum(o.train_seconds + o.eval_seconds for o in res.outcomes)
@@ -373,9 +373,7 @@ def smol_graph_rows(model_dir: Path, manifest: Path, tmp: Path, rows: Rows, wher
     graphs = ("model.cuda_graphs=true",)
     variants = (("eager", (), False), ("model.cuda_graphs", graphs, False),
                 ("model.cuda_graphs + gradient checkpointing", graphs + ("model.gradient_checkpointing=true",), False),
-                ("Ray Train + DeepSpeed ZeRO-2, eager", (), True),
-                ("Ray Train, one worker at ZeRO stage 0 (torch stepper), eager", ("scaling.zero_stage=0",), True),
-                ("Ray Train, one worker at ZeRO stage 0 (torch stepper), model.cuda_graphs", ("scaling.zero_stage=0",) + graphs, True))
+                *((f"Ray Train, {label}", settings, True) for label, settings in RAY_VARIANTS.items()))
     eager = None
     for i, (label, extra, through_ray) in enumerate(variants):
         if ("ray" if through_ray else "local") not in where:

@@ -113,3 +113,19 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def tiny_pretrained(tmp_path):
+    """A tiny random model saved as a pretrained folder (weights + tokenizer), as users train one:
+    ``tiny_pretrained("tiny-llama")`` is its path, to pass as model.name."""
+    from treelora.adapters.backbone import tiny_backbone
+
+    def save(name: str):
+        folder = tmp_path / f"{name}-pretrained"
+        base = tiny_backbone(name)
+        base.model.save_pretrained(folder)
+        base.tokenizer.save_pretrained(folder)
+        return folder
+
+    return save

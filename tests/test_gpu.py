@@ -72,7 +72,7 @@ def test_cuda_graphs_learn_what_the_eager_forward_learns(request, tmp_path, exec
           f"{[round(o.step_seconds_median, 4) for o in eager.outcomes]} graphs {[round(o.step_seconds_median, 4) for o in graphed.outcomes]}")
 
 
-def test_zero3_offload_on_one_gpu_trains_resumes_and_registers_like_zero2(tmp_path):
+def test_zero3_offload_on_one_gpu_trains_resumes_and_registers_like_zero2(tmp_path, tiny_pretrained):
     """ZeRO-3 with the base's shards in CPU memory on one GPU: the base loads sharded, a worker
     killed mid-task resumes from its checkpoint, and the stream trains and registers like the same
     stream under ZeRO-2 (bf16 on both, so losses agree to bf16's precision). Starts its own Ray
@@ -80,17 +80,14 @@ def test_zero3_offload_on_one_gpu_trains_resumes_and_registers_like_zero2(tmp_pa
     image carries."""
     import ray
 
-    from treelora.adapters.backbone import tiny_backbone
     from treelora.testing import die_at_step
     from treelora.train.stream import run_stream
 
-    base = tiny_backbone("tiny-llama")
-    base.model.save_pretrained(tmp_path / "base")
-    base.tokenizer.save_pretrained(tmp_path / "base")
+    base = tiny_pretrained("tiny-llama")
 
     def cfg(name, *extra):
         return load_config(None, [
-            f"model.name={tmp_path / 'base'}", f"stream.data_root={SAMPLE_ROOT}", "stream.spec=trace-gen",
+            f"model.name={base}", f"stream.data_root={SAMPLE_ROOT}", "stream.spec=trace-gen",
             "stream.tasks=[C-STANCE, FOMC]", "stream.train_size=48", "stream.eval_size=4", "stream.test_size=8",
             "train.batch_size=8", "train.epochs=1", "model.max_length=128", "model.max_new_tokens=3", "method.name=treelora",
             f"workdir={tmp_path / name}", "scaling.use_gpu=true", "scaling.num_workers=1", "scaling.checkpoint_every=1",

@@ -306,20 +306,16 @@ def test_a_stream_on_s3_keeps_everything_a_resume_needs_there(ray_session, s3_se
     np.testing.assert_allclose(again.accuracy, first.accuracy)
 
 
-def test_zero3_shards_the_base_trains_resumes_and_registers_like_zero2(ray_session, tmp_path):
+def test_zero3_shards_the_base_trains_resumes_and_registers_like_zero2(ray_session, tmp_path, tiny_pretrained):
     """ZeRO-3 on 2 CPU workers: the frozen base is sharded (adapters and heads stay whole), a
     worker killed mid-task resumes from its checkpoint, and the stream's losses, accuracy matrix,
     tree and registered versions match the same stream under ZeRO-2."""
-    from treelora.adapters.backbone import tiny_backbone
     from treelora.train.progress import StreamProgress
     from treelora.train.stream import run_stream
 
     # a pretrained folder, as users train: ZeRO-3 then loads the base already sharded (zero.Init)
-    base = tiny_backbone("tiny-bert")
-    base.model.save_pretrained(tmp_path / "base")
-    base.tokenizer.save_pretrained(tmp_path / "base")
     common = ["stream.tasks=[agnews, amazon]", "stream.train_size=32", "scaling.max_failures=2", "routing.enabled=true",
-              f"model.name={tmp_path / 'base'}"]
+              f"model.name={tiny_pretrained('tiny-bert')}"]
     two = run_stream(_cfg(tmp_path / "z2", *common))
     logs = []
     three = run_stream(_cfg(tmp_path / "z3", *common, "scaling.zero_stage=3"), step_hooks=[die_at_step("amazon", 2)], log=logs.append)

@@ -11,7 +11,7 @@ import torch
 
 from ..config import RunConfig
 from .job import SingleProcess, StreamJob
-from .loop import torch_stepper
+from .loop import torch_steppers
 from .recipe import StreamRecipe
 from .setup import open_tree, use_bf16
 
@@ -28,10 +28,9 @@ class InProcess:
         return self._trees[uri]
 
     def run(self, job: StreamJob, poll, log, emit=None) -> None:
-        train = self.cfg.train
         # the ledger takes each phase as soon as its folder is written (after_phase)
         recipe = StreamRecipe(job, comm=SingleProcess(), device=self.device, use_bf16=use_bf16(self.cfg, self.device),
-                              make_stepper=lambda model, params, lr, total: torch_stepper(params, train, lr, total),
+                              make_stepper=torch_steppers(self.cfg.train),
                               tree=self.tree(job.run_layout.tree_uri), log=log, after_phase=poll, emit=emit)
         recipe.setup()
         recipe.run()

@@ -141,6 +141,11 @@ def torch_stepper(params: list[torch.nn.Parameter], train: "TrainConfig", lr: fl
     return TorchStepper(optimizer, schedule, train.grad_clip, train.grad_accum)
 
 
+def torch_steppers(train: "TrainConfig"):
+    """The recipe's ``make_stepper`` for the torch stepper (one process, or one Ray worker at ZeRO stage 0)."""
+    return lambda model, params, lr, total_steps: torch_stepper(params, train, lr, total_steps)
+
+
 def batch_bounds(n: int, batch_size: int, min_size: int = 1) -> list[tuple[int, int]]:
     """[start, end) of each batch; a last batch smaller than ``min_size`` joins the one before,
     so that every rank's slice of every batch is non-empty."""

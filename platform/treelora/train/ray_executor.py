@@ -29,7 +29,7 @@ from .. import events
 from ..config import ConfigError, RunConfig
 from ..layout import RunLayout
 from .job import StreamJob
-from .loop import TorchStepper, torch_stepper
+from .loop import TorchStepper, torch_steppers
 from .ray_checkpoints import RayCheckpointer, restore_mid_phase
 from .ray_runtime import EventChannel, ensure_ray, sender
 from .recipe import StreamRecipe
@@ -157,12 +157,15 @@ def stream_worker(config: dict) -> None:
     # one worker without ZeRO: DeepSpeed's engine would only wrap the optimizer, so the recipe steps
     # with the torch stepper, as a one-process run does (and CUDA graphs can capture under it)
     plain = world == 1 and cfg.scaling.zero_stage == 0
-    recipe = StreamRecipe(job, comm=TorchDistributed(rank, world, device), device=device, use_bf16=bf16,
-                          make_stepper=(lambda model, params, lr, total: torch_stepper(params, cfg.train, lr, total)) if plain else
-                          (lambda model, params, lr, total: DeepSpeedStepper(model, params, cfg, world, bf16, lr, total)),
+    if plain:
+        make_stepper, stepper_wrote = torch_steppers(cfg.train), TorchStepper.wrote
+    else:
+        make_stepper = lambda model, params, lr, total: DeepSpeedStepper(model, params, cfg, world, bf16, lr, total)  # noqa: E731
+        stepper_wrote = DeepSpeedStepper.wrote
+    recipe = StreamRecipe(job, comm=TorchDistributed(rank, world, device), device=device, use_bf16=bf16, make_stepper=make_stepper,
                           tree=open_tree(cfg, job.run_layout.tree_uri, service=True) if rank == 0 else None,
                           checkpointer=RayCheckpointer(rank), log=log, emit=send)
-    zero3_loading = sharded_loading(cfg, world, bf16)  # noqa: F841 - alive for the stream: transformers reads it
+    zero3_loading = sharded_loading(cfg, world, bf16)  # kept alive for the whole stream: transformers reads it
     recipe.setup()
     if zero3_loading is not None and rank == 0:
         log(loading_note(cfg, recipe.model, world))
@@ -172,7 +175,7 @@ def stream_worker(config: dict) -> None:
         # proven); saying so up front spares every worker a failed capture and names where graphs do run
         recipe.model.train_forward.disable("not under DeepSpeed's engine; CUDA graphs train in one process (treelora run "
                                            "--local) or on one Ray worker with scaling.zero_stage: 0; training eagerly")
-    restored = restore_mid_phase(recipe, TorchStepper.wrote if plain else DeepSpeedStepper.wrote)
+    restored = restore_mid_phase(recipe, stepper_wrote)
     try:
         recipe.run(restored)
     finally:
