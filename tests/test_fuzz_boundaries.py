@@ -83,6 +83,28 @@ def test_a_set_override_is_taken_or_refused_naming_its_field(key, value):
     assert RunConfig.from_dict(cfg.to_dict()) == cfg  # what was taken round-trips as the documented type
 
 
+# settings that constrain each other (ZeRO stage, offload, workers, quantisation, graphs, accumulation)
+INTERACTING = {"scaling.zero_stage": ["0", "1", "2", "3"], "scaling.offload_params": ["true", "false"], "scaling.num_workers": ["1", "2"],
+               "model.quantization": ["none", "8bit", "4bit"], "model.cuda_graphs": ["true", "false"], "train.grad_accum": ["1", "2"],
+               "model.gradient_checkpointing": ["true", "false"]}
+
+
+@examples(200)
+@given(mix=st.fixed_dictionaries({k: st.sampled_from(v) for k, v in INTERACTING.items()}))
+@example(mix={**{k: v[0] for k, v in INTERACTING.items()}, "model.quantization": "4bit", "scaling.zero_stage": "3"})
+def test_settings_that_constrain_each_other_are_taken_or_refused_naming_one_of_them(tmp_path_factory, mix):
+    from treelora.train.validate import validate_config
+
+    root = tmp_path_factory.mktemp("mix")
+    cfg = load_config(None, [f"workdir={root / 'runs'}", *(f"{k}={v}" for k, v in mix.items())])
+    try:
+        validate_config(cfg)
+    except ConfigError as exc:
+        one_line(exc)
+        assert any(k in str(exc) for k in INTERACTING), str(exc)[:300]
+    assert {p.name for p in root.iterdir()} <= {"runs"}  # nothing written beside the workdir
+
+
 @examples(300)
 @given(text=st.text(max_size=30))
 def test_any_set_string_is_taken_or_refused_as_a_config_error(text):
